@@ -1,0 +1,275 @@
+"""``edge-bench``: latency, throughput, memory and energy per cell for each model, side by side in one run, and
+what a battery buys."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import click
+import numpy as np
+
+from benchmarks.energy import PROFILES, active_watts, energy_report
+from edge_runtime.bundle import DEFAULT_MODEL, ModelBundle, ModelError
+from edge_runtime.cli import expand_inputs
+from edge_runtime.images import ImageError, prepare_cell
+from edge_runtime.machine import machine_info
+
+SAMPLES = Path(__file__).resolve().parent.parent / "edge_runtime" / "samples"
+RATIO_KEYS = ("file_size", "load", "first_inference", "latency_p50", "latency_p95", "latency_mean",
+              "throughput", "cpu_per_cell", "peak_rss")
+
+
+def _figure(value, unit: str) -> Dict:
+    return {"value": value, "unit": unit}
+
+
+def run_worker(spec: Dict) -> Dict:
+    """Measure one model in a fresh Python process and return its raw figures."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
+        json.dump(spec, fh)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    try:
+        done = subprocess.run([sys.executable, "-m", "benchmarks.worker", fh.name], capture_output=True, text=True,
+                              env=env, timeout=1800)
+    finally:
+        os.unlink(fh.name)
+    if done.returncode != 0:
+        tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"measuring {spec.get('path') or spec.get('preset')} failed: {tail[0]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def summarize(name: str, role: str, path: Optional[str], raw: Dict) -> Dict:
+    """Raw worker figures -> the report's figures, each with its unit."""
+    lat = np.array(raw["latencies_ms"])
+    size = Path(path).stat().st_size if path else None
+    return {
+        "name": name, "role": role, "file": path, "kind": raw["kind"], "backend": raw["backend"],
+        "backend_version": raw["backend_version"], "input_dtype": raw["input_dtype"],
+        "figures": {
+            "file_size": _figure(size / 1e6 if size else None, "MB"),
+            "load": _figure(raw["load_ms"], "ms"),
+            "first_inference": _figure(raw["first_inference_ms"], "ms"),
+            "latency_p50": _figure(float(np.percentile(lat, 50)), "ms"),
+            "latency_p95": _figure(float(np.percentile(lat, 95)), "ms"),
+            "latency_mean": _figure(float(lat.mean()), "ms"),
+            "latency_std": _figure(float(lat.std()), "ms"),
+            "throughput": _figure(raw["throughput_cells_per_s"], "cells/s"),
+            "cpu_per_cell": _figure(raw["cpu_ms_per_cell"], "ms"),
+            "peak_rss": _figure(raw["peak_rss_mb"], "MB"),
+            "rss_before_load": _figure(raw["rss_before_load_mb"], "MB"),
+        },
+        "measured_joules_per_cell": (raw["measured_joules"] / len(lat)) if raw.get("measured_joules") else None,
+        "meter": raw.get("meter"),
+        "latencies_ms": raw["latencies_ms"],
+    }
+
+
+def add_ratios(models: List[Dict], reference: Dict) -> None:
+    """Each figure divided by the reference model's same figure (e.g. latency 0.1 = ten times faster)."""
+    for m in models:
+        for key in RATIO_KEYS:
+            mine, ref = m["figures"][key]["value"], reference["figures"][key]["value"]
+            m["figures"][key]["ratio_to_reference"] = (mine / ref) if mine is not None and ref else None
+
+
+def format_table(report: Dict) -> str:
+    models = report["models"]
+    ref_name = report["reference"]
+    header = f"{'figure':<18}{'unit':>8}" + "".join(f"{m['name']:>26}" for m in models)
+    lines = [f"edge-bench on {report['machine']['cpu']} ({report['machine']['cores']} cores), "
+             f"threads={report['settings']['threads']}, batch 1, {report['settings']['runs']} runs after "
+             f"{report['settings']['warmup']} warm-up, {report['settings']['images']} sample cells; "
+             f"ratios (x) are against {ref_name}", header]
+    for key in RATIO_KEYS + ("latency_std",):
+        unit = models[0]["figures"][key]["unit"]
+        cells = []
+        for m in models:
+            f = m["figures"][key]
+            if f["value"] is None:
+                cells.append(f"{'n/a':>26}")
+                continue
+            ratio = f.get("ratio_to_reference")
+            text = f"{f['value']:.4g}" + (f" ({ratio:.3g}x)" if ratio is not None and key in RATIO_KEYS else "")
+            cells.append(f"{text:>26}")
+        lines.append(f"{key:<18}{unit:>8}" + "".join(cells))
+    for m in models:
+        lines.append(f"  {m['name']}: {m['kind']} on {m['backend']} {m['backend_version']}"
+                     + (f" - {m['file']}" if m["file"] else ""))
+    if report.get("tutorial_note"):
+        lines.append(f"  {report['tutorial_note']}")
+    e = report["energy"]
+    lines.append("")
+    lines.append(f"energy ({e['basis']}; {e['profile_text']}):")
+    for m in models:
+        en = m["energy"]
+        line = (f"  {m['name']:<14} {en['energy_per_cell']['value']:.3f} mJ/cell, "
+                f"{en['cells_per_wh']['value']:,.0f} cells/Wh, a {en['cells_per_slide']:,}-cell slide takes "
+                f"{en['slide_seconds']['value']:.2f} s and {en['slide_energy']['value'] / 1000:.2f} J")
+        if "slides_per_charge" in en:
+            line += f", {en['slides_per_charge']['value']:,.0f} slides per {en['battery_wh']['value']:g} Wh charge"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def plot_latencies(report: Dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    data = [m["latencies_ms"] for m in report["models"]]
+    ax.boxplot(data, vert=False, showfliers=True)
+    ax.set_yticks(range(1, len(data) + 1), [m["name"] for m in report["models"]])
+    ax.set_xscale("log")
+    ax.set_xlabel("latency per cell, batch 1 (ms, log scale)")
+    ax.set_title(f"edge-bench: {report['machine']['cpu']}, threads={report['settings']['threads']}")
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def load_cells(images: List[str], size: int, stain: Optional[Dict]) -> (np.ndarray, List[str]):
+    cells, bad = [], []
+    for p in images:
+        try:
+            cells.append(prepare_cell(p, size, stain))
+        except ImageError as exc:
+            bad.append(f"{p}: {exc}")
+    if not cells:
+        raise click.ClickException("no readable images to benchmark with")
+    return np.stack(cells), bad
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--model", "model_path", type=click.Path(path_type=Path), help="Model to measure (default: bundled int8).")
+@click.option("--reference", type=click.Path(path_type=Path),
+              help="Reference model for ratios (default: the model's full fp32 model).")
+@click.option("--keras", "keras_path", type=click.Path(exists=True, path_type=Path),
+              help="Also time this Keras model (needs TensorFlow).")
+@click.option("--no-tutorial", is_flag=True, help="Skip timing the tutorial's ResNet in Keras.")
+@click.option("--images", type=click.Path(exists=True, path_type=Path), default=SAMPLES, show_default=False,
+              help="Folder of cell images (default: the bundled samples).")
+@click.option("--threads", type=int, default=1, show_default=True, help="Interpreter / TensorFlow threads.")
+@click.option("--runs", default=300, show_default=True, help="Timed batch-1 inferences per model.")
+@click.option("--warmup", default=20, show_default=True, help="Untimed inferences first.")
+@click.option("--batch", default=32, show_default=True, help="Batch size for the throughput figure.")
+@click.option("--device-profile", type=click.Choice(sorted(PROFILES)), default="raspberry-pi-4", show_default=True,
+              help="Power profile for the energy estimate when there is no meter.")
+@click.option("--watts-active", type=float, help="Board watts while inferring (instead of a profile).")
+@click.option("--watts-idle", type=float, help="Board watts idle (with --watts-active).")
+@click.option("--battery-wh", type=float, default=37.0, show_default=True,
+              help="Battery capacity for slides per charge (37 Wh: a 10,000 mAh 3.7 V power bank).")
+@click.option("--cells-per-slide", default=5000, show_default=True, help="Cells counted per slide.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write every figure with its unit.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="PNG of each model's latency spread.")
+def main(model_path, reference, keras_path, no_tutorial, images, threads, runs, warmup, batch, device_profile,
+         watts_active, watts_idle, battery_wh, cells_per_slide, json_path, plot_path):
+    """Benchmark the int8 model against the full fp32 model (and the tutorial's Keras ResNet when TensorFlow is
+    installed): latency, throughput, CPU, memory, energy per cell and slides per battery charge.
+
+    \b
+    Examples:
+      edge-bench
+      edge-bench --threads 1 --json bench.json --plot bench.png
+      edge-bench --device-profile raspberry-pi-5 --battery-wh 20
+      edge-bench --model my_int8.tflite --reference my_fp32.tflite --keras runs/edge/model.keras
+    """
+    if (watts_active is None) != (watts_idle is None) and watts_active is None:
+        raise click.UsageError("--watts-idle needs --watts-active")
+    try:
+        bundle = ModelBundle(model_path or DEFAULT_MODEL, threads=threads)
+        ref_path = reference or bundle.reference_path()
+        ref_bundle = ModelBundle(ref_path, threads=threads) if ref_path else None
+    except ModelError as exc:
+        click.echo(f"edge-bench: {exc}", err=True)
+        sys.exit(1)
+    paths, problems = expand_inputs([str(images)])
+    for p in problems:
+        click.echo(f"edge-bench: {p}", err=True)
+    cells, bad = load_cells(paths, bundle.size, bundle.stain)
+    for b in bad:
+        click.echo(f"edge-bench: skipped {b}", err=True)
+
+    tmp = Path(tempfile.mkdtemp(prefix="edge-bench-"))
+    specs = []
+
+    def cells_file(size: int, stain) -> str:
+        f = tmp / f"cells_{size}_{bool(stain)}.npy"
+        if not f.exists():
+            np.save(f, load_cells(paths, size, stain)[0])
+        return str(f)
+
+    common = {"threads": threads, "runs": runs, "warmup": warmup, "batch": batch}
+    specs.append((f"{bundle.kind} (this)", "model", {"type": "tflite", "path": str(bundle.path),
+                                                     "cells": cells_file(bundle.size, bundle.stain), **common}))
+    if ref_bundle:
+        specs.append((f"{ref_bundle.kind} (full)", "reference",
+                      {"type": "tflite", "path": str(ref_bundle.path),
+                       "cells": cells_file(ref_bundle.size, ref_bundle.stain), **common}))
+    has_tf = importlib.util.find_spec("tensorflow") is not None
+    note = None
+    if keras_path and has_tf:
+        specs.append(("keras (ours)", "keras", {"type": "keras", "path": str(keras_path),
+                                                "cells": cells_file(bundle.size, bundle.stain), **common}))
+    if not no_tutorial and has_tf:
+        tutorial_runs = max(20, runs // 5)
+        specs.append(("tutorial keras", "tutorial", {"type": "keras", "preset": "seed",
+                                                     "cells": cells_file(64, None), **common,
+                                                     "runs": tutorial_runs, "warmup": min(warmup, 10)}))
+        note = (f"tutorial keras: the tutorial's ResNet (stages 3,4,6; filters 64-512; 64x64; 2,163,918 parameters) "
+                f"timed as the tutorial runs it, model.predict in float32, {tutorial_runs} runs")
+    elif not has_tf:
+        note = "TensorFlow is not installed: the tutorial's Keras model was not timed (pip install '.[train]')"
+        click.echo(f"edge-bench: {note}", err=True)
+
+    models = []
+    for name, role, spec in specs:
+        click.echo(f"edge-bench: measuring {name} ...", err=True)
+        models.append(summarize(name, role, spec.get("path"), run_worker(spec)))
+    reference_model = next((m for m in models if m["role"] == "reference"), models[0])
+    add_ratios(models, reference_model)
+
+    if watts_active is not None:
+        profile_text = f"--watts-active {watts_active} W, --watts-idle {watts_idle} W"
+        watts = watts_active
+    else:
+        profile = PROFILES[device_profile]
+        watts = active_watts(profile, threads)
+        profile_text = (f"profile {device_profile}: {watts:.2f} W with {threads} busy core(s); source: "
+                        f"{profile['source']}; latency measured on this machine")
+    basis = "estimated"
+    for m in models:
+        measured = m["measured_joules_per_cell"]
+        if measured is not None:
+            basis = f"measured ({m['meter']})"
+        m["energy"] = energy_report(m["figures"]["latency_mean"]["value"] / 1000.0, watts, cells_per_slide,
+                                    battery_wh, measured, "measured" if measured is not None else "estimated")
+    report = {
+        "machine": machine_info(),
+        "settings": {"threads": threads, "runs": runs, "warmup": warmup, "batch": batch, "images": len(cells),
+                     "images_folder": str(images), "cells_per_slide": cells_per_slide, "battery_wh": battery_wh},
+        "reference": reference_model["name"],
+        "models": models,
+        "energy": {"basis": basis, "profile": device_profile if watts_active is None else "command line",
+                   "profile_text": profile_text, "watts_idle": watts_idle if watts_active is not None
+                   else PROFILES[device_profile]["watts_idle"]},
+        "tutorial_note": note,
+    }
+    click.echo(format_table(report))
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=2))
+    if plot_path:
+        try:
+            plot_latencies(report, plot_path)
+        except ImportError:
+            click.echo("edge-bench: matplotlib is not installed; no plot (pip install matplotlib)", err=True)
+    for f in tmp.iterdir():
+        f.unlink()
+    tmp.rmdir()

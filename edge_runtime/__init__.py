@@ -1,0 +1,14 @@
+"""malaria-edge device runtime: classify red blood cell images offline with a TFLite model.
+
+Imports only numpy, pillow, click and a TFLite interpreter; never TensorFlow at import time.
+
+    >>> from edge_runtime import Classifier
+    >>> clf = Classifier.load()                      # the bundled int8 model
+    >>> [r.prediction for r in clf.predict(["cell.png"])]
+"""
+from .bundle import ModelBundle, ModelError
+from .classifier import Classifier, Prediction
+from .images import ImageError, prepare_cell
+
+__version__ = "0.1.0"
+__all__ = ["Classifier", "Prediction", "ModelBundle", "ModelError", "ImageError", "prepare_cell", "__version__"]

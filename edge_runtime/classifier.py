@@ -1,0 +1,146 @@
+"""The Python API of the device side: ``Classifier.load().predict(images)``."""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
+
+import numpy as np
+
+from .bundle import DEFAULT_MODEL, ModelBundle
+from .images import ImageError, ImageInput, prepare_cell
+from .labels import PARASITIZED, REVIEW, UNINFECTED, label_from_folder, patient_id
+from .patients import DEFAULT_RULE, summarize_groups
+
+
+@dataclass
+class Prediction:
+    """One cell's result. ``latency_ms`` is the interpreter's time for this cell (its batch's time divided by the
+    batch size); decoding is not included. ``error`` is set, and the rest empty, when the image failed."""
+    source: str
+    prediction: Optional[str] = None
+    prob_parasitized: Optional[float] = None
+    latency_ms: Optional[float] = None
+    label: Optional[str] = None
+    error: Optional[str] = None
+
+    def to_dict(self) -> Dict:
+        return asdict(self)
+
+
+def _source_name(item: ImageInput, index: int) -> str:
+    if isinstance(item, (str, os.PathLike)):
+        return str(item)
+    return f"<image {index}>"
+
+
+class Classifier:
+    """A loaded model bundle plus the decision rule: threshold, optional review band, patient-level call."""
+
+    def __init__(self, bundle: ModelBundle, threshold: Optional[float] = None,
+                 min_confidence: Optional[float] = None):
+        self.bundle = bundle
+        self.threshold = bundle.threshold if threshold is None else float(threshold)
+        if min_confidence is not None and not 0.5 <= min_confidence <= 1.0:
+            raise ValueError("min_confidence must be between 0.5 and 1.0")
+        self.min_confidence = min_confidence
+
+    @classmethod
+    def load(cls, model: Union[str, os.PathLike, None] = None, threads: Optional[int] = None,
+             backend: Optional[str] = None, threshold: Optional[float] = None,
+             min_confidence: Optional[float] = None) -> "Classifier":
+        """Load a bundle (default: the int8 model shipped inside the package), checking its SHA-256."""
+        return cls(ModelBundle(model or DEFAULT_MODEL, threads=threads, backend=backend), threshold, min_confidence)
+
+    @property
+    def rule(self) -> Dict:
+        return self.bundle.card.get("patient_rule", DEFAULT_RULE)
+
+    def decide(self, prob: float) -> str:
+        """parasitized / uninfected, or review when the confidence is below ``min_confidence``."""
+        if self.min_confidence is not None and max(prob, 1.0 - prob) < self.min_confidence:
+            return REVIEW
+        return PARASITIZED if prob >= self.threshold else UNINFECTED
+
+    def preprocess(self, item: ImageInput) -> np.ndarray:
+        return prepare_cell(item, self.bundle.size, self.bundle.stain)
+
+    def probabilities(self, pixels: np.ndarray) -> tuple:
+        """Probabilities for a uint8 batch, and the inference seconds of the batch."""
+        from .outputs import parasitized_probability
+        raw, seconds = self.bundle.run(pixels)
+        return parasitized_probability(raw, self.bundle.head), seconds
+
+    def iter_predict(self, images: Iterable[ImageInput], batch_size: int = 1) -> Iterator[Prediction]:
+        """Yield one :class:`Prediction` per input, in order, as soon as its batch has run; a bad image yields a
+        Prediction with ``error`` set and never stops the run."""
+        pending: List[tuple] = []
+
+        def flush():
+            if not pending:
+                return
+            pixels = np.stack([p[1] for p in pending])
+            probs, seconds = self.probabilities(pixels)
+            per_cell_ms = 1000.0 * seconds / len(pending)
+            for (result, _), prob in zip(pending, probs):
+                result.prob_parasitized = float(prob)
+                result.prediction = self.decide(float(prob))
+                result.latency_ms = per_cell_ms
+            done = [p[0] for p in pending]
+            pending.clear()
+            yield from done
+
+        for index, item in enumerate(images):
+            name = _source_name(item, index)
+            result = Prediction(name, label=label_from_folder(name) if isinstance(item, (str, os.PathLike)) else None)
+            try:
+                pixels = self.preprocess(item)
+            except ImageError as exc:
+                result.error = str(exc)
+                yield from flush()
+                yield result
+                continue
+            pending.append((result, pixels))
+            if len(pending) >= batch_size:
+                yield from flush()
+        yield from flush()
+
+    def predict(self, images: Union[ImageInput, Sequence[ImageInput]], batch_size: int = 1) -> List[Prediction]:
+        """Classify paths, PIL images or uint8 arrays; one Prediction each, in the order given."""
+        if isinstance(images, (str, os.PathLike)) or not isinstance(images, (list, tuple)) and (
+                not isinstance(images, np.ndarray) or images.ndim == 3):
+            images = [images]
+        return list(self.iter_predict(images, batch_size))
+
+    def summarize(self, results: Iterable[Union[Prediction, Dict]],
+                  group: Union[str, Callable[[str], str]] = "folder") -> Dict[str, Dict]:
+        """Per-slide or per-patient summary with the card's call rule. ``group``: "folder" (parent folder),
+        "patient" (NIH file-name patient id) or a function of the source path."""
+        keyer = group_key(group)
+        rows = []
+        for r in results:
+            row = r.to_dict() if isinstance(r, Prediction) else dict(r)
+            row["group"] = keyer(row.get("source") or row.get("path") or "")
+            rows.append(row)
+        return summarize_groups(rows, self.rule)
+
+
+def group_key(group: Union[str, Callable[[str], str]]) -> Callable[[str], str]:
+    """The function that names the group of a source path."""
+    if callable(group):
+        return group
+    if group == "folder":
+        return slide_folder
+    if group == "patient":
+        return lambda path: patient_id(path) or "(no patient id)"
+    raise ValueError(f"unknown grouping {group!r}; use 'folder' or 'patient'")
+
+
+def slide_folder(path: str) -> str:
+    """The slide a cell belongs to: its folder, or the folder above when the folder is a class folder
+    (``slide7/Parasitized/x.png`` belongs to ``slide7``)."""
+    parent = Path(path).parent
+    if label_from_folder(path) is not None:
+        parent = parent.parent
+    return str(parent)

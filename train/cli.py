@@ -1,0 +1,92 @@
+"""Console entry points ``edge-prepare`` and ``edge-train``."""
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from pathlib import Path
+
+import click
+
+from train.dataset import DatasetError, NIH_ZIP_URL, describe_bad, download_zip, format_counts, prepare
+
+
+def command_line(name: str) -> str:
+    """The command as typed, for the model card's rebuild recipe."""
+    return " ".join([name] + [shlex.quote(a) for a in sys.argv[1:]])
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--data", type=click.Path(path_type=Path), help="NIH cell_images folder, or cell_images.zip.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for manifest.csv and prepare.json.")
+@click.option("--seed", default=42, show_default=True, help="Seed of the patient split.")
+@click.option("--test-fraction", default=0.2, show_default=True, help="Share of patients held out for test.")
+@click.option("--val-fraction", default=0.1, show_default=True, help="Share of training patients for validation.")
+@click.option("--download", is_flag=True, help=f"Fetch the official zip ({NIH_ZIP_URL}) into --out, resuming.")
+def prepare_main(data, out, seed, test_fraction, val_fraction, download):
+    """Split the NIH malaria cells by patient into train/val/test and write a manifest (no images are copied).
+
+    \b
+    Examples:
+      edge-prepare --data ../shared/data/cell_images --out runs/data
+      edge-prepare --data cell_images.zip --out runs/data
+      edge-prepare --download --out runs/data
+    """
+    if not data and not download:
+        raise click.UsageError("give --data DIR|ZIP or --download")
+    try:
+        if download:
+            data = download_zip(out / "cell_images.zip")
+        report = prepare(data, out, seed, test_fraction, val_fraction, command_line("edge-prepare"))
+    except DatasetError as exc:
+        click.echo(f"edge-prepare: {exc}", err=True)
+        sys.exit(1)
+    if report["bad_files"]:
+        click.echo(describe_bad(report["bad_files"]), err=True, nl=False)
+        click.echo(f"{len(report['bad_files'])} files skipped (listed in {out / 'prepare.json'})", err=True)
+    click.echo(format_counts(report["counts"]))
+    click.echo(f"manifest: {report['manifest']}  (sha256 {report['manifest_sha256'][:16]}..., seed {seed}; "
+               "no patient is in two splits)")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--manifest", type=click.Path(path_type=Path), help="manifest.csv from edge-prepare.")
+@click.option("--out", type=click.Path(path_type=Path), help="Output folder (model.keras, report, plot).")
+@click.option("--preset", type=click.Choice(["edge", "seed", "tiny"]), default="edge", show_default=True,
+              help="edge: our compact ResNet; seed: the tutorial's ResNet and recipe; tiny: a smoke test.")
+@click.option("--epochs", type=int, help="Override the preset's epochs.")
+@click.option("--batch-size", type=int, help="Override the preset's batch size.")
+@click.option("--input-size", type=int, help="Override the preset's input size (pixels a side).")
+@click.option("--learning-rate", type=float, help="Override the preset's peak learning rate.")
+@click.option("--no-stain-norm", is_flag=True, help="Turn off stain normalisation (for experiments).")
+@click.option("--seed", default=42, show_default=True)
+@click.option("--resume", type=click.Path(path_type=Path), help="Continue an interrupted run in this folder.")
+@click.option("--strategy", type=click.Choice(["none", "mirrored", "multiworker"]), default="none",
+              show_default=True, help="tf.distribute strategy (multiworker reads TF_CONFIG).")
+@click.option("--cache", type=click.Path(path_type=Path), help="Where decoded cells are cached "
+              "(default: <manifest folder>/cache).")
+def train_main(manifest, out, preset, epochs, batch_size, input_size, learning_rate, no_stain_norm, seed, resume,
+               strategy, cache):
+    """Train a ResNet on the training patients of a manifest; report on the test patients.
+
+    \b
+    Examples:
+      edge-train --manifest runs/data/manifest.csv --out runs/edge
+      edge-train --manifest runs/data/manifest.csv --out runs/seed --preset seed --epochs 5
+      edge-train --resume runs/edge
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if resume:
+        out = resume
+        if manifest is None:
+            import json
+            manifest = Path(json.loads((resume / "config.json").read_text())["manifest"])
+    if manifest is None or out is None:
+        raise click.UsageError("give --manifest and --out (or --resume DIR)")
+    from train.train import train
+    try:
+        train(manifest, out, preset, epochs, batch_size, input_size, learning_rate, seed, bool(resume), strategy,
+              cache, no_stain_norm, command=command_line("edge-train"))
+    except (DatasetError, FileNotFoundError, ValueError) as exc:
+        click.echo(f"edge-train: {exc}", err=True)
+        sys.exit(1)

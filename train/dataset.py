@@ -1,0 +1,310 @@
+"""The NIH cell dataset: scan, verify, split by patient, and the manifest CSV that every later step reads.
+
+The manifest never copies images: one row per cell (path, label, patient, split, sha256). Its hash is computed over
+the NIH-relative names, not the absolute paths, so the same split has the same hash on every machine.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import random
+import sys
+import urllib.error
+import urllib.request
+import zipfile
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Tuple
+
+from edge_runtime.images import ImageError, is_image_path, open_image
+from edge_runtime.labels import CLASSES, PARASITIZED, patient_id
+
+NIH_ZIP_URL = "https://data.lhncbc.nlm.nih.gov/public/Malaria/cell_images.zip"
+# Size of the official archive as published by the NLM (337 MiB); used to resume and to check the download.
+NIH_ZIP_BYTES = 353_452_851
+FOLDERS = {"Parasitized": PARASITIZED, "Uninfected": "uninfected"}
+SPLITS = ("train", "val", "test")
+MANIFEST_FIELDS = ("path", "label", "patient", "split", "sha256")
+
+
+class DatasetError(RuntimeError):
+    """A dataset problem the user must fix; the message is one line that says what to do."""
+
+
+@dataclass
+class Cell:
+    path: str
+    label: str
+    patient: str
+    split: str = ""
+    sha256: str = ""
+
+    @property
+    def nih_name(self) -> str:
+        """``Parasitized/C100P61ThinF_..._cell_162`` without the extension: the same on every machine and format."""
+        folder = "Parasitized" if self.label == PARASITIZED else "Uninfected"
+        return f"{folder}/{Path(self.path).stem}"
+
+
+def find_class_folders(root: Path) -> Dict[str, Path]:
+    """Locate ``Parasitized/`` and ``Uninfected/`` in ``root`` or one level below (the zip nests ``cell_images/``)."""
+    for base in [root] + sorted(p for p in root.iterdir() if p.is_dir()):
+        found = {label: base / name for name, label in FOLDERS.items() if (base / name).is_dir()}
+        if len(found) == 2:
+            return found
+    raise DatasetError(f"{root}: no Parasitized/ and Uninfected/ folders found; point --data at the NIH cell_images "
+                       "folder or at cell_images.zip")
+
+
+def _check_file(path: Path) -> Tuple[str, Optional[str]]:
+    """Return (sha256, None) for a decodable image, or ("", reason) for a bad one."""
+    try:
+        data = path.read_bytes()
+        open_image(path)
+    except ImageError as exc:
+        return "", str(exc)
+    except OSError as exc:
+        return "", f"cannot read file: {exc}"
+    return hashlib.sha256(data).hexdigest(), None
+
+
+def scan(root: Path, workers: int = 4) -> Tuple[List[Cell], List[Tuple[str, str]]]:
+    """List every cell under the class folders; verify that each decodes. Returns (cells, [(path, reason), ...])."""
+    folders = find_class_folders(root)
+    candidates: List[Cell] = []
+    bad: List[Tuple[str, str]] = []
+    for label, folder in folders.items():
+        for path in sorted(folder.iterdir()):
+            if not path.is_file() or path.name.startswith("."):
+                continue
+            if path.name.lower() == "thumbs.db":
+                continue
+            if not is_image_path(path):
+                bad.append((str(path), "not an image file (unknown suffix)"))
+                continue
+            pid = patient_id(path)
+            if pid is None:
+                bad.append((str(path), "no patient id in the file name (expected C<number>...)"))
+                continue
+            candidates.append(Cell(str(path.resolve()), label, pid))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        checks = list(pool.map(lambda c: _check_file(Path(c.path)), candidates))
+    cells = []
+    for cell, (digest, reason) in zip(candidates, checks):
+        if reason:
+            bad.append((cell.path, reason))
+        else:
+            cell.sha256 = digest
+            cells.append(cell)
+    if not cells:
+        raise DatasetError(f"{root}: no readable cell images in Parasitized/ and Uninfected/")
+    return cells, bad
+
+
+def split_patients(cells: Iterable[Cell], seed: int = 42, test_fraction: float = 0.2,
+                   val_fraction: float = 0.1) -> Dict[str, str]:
+    """Assign each patient to train, val or test, stratified by infected/healthy patient.
+
+    The tutorial's fractions, applied to patients: ``test_fraction`` of the patients to test, then ``val_fraction``
+    of the remaining (training) patients to validation. A patient is infected when any of its cells is parasitized.
+    """
+    infected = defaultdict(bool)
+    for cell in cells:
+        infected[cell.patient] |= cell.label == PARASITIZED
+    rng = random.Random(seed)
+    assignment: Dict[str, str] = {}
+    for group in (True, False):
+        patients = sorted((p for p, inf in infected.items() if inf == group), key=int)
+        rng.shuffle(patients)
+        n_test = int(round(len(patients) * test_fraction))
+        rest = patients[n_test:]
+        n_val = int(round(len(rest) * val_fraction))
+        for p in patients[:n_test]:
+            assignment[p] = "test"
+        for p in rest[:n_val]:
+            assignment[p] = "val"
+        for p in rest[n_val:]:
+            assignment[p] = "train"
+    return assignment
+
+
+def manifest_hash(cells: Iterable[Cell]) -> str:
+    """SHA-256 over (NIH name, label, patient, split, image sha256): independent of where the data lives."""
+    digest = hashlib.sha256()
+    for cell in sorted(cells, key=lambda c: c.nih_name):
+        digest.update(f"{cell.nih_name},{cell.label},{cell.patient},{cell.split},{cell.sha256}\n".encode())
+    return digest.hexdigest()
+
+
+def write_manifest(cells: List[Cell], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(MANIFEST_FIELDS)
+        for c in sorted(cells, key=lambda c: (SPLITS.index(c.split), int(c.patient), c.path)):
+            writer.writerow([c.path, c.label, c.patient, c.split, c.sha256])
+    os.replace(tmp, path)
+
+
+def read_manifest(path) -> List[Cell]:
+    """Read a manifest CSV; relative paths are taken relative to the manifest's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: manifest not found; run edge-prepare --data DIR --out DIR first")
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        missing = set(MANIFEST_FIELDS) - set(reader.fieldnames or ())
+        if missing:
+            raise DatasetError(f"{path}: not a manifest (missing columns {sorted(missing)}); run edge-prepare")
+        cells = []
+        for row in reader:
+            p = Path(row["path"])
+            if not p.is_absolute():
+                p = path.parent / p
+            cells.append(Cell(str(p), row["label"], row["patient"], row["split"], row["sha256"]))
+    return cells
+
+
+def split_counts(cells: Iterable[Cell]) -> Dict[str, Dict]:
+    """Patients and cells per split and label, as stored in reports and model cards."""
+    counts: Dict[str, Dict] = {}
+    by_split = defaultdict(list)
+    for c in cells:
+        by_split[c.split].append(c)
+    for split in SPLITS:
+        group = by_split.get(split, [])
+        labels = Counter(c.label for c in group)
+        infected = {c.patient for c in group if c.label == PARASITIZED}
+        patients = {c.patient for c in group}
+        counts[split] = {
+            "patients": len(patients),
+            "infected_patients": len(infected),
+            "healthy_patients": len(patients - infected),
+            "cells": len(group),
+            **{f"cells_{label}": labels.get(label, 0) for label in CLASSES},
+        }
+    return counts
+
+
+def format_counts(counts: Dict[str, Dict]) -> str:
+    """The human table printed by edge-prepare."""
+    lines = [f"{'split':<6} {'patients':>8} {'infected':>8} {'healthy':>8} {'cells':>7} {'parasitized':>11} "
+             f"{'uninfected':>10}"]
+    total = Counter()
+    for split, c in counts.items():
+        lines.append(f"{split:<6} {c['patients']:>8} {c['infected_patients']:>8} {c['healthy_patients']:>8} "
+                     f"{c['cells']:>7} {c['cells_parasitized']:>11} {c['cells_uninfected']:>10}")
+        total.update(c)
+    lines.append(f"{'total':<6} {total['patients']:>8} {total['infected_patients']:>8} {total['healthy_patients']:>8} "
+                 f"{total['cells']:>7} {total['cells_parasitized']:>11} {total['cells_uninfected']:>10}")
+    return "\n".join(lines)
+
+
+def extract_zip(zip_path: Path, dest: Path) -> Path:
+    """Extract the official cell_images.zip once into ``dest`` (a manifest needs files it can point at)."""
+    marker = dest / ".extracted"
+    if marker.exists() and marker.read_text() == str(zip_path.stat().st_size):
+        return dest
+    try:
+        with zipfile.ZipFile(zip_path) as archive:
+            broken = archive.testzip()
+            if broken:
+                raise DatasetError(f"{zip_path}: member {broken} fails its CRC check; download the zip again")
+            archive.extractall(dest)
+    except zipfile.BadZipFile:
+        raise DatasetError(f"{zip_path}: not a zip archive or truncated; download it again (edge-prepare --download)")
+    marker.write_text(str(zip_path.stat().st_size))
+    return dest
+
+
+def download_zip(dest: Path, url: str = NIH_ZIP_URL, expected_bytes: int = NIH_ZIP_BYTES,
+                 timeout: float = 30.0) -> Path:
+    """Download the official zip to ``dest``, resuming a partial file, then check its size and zip integrity."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_suffix(dest.suffix + ".part")
+    if dest.exists() and dest.stat().st_size == expected_bytes:
+        return dest
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            mode = "ab" if have and response.status == 206 else "wb"
+            with open(part, mode) as fh:
+                while True:
+                    chunk = response.read(1 << 20)
+                    if not chunk:
+                        break
+                    fh.write(chunk)
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise DatasetError(f"cannot download {url} ({reason}); this machine may be offline: copy cell_images.zip "
+                           "here by hand and pass it with --data") from None
+    size = part.stat().st_size
+    if size != expected_bytes:
+        raise DatasetError(f"download stopped at {size:,} of {expected_bytes:,} bytes; run the same command again "
+                           "to resume")
+    try:
+        with zipfile.ZipFile(part) as archive:
+            if archive.testzip():
+                raise zipfile.BadZipFile
+    except zipfile.BadZipFile:
+        part.unlink()
+        raise DatasetError("the downloaded zip is corrupt (CRC check failed); it was deleted, run again") from None
+    os.replace(part, dest)
+    return dest
+
+
+def prepare(data: Path, out: Path, seed: int = 42, test_fraction: float = 0.2, val_fraction: float = 0.1,
+            command: str = "", log=lambda msg: print(msg, file=sys.stderr)) -> Dict:
+    """Scan ``data`` (folder or zip), split by patient, write ``manifest.csv`` and ``prepare.json`` to ``out``."""
+    data = Path(data)
+    if not data.exists():
+        raise DatasetError(f"{data}: no such file or folder")
+    if data.is_file():
+        if not zipfile.is_zipfile(data):
+            raise DatasetError(f"{data}: not a zip archive; pass the NIH cell_images folder or cell_images.zip")
+        log(f"extracting {data} into {out / 'cell_images'} (once)")
+        data = extract_zip(data, out / "cell_images")
+    cells, bad = scan(data)
+    assignment = split_patients(cells, seed, test_fraction, val_fraction)
+    for cell in cells:
+        cell.split = assignment[cell.patient]
+    manifest = out / "manifest.csv"
+    write_manifest(cells, manifest)
+    counts = split_counts(cells)
+    report = {
+        "data": str(data.resolve()),
+        "manifest": str(manifest.resolve()),
+        "manifest_sha256": manifest_hash(cells),
+        "seed": seed,
+        "command": command,
+        "fractions": {"test_of_patients": test_fraction, "val_of_train_patients": val_fraction},
+        "counts": counts,
+        "patients": {s: sorted({c.patient for c in cells if c.split == s}, key=int) for s in SPLITS},
+        "bad_files": [{"path": p, "reason": r} for p, r in bad],
+    }
+    (out / "prepare.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def load_prepare_report(manifest: Path) -> Dict:
+    """The prepare.json written beside a manifest, or a report rebuilt from the manifest itself."""
+    side = Path(manifest).parent / "prepare.json"
+    cells = read_manifest(manifest)
+    info = json.loads(side.read_text()) if side.is_file() else {}
+    info["manifest_sha256"] = manifest_hash(cells)
+    info["counts"] = split_counts(cells)
+    return info
+
+
+def describe_bad(bad: List[Dict]) -> str:
+    out = io.StringIO()
+    for item in bad:
+        out.write(f"skipped {item['path']}: {item['reason']}\n")
+    return out.getvalue()

@@ -1,0 +1,224 @@
+"""Training: build the preset's ResNet, fit it on the training patients, keep the best checkpoint by validation
+loss, and write history, plot and the test-split report."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+
+from edge_runtime.outputs import parasitized_probability
+from train.dataset import load_prepare_report, read_manifest
+from train.model import PRESETS, Preset, build_resnet, count_macs
+from edge_runtime.machine import machine_info
+from train.report import choose_patient_rule, evaluate_split, format_evaluation, plot_history, write_json
+
+BEST = "model.keras"
+LAST = "checkpoint_last.keras"
+STATE = "train_state.json"
+
+
+def make_strategy(name: Optional[str]):
+    """tf.distribute strategy: None (default device), "mirrored" (all local GPUs, or CPUs when none), or
+    "multiworker" (machines listed in TF_CONFIG)."""
+    import tensorflow as tf
+    if not name or name == "none":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        gpus = tf.config.list_logical_devices("GPU")
+        devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
+        return tf.distribute.MirroredStrategy(devices=devices)
+    if name == "multiworker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise ValueError(f"unknown strategy {name!r}")
+
+
+def _compile(model, preset: Preset, steps_total: int):
+    import keras
+    if preset.optimizer == "sgd_poly":
+        schedule = keras.optimizers.schedules.PolynomialDecay(preset.learning_rate, steps_total, 0.0, power=1.0)
+        optimizer = keras.optimizers.SGD(schedule, momentum=0.9)
+    else:
+        warmup = max(1, steps_total // 30)
+        schedule = keras.optimizers.schedules.CosineDecay(preset.learning_rate / 10, steps_total - warmup,
+                                                          warmup_target=preset.learning_rate, warmup_steps=warmup)
+        optimizer = keras.optimizers.AdamW(schedule, weight_decay=1e-4)
+    if preset.head == "softmax2":
+        loss = keras.losses.CategoricalCrossentropy(label_smoothing=preset.label_smoothing)
+        metrics = [keras.metrics.CategoricalAccuracy(name="accuracy")]
+    else:
+        loss = keras.losses.BinaryCrossentropy(from_logits=True, label_smoothing=preset.label_smoothing)
+        metrics = [keras.metrics.BinaryAccuracy(name="accuracy", threshold=0.0)]
+    model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
+
+
+class EpochLog:
+    """Keras callback: one line per epoch on stderr; history.json and the resumable checkpoint after each epoch."""
+
+    def __init__(self, out: Path, history: Dict, started: float, start_cpu: float, epochs: int):
+        import keras
+
+        class _Callback(keras.callbacks.Callback):
+            def on_epoch_begin(cb, epoch, logs=None):
+                cb.epoch_started = time.time()
+
+            def on_epoch_end(cb, epoch, logs=None):
+                logs = logs or {}
+                for key, value in logs.items():
+                    if key != "learning_rate":
+                        history.setdefault(key, []).append(float(value))
+                history.setdefault("epoch_seconds", []).append(time.time() - cb.epoch_started)
+                cb.model.save(out / LAST)
+                best = min(history.get("val_loss", [math.inf]))
+                write_json(out / "history.json", history)
+                write_json(out / STATE, {"epoch": epoch + 1, "best_val_loss": best,
+                                         "wall_seconds": time.time() - started + history.get("_resumed_wall", 0),
+                                         "cpu_seconds": _cpu_seconds() - start_cpu + history.get("_resumed_cpu", 0)})
+                print(f"epoch {epoch + 1}/{epochs}  loss {logs.get('loss', float('nan')):.4f}  "
+                      f"acc {logs.get('accuracy', float('nan')):.4f}  val_loss {logs.get('val_loss', float('nan')):.4f}"
+                      f"  val_acc {logs.get('val_accuracy', float('nan')):.4f}  "
+                      f"{history['epoch_seconds'][-1]:.0f}s", file=sys.stderr, flush=True)
+
+        self.callback = _Callback()
+
+
+def _cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def train(manifest: Path, out: Path, preset_name: str = "edge", epochs: Optional[int] = None,
+          batch_size: Optional[int] = None, input_size: Optional[int] = None, learning_rate: Optional[float] = None,
+          seed: int = 42, resume: bool = False, strategy_name: Optional[str] = None, cache_dir: Optional[Path] = None,
+          no_stain: bool = False, command: str = "", log=lambda m: print(m, file=sys.stderr, flush=True)) -> Dict:
+    """Train ``preset_name`` on the manifest's training patients and write everything to ``out``."""
+    import keras
+    import tensorflow as tf
+
+    from train.pipeline import load_arrays, make_dataset, steps_per_epoch
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state_file = out / STATE
+    if resume:
+        if not (out / LAST).is_file() or not state_file.is_file():
+            raise FileNotFoundError(f"{out}: nothing to resume (no {LAST}); start without --resume")
+        saved = json.loads((out / "config.json").read_text())
+        preset = Preset(**{**saved["preset"], "stages": tuple(saved["preset"]["stages"]),
+                           "filters": tuple(saved["preset"]["filters"])})
+        seed = saved["seed"]
+    else:
+        preset = PRESETS[preset_name]
+        overrides = {k: v for k, v in (("epochs", epochs), ("batch_size", batch_size), ("input_size", input_size),
+                                       ("learning_rate", learning_rate)) if v is not None}
+        if no_stain:
+            overrides["stain"] = None
+        preset = replace(preset, **overrides)
+    keras.utils.set_random_seed(seed)
+
+    cells = read_manifest(manifest)
+    data_info = load_prepare_report(manifest)
+    by_split = {s: [c for c in cells if c.split == s] for s in ("train", "val", "test")}
+    for split, group in by_split.items():
+        if not group:
+            raise ValueError(f"{manifest}: the {split} split is empty; prepare a dataset with more patients")
+    cache_dir = Path(cache_dir) if cache_dir else Path(manifest).parent / "cache"
+    t0 = time.time()
+    arrays = {s: load_arrays(group, preset.input_size, preset.stain, cache_dir) for s, group in by_split.items()}
+    log(f"decoded {len(cells)} cells at {preset.input_size}px in {time.time() - t0:.0f}s (cached in {cache_dir})")
+
+    config = {"preset": preset.to_dict(), "seed": seed, "manifest": str(Path(manifest).resolve()),
+              "manifest_sha256": data_info["manifest_sha256"], "strategy": strategy_name or "none",
+              "commands": [data_info.get("command", ""), command]}
+    if resume:
+        config["commands"] = json.loads((out / "config.json").read_text()).get("commands", []) + [command]
+    write_json(out / "config.json", config)
+
+    strategy = make_strategy(strategy_name)
+    steps = steps_per_epoch(len(arrays["train"][0]), preset.batch_size)
+    train_ds = make_dataset(*arrays["train"], preset.batch_size, True, preset.augment, preset.head, seed)
+    val_ds = make_dataset(*arrays["val"], 256, False, head=preset.head)
+    history: Dict = {}
+    initial_epoch = 0
+    with strategy.scope():
+        if resume:
+            model = keras.models.load_model(out / LAST)
+            state = json.loads(state_file.read_text())
+            initial_epoch = state["epoch"]
+            history = json.loads((out / "history.json").read_text())
+            history["_resumed_wall"] = state["wall_seconds"]
+            history["_resumed_cpu"] = state["cpu_seconds"]
+            log(f"resuming {out} at epoch {initial_epoch + 1}/{preset.epochs}")
+        else:
+            model = build_resnet(preset)
+            _compile(model, preset, steps * preset.epochs)
+    log(f"preset {preset.name}: {model.count_params():,} parameters, {count_macs(model) / 1e6:.1f}M MACs per cell, "
+        f"{preset.input_size}px, {preset.epochs} epochs, batch {preset.batch_size}; train "
+        f"{len(arrays['train'][0])} cells, val {len(arrays['val'][0])} cells")
+
+    started, start_cpu = time.time(), _cpu_seconds()
+    logger = EpochLog(out, history, started, start_cpu, preset.epochs)
+    best_cb = keras.callbacks.ModelCheckpoint(out / BEST, monitor="val_loss", save_best_only=True)
+    if resume and "val_loss" in history:
+        best_cb.best = min(history["val_loss"])
+    interrupted = False
+    try:
+        model.fit(train_ds, validation_data=val_ds, epochs=preset.epochs, initial_epoch=initial_epoch,
+                  callbacks=[best_cb, logger.callback], verbose=1 if sys.stdout.isatty() else 0)
+    except KeyboardInterrupt:
+        interrupted = True
+        log(f"interrupted: the best checkpoint so far is in {out / BEST}; continue with --resume {out}")
+    if not (out / BEST).is_file():
+        raise RuntimeError("training stopped before the first epoch ended; nothing to report")
+    wall = time.time() - started + history.pop("_resumed_wall", 0)
+    cpu = _cpu_seconds() - start_cpu + history.pop("_resumed_cpu", 0)
+    write_json(out / "history.json", history)
+    plot_history(history, out / "plot.png", f"ResNet '{preset.name}' on the NIH malaria cells (patient split)")
+
+    best = keras.models.load_model(out / BEST)
+    evaluations = {}
+    for split in ("val", "test"):
+        x, y = arrays[split]
+        raw = best.predict(x.astype(np.float32), batch_size=256, verbose=0)
+        prob = parasitized_probability(raw, preset.head)
+        patients = [c.patient for c in by_split[split]]
+        evaluations[split] = (y, prob, patients)
+    threshold = 0.5
+    val_eval = evaluate_split("val", *evaluations["val"], threshold)
+    rule = choose_patient_rule(val_eval)
+    test_eval = evaluate_split("test", *evaluations["test"], threshold, rule=rule)
+    report = {
+        "model": str((out / BEST).resolve()),
+        "preset": preset.to_dict(),
+        "parameters": int(best.count_params()),
+        "macs_per_cell": count_macs(best),
+        "epochs_run": len(history.get("loss", [])),
+        "interrupted": interrupted,
+        "best_epoch": int(np.argmin(history["val_loss"]) + 1) if history.get("val_loss") else None,
+        "training_wall_seconds": wall,
+        "training_cpu_seconds": cpu,
+        "machine": machine_info(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "seed": seed,
+        "data": {"manifest_sha256": data_info["manifest_sha256"], "counts": data_info["counts"],
+                 "patients": data_info.get("patients")},
+        "threshold": threshold,
+        "patient_rule": rule,
+        "validation": {k: v for k, v in val_eval.items() if k != "patient_counts"},
+        "test": test_eval,
+    }
+    write_json(out / "report.json", report)
+    text = (format_evaluation(test_eval, "Test ") + "\n\n" +
+            f"trained {report['epochs_run']} epochs in {wall / 60:.1f} min wall, {cpu / 60:.1f} min CPU on "
+            f"{report['machine']['cpu']} ({report['machine']['cores']} cores); best epoch {report['best_epoch']}; "
+            f"{report['parameters']:,} parameters\n")
+    (out / "report.txt").write_text(text)
+    log(text)
+    return report
