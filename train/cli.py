@@ -85,8 +85,10 @@ def train_main(manifest, out, preset, epochs, batch_size, input_size, learning_r
         raise click.UsageError("give --manifest and --out (or --resume DIR)")
     from train.train import train
     try:
-        train(manifest, out, preset, epochs, batch_size, input_size, learning_rate, seed, bool(resume), strategy,
-              cache, no_stain_norm, command=command_line("edge-train"))
+        report = train(manifest, out, preset, epochs, batch_size, input_size, learning_rate, seed, bool(resume),
+                       strategy, cache, no_stain_norm, command=command_line("edge-train"))
     except (DatasetError, FileNotFoundError, ValueError) as exc:
         click.echo(f"edge-train: {exc}", err=True)
         sys.exit(1)
+    if report["interrupted"]:
+        sys.exit(130)

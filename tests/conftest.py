@@ -1,0 +1,79 @@
+"""Shared fixtures: real sample cells, the shared NIH copy when present, and a tiny real model trained once per
+session on the samples (about 30 s) and quantized into a real bundle."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLES = REPO / "edge_runtime" / "samples"
+SHARED_DATA = REPO.parent / "shared" / "data" / "cell_images"
+BIN = Path(sys.executable).parent
+
+
+def cli(name: str, *args, check: bool = False, timeout: int = 600, **kwargs) -> subprocess.CompletedProcess:
+    """Run one of our console scripts from the test environment, capturing output."""
+    exe = BIN / name
+    command = [str(exe)] if exe.exists() else [sys.executable, "-m", _MODULES[name]]
+    done = subprocess.run(command + [str(a) for a in args], capture_output=True, text=True, timeout=timeout,
+                          **kwargs)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{name} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+_MODULES = {"edge-classify": "edge_runtime.cli", "edge-bench": "benchmarks.cli"}
+
+
+@pytest.fixture(scope="session")
+def samples() -> Path:
+    return SAMPLES
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "Parasitized").is_dir():
+        pytest.skip("../shared/data/cell_images is absent (the NIH copy lives outside the repo)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def sample_manifest(tmp_path_factory) -> Path:
+    """The samples split by patient (6 patients, so larger fractions than the default to fill every split)."""
+    from train.dataset import prepare
+    out = tmp_path_factory.mktemp("data")
+    prepare(SAMPLES, out, seed=42, test_fraction=0.34, val_fraction=0.34, log=lambda m: None)
+    return out / "manifest.csv"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(sample_manifest, tmp_path_factory) -> Path:
+    """A tiny real ResNet trained on the samples' training patients."""
+    from train.train import train
+    out = tmp_path_factory.mktemp("tiny_run")
+    train(sample_manifest, out, "tiny", epochs=30, learning_rate=0.01, log=lambda m: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_run, sample_manifest, tmp_path_factory) -> Path:
+    """fp32 + int8 TFLite files and card of the tiny model; returns the int8 path."""
+    from quantize.cli import quantize
+    out = tmp_path_factory.mktemp("bundle")
+    quantize(tiny_run / "model.keras", sample_manifest, out, name="tiny", calibration_size=40, log=lambda m: None)
+    return out / "tiny_int8.tflite"
+
+
+@pytest.fixture()
+def bundle_copy(tiny_bundle, tmp_path) -> Path:
+    """A private copy of the tiny bundle that a test may damage."""
+    for f in tiny_bundle.parent.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    return tmp_path / tiny_bundle.name

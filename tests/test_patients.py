@@ -1,0 +1,94 @@
+"""From cells to a patient: the call rule, its intervals, indeterminate cases, and --group-by on real cells."""
+import csv
+import json
+import shutil
+
+import pytest
+
+from edge_runtime import Classifier
+from edge_runtime.patients import (DEFAULT_RULE, call_group, choose_rule, evaluate_rule, patient_level_metrics,
+                                   summarize_groups)
+from tests.conftest import cli
+
+RULE = {"min_cells": 20, "min_parasitized": 3, "min_fraction": 0.1, "max_review_fraction": 0.5}
+
+
+def test_calls_follow_the_rule():
+    assert call_group(150, 4, 0, RULE)["call"] == "negative"       # 2.7%: false positives of a healthy patient
+    assert call_group(150, 30, 0, RULE)["call"] == "positive"
+    assert call_group(10, 9, 0, RULE)["call"] == "indeterminate"    # too few cells
+    g = call_group(100, 30, 60, RULE)
+    assert g["call"] == "indeterminate" and "review" in g["reason"]
+    g = call_group(0, 0, 0, RULE, failed=4)
+    assert g["call"] == "indeterminate" and "4 failed" in g["reason"] and g["fraction_ci95"] is None
+
+
+def test_fraction_interval_is_wilson():
+    g = call_group(100, 10, 0, RULE)
+    assert g["parasitized_fraction"] == pytest.approx(0.1)
+    assert g["fraction_ci95"] == pytest.approx([0.0552, 0.1744], abs=1e-3)
+
+
+def test_rule_is_chosen_between_healthy_and_infected_patients():
+    patients = [{"patient": "1", "cells": 100, "parasitized": 3, "infected": False},
+                {"patient": "2", "cells": 100, "parasitized": 5, "infected": False},
+                {"patient": "3", "cells": 100, "parasitized": 40, "infected": True},
+                {"patient": "4", "cells": 100, "parasitized": 70, "infected": True}]
+    rule = choose_rule(patients)
+    assert 0.05 < rule["min_fraction"] <= 0.40
+    result = evaluate_rule(patients, rule)["metrics"]
+    assert result["sensitivity"] == 1.0 and result["specificity"] == 1.0
+    assert result["text"] == "2/2 infected patients called positive, 2/2 healthy patients called negative"
+
+
+def test_failed_only_group_is_indeterminate_not_a_crash():
+    groups = summarize_groups([{"group": "slide1", "error": "corrupt"}], RULE)
+    assert groups["slide1"]["call"] == "indeterminate"
+    assert patient_level_metrics(groups)["patients"] == 0
+
+
+def test_rule_is_read_from_the_card(bundle_copy):
+    card_path = bundle_copy.parent / "tiny.json"
+    card = json.loads(card_path.read_text())
+    card["patient_rule"] = {**DEFAULT_RULE, "min_cells": 1234}
+    card_path.write_text(json.dumps(card))
+    clf = Classifier.load(bundle_copy)
+    assert clf.rule["min_cells"] == 1234
+    summary = clf.summarize([{"source": "a/Uninfected/C1P1_cell.png", "prediction": "uninfected"}], group="folder")
+    assert summary["a"]["call"] == "indeterminate" and "1234" in summary["a"]["reason"]
+
+
+def _slides(samples, tmp_path):
+    """Two slides of real cells: one only uninfected cells, one only parasitized cells (20+ each)."""
+    healthy, infected = tmp_path / "slide_healthy", tmp_path / "slide_infected"
+    healthy.mkdir(), infected.mkdir()
+    for f in (samples / "Uninfected").glob("*.webp"):
+        shutil.copy(f, healthy / f.name)
+    for f in (samples / "Parasitized").glob("*.webp"):
+        shutil.copy(f, infected / f.name)
+    return healthy, infected
+
+
+def test_group_by_folder_calls_real_slides(tiny_bundle, samples, tmp_path):
+    healthy, infected = _slides(samples, tmp_path)
+    clf = Classifier.load(tiny_bundle)
+    results = clf.predict(sorted(healthy.iterdir()) + sorted(infected.iterdir()))
+    summary = clf.summarize(results, group="folder")
+    # the tiny model is weak, so judge it by its own counts: the call must follow the card's rule
+    for name, g in summary.items():
+        expected = call_group(g["cells"], g["parasitized"], g["review"], clf.rule)["call"]
+        assert g["call"] == expected
+    assert summary[str(infected)]["parasitized"] > summary[str(healthy)]["parasitized"]
+
+
+def test_group_by_patient_cli_writes_group_rows(tiny_bundle, samples, tmp_path):
+    groups = tmp_path / "groups.csv"
+    summary = tmp_path / "summary.json"
+    cli("edge-classify", samples, "--model", tiny_bundle, "--group-by", "patient", "--groups-output", groups,
+        "--summary-json", summary, check=True)
+    with open(groups, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["group"] for r in rows} == {"7", "55", "82", "122", "132", "207"}
+    assert all(r["call"] == "indeterminate" for r in rows)  # 6-9 cells each, fewer than the rule needs
+    s = json.loads(summary.read_text())
+    assert s["patient_level"]["patients"] == 6 and s["patient_level"]["indeterminate"] == 6

@@ -1,0 +1,73 @@
+"""edge-quantize on a tiny real model: really integer, card hash, agreement on real cells, loud collapse."""
+import json
+
+import numpy as np
+import pytest
+
+from edge_runtime.backend import find_interpreter
+from edge_runtime.bundle import sha256_file
+from tests.conftest import cli
+
+
+def test_int8_file_is_really_integer(tiny_bundle):
+    interpreter_cls, _, _ = find_interpreter()
+    interp = interpreter_cls(model_path=str(tiny_bundle))
+    interp.allocate_tensors()
+    assert interp.get_input_details()[0]["dtype"] == np.uint8
+    assert interp.get_output_details()[0]["dtype"] == np.int8
+    dtypes = {}
+    for t in interp.get_tensor_details():
+        dtypes.setdefault(np.dtype(t["dtype"]).name, 0)
+        dtypes[np.dtype(t["dtype"]).name] += 1
+    assert "float32" not in dtypes, dtypes
+    assert dtypes.get("int8", 0) > 10 and dtypes.get("int32", 0) > 0  # int8 weights/activations, int32 biases
+
+
+def test_card_hashes_sizes_and_metrics(tiny_bundle):
+    card = json.loads((tiny_bundle.parent / "tiny.json").read_text())
+    for name, info in card["files"].items():
+        assert info["sha256"] == sha256_file(tiny_bundle.parent / name)
+        assert info["bytes"] == (tiny_bundle.parent / name).stat().st_size
+    assert card["labels"] == ["parasitized", "uninfected"] and card["input"]["size"] == 32
+    assert card["reference"] == "tiny_fp32.tflite"
+    assert card["data"]["counts"]["test"]["patients"] >= 1 and card["data"]["manifest_sha256"]
+    test = card["test"]
+    assert test["split"] == "test" and test["cells"] > 0
+    assert 0.0 <= test["agreement_int8_fp32"] <= 1.0
+    assert test["max_abs_prob_diff_fp32_keras"] < 1e-3  # the fp32 file is the same network
+    for kind in ("int8", "fp32", "keras"):
+        assert {"accuracy", "sensitivity", "specificity", "f1", "mcc", "roc_auc"} <= set(test[kind])
+    assert card["patient_rule"]["min_fraction"] > 0 and "validation" in card["patient_rule"]["chosen_on"]
+
+
+def test_agreement_is_measured_on_real_cells(tiny_bundle, samples):
+    from edge_runtime import Classifier
+    card = json.loads((tiny_bundle.parent / "tiny.json").read_text())
+    int8 = Classifier.load(tiny_bundle)
+    fp32 = Classifier.load(tiny_bundle.parent / "tiny_fp32.tflite")
+    paths = sorted(samples.rglob("*.webp"))
+    a = int8.predict(paths)
+    b = fp32.predict(paths)
+    diffs = [abs(x.prob_parasitized - y.prob_parasitized) for x, y in zip(a, b)]
+    assert max(diffs) < 0.1
+    assert card["test"]["max_abs_prob_diff_int8_fp32"] < 0.1
+
+
+def test_collapsed_int8_model_fails_loudly(tiny_run, sample_manifest, tmp_path):
+    import keras
+    model = keras.models.load_model(tiny_run / "model.keras")
+    head = model.get_layer("logit")
+    kernel, bias = head.get_weights()
+    head.set_weights([kernel * 0.0, bias * 0.0 + 8.0])  # a model that calls every cell parasitized
+    broken = tmp_path / "collapsed" / "model.keras"
+    broken.parent.mkdir()
+    model.save(broken)
+    done = cli("edge-quantize", "--model", broken, "--manifest", sample_manifest, "--out", tmp_path / "b",
+               "--calibration-size", 20)
+    assert done.returncode == 1
+    assert "predicts one class" in done.stderr and "try" in done.stderr
+
+
+def test_quantize_refuses_a_missing_model(tmp_path, sample_manifest):
+    done = cli("edge-quantize", "--model", tmp_path / "nope.keras", "--manifest", sample_manifest, "--out", tmp_path)
+    assert done.returncode == 2 and "does not exist" in done.stderr

@@ -1,0 +1,73 @@
+"""edge-train end to end on real cells: outputs, report contents, Ctrl-C + --resume, mirrored strategy."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+from tests.conftest import BIN, REPO
+
+
+def test_training_writes_model_history_plot_and_report(tiny_run):
+    for name in ("model.keras", "history.json", "plot.png", "report.json", "report.txt", "config.json"):
+        assert (tiny_run / name).is_file(), name
+    history = json.loads((tiny_run / "history.json").read_text())
+    assert len(history["loss"]) == 30 and len(history["val_loss"]) == 30
+    report = json.loads((tiny_run / "report.json").read_text())
+    test = report["test"]
+    assert test["split"] == "test" and test["patients"] >= 1 and test["cells"] > 0
+    for key in ("accuracy", "sensitivity", "specificity", "f1", "mcc", "roc_auc", "confusion_matrix"):
+        assert key in test["metrics"]
+    assert set(test["ci95"]) >= {"accuracy", "sensitivity", "specificity", "roc_auc"}
+    assert set(test["classification_report"]) == {"parasitized", "uninfected"}
+    assert "patient_level" in test and report["patient_rule"]["min_fraction"] > 0
+    assert report["training_wall_seconds"] > 0 and report["machine"]["cores"] >= 1
+    text = (tiny_run / "report.txt").read_text()
+    assert "test split" in text and "patients" in text and "95% CI" in text
+
+
+def test_ctrl_c_keeps_the_best_checkpoint_and_resume_finishes(sample_manifest, tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.Popen([str(BIN / "edge-train"), "--manifest", str(sample_manifest), "--out", str(out),
+                             "--preset", "tiny", "--epochs", "400"], stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 300
+    for line in proc.stderr:
+        if line.startswith("epoch 2/"):
+            break
+        assert time.time() < deadline, "training never reached epoch 2"
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=300) == 130, rest
+    assert "--resume" in rest and (out / "model.keras").is_file()
+    done_before = json.loads((out / "train_state.json").read_text())["epoch"]
+    assert 2 <= done_before < 400
+    config = json.loads((out / "config.json").read_text())
+    config["preset"]["epochs"] = done_before + 2  # finish quickly: the schedule is what --resume continues
+    (out / "config.json").write_text(json.dumps(config))
+    resumed = subprocess.run([str(BIN / "edge-train"), "--resume", str(out)], capture_output=True, text=True, env=env,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming {out} at epoch {done_before + 1}" in resumed.stderr
+    history = json.loads((out / "history.json").read_text())
+    assert len(history["loss"]) == done_before + 2
+    assert json.loads((out / "report.json").read_text())["epochs_run"] == done_before + 2
+
+
+def test_mirrored_strategy_on_two_logical_cpus(sample_manifest, tmp_path):
+    script = textwrap.dedent(f"""
+        import tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        from train.train import make_strategy, train
+        assert make_strategy("mirrored").num_replicas_in_sync == 2
+        report = train({str(sample_manifest)!r}, {str(tmp_path / "mirrored")!r}, "tiny", epochs=1,
+                       strategy_name="mirrored", log=lambda m: None)
+        print("REPLICAS_OK", report["epochs_run"])
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "REPLICAS_OK 1" in done.stdout
