@@ -104,6 +104,10 @@ def format_table(report: Dict) -> str:
                      + (f" - {m['file']}" if m["file"] else ""))
     if report.get("tutorial_note"):
         lines.append(f"  {report['tutorial_note']}")
+    for m in models:
+        if m.get("speedup_vs_tutorial"):
+            lines.append(f"  {m['name']} is {m['speedup_vs_tutorial']:.0f}x faster per cell than the tutorial's model "
+                         "(p50 latency, batch 1, same machine, same threads, this run)")
     e = report["energy"]
     lines.append("")
     lines.append(f"energy ({e['basis']}; {e['profile_text']}):")
@@ -235,6 +239,11 @@ def main(model_path, reference, keras_path, no_tutorial, images, threads, runs, 
         models.append(summarize(name, role, spec.get("path"), run_worker(spec)))
     reference_model = next((m for m in models if m["role"] == "reference"), models[0])
     add_ratios(models, reference_model)
+    tutorial = next((m for m in models if m["role"] == "tutorial"), None)
+    for m in models:
+        if tutorial is not None and m is not tutorial:
+            m["speedup_vs_tutorial"] = (tutorial["figures"]["latency_p50"]["value"]
+                                        / m["figures"]["latency_p50"]["value"])
 
     if watts_active is not None:
         profile_text = f"--watts-active {watts_active} W, --watts-idle {watts_idle} W"

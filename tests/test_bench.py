@@ -41,6 +41,10 @@ def test_ratios_are_ratios_of_figures(bench_report):
             f = m["figures"][key]
             assert f["ratio_to_reference"] == pytest.approx(f["value"] / ref["figures"][key]["value"])
     assert ref["figures"]["latency_p50"]["ratio_to_reference"] == pytest.approx(1.0)
+    tutorial = next(m for m in report["models"] if m["role"] == "tutorial")
+    model = report["models"][0]
+    assert model["speedup_vs_tutorial"] == pytest.approx(
+        tutorial["figures"]["latency_p50"]["value"] / model["figures"]["latency_p50"]["value"])
 
 
 def test_energy_is_estimated_from_the_profile_without_a_meter(bench_report):

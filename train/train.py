@@ -215,7 +215,7 @@ def train(manifest: Path, out: Path, preset_name: str = "edge", epochs: Optional
         "test": test_eval,
     }
     write_json(out / "report.json", report)
-    text = (format_evaluation(test_eval, "Test ") + "\n\n" +
+    text = (format_evaluation(test_eval) + "\n\n" +
             f"trained {report['epochs_run']} epochs in {wall / 60:.1f} min wall, {cpu / 60:.1f} min CPU on "
             f"{report['machine']['cpu']} ({report['machine']['cores']} cores); best epoch {report['best_epoch']}; "
             f"{report['parameters']:,} parameters\n")
