@@ -147,6 +147,14 @@ def quantize(model_path: Path, manifest: Path, out: Path, name: str = "malaria",
     return card
 
 
+def _pct(v: Optional[float]) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f}%"
+
+
+def _num(v: Optional[float]) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
 def format_card_summary(card: Dict) -> str:
     t = card["test"]
     lines = [f"test split: {t['patients']} patients, {t['cells']} cells ({t['cells_parasitized']} parasitized, "
@@ -157,8 +165,8 @@ def format_card_summary(card: Dict) -> str:
              "keras": card["sizes"]["keras_bytes"]}
     for kind in ("int8", "fp32", "keras"):
         m = t[kind]
-        lines.append(f"{kind:<8}{100 * m['accuracy']:>9.2f}%{100 * m['sensitivity']:>9.2f}%"
-                     f"{100 * m['specificity']:>9.2f}%{m['f1']:>8.4f}{m['mcc']:>8.4f}{m['roc_auc']:>8.4f}"
+        lines.append(f"{kind:<8}{_pct(m['accuracy']):>10}{_pct(m['sensitivity']):>10}{_pct(m['specificity']):>10}"
+                     f"{_num(m['f1']):>8}{_num(m['mcc']):>8}{_num(m['roc_auc']):>8}"
                      f"{sizes[kind] / 1024:>8.0f} KiB  {m['patient_level']['text']}")
     lines.append(f"int8 vs fp32: agreement {100 * t['agreement_int8_fp32']:.2f}%, accuracy drop "
                  f"{t['int8_accuracy_drop_points']:.2f} points, max |dp| {t['max_abs_prob_diff_int8_fp32']:.4f}; "
