@@ -16,7 +16,7 @@ from .backend import BackendError
 from .bundle import ModelBundle, ModelError
 from .classifier import Classifier, group_key
 from .images import is_image_path
-from .labels import CLASSES, PARASITIZED, REVIEW
+from .labels import CLASSES, PARASITIZED, REVIEW, patient_id
 from .metrics import binary_metrics
 
 CELL_FIELDS = ["path", "prediction", "prob_parasitized", "latency_ms", "label"]
@@ -140,7 +140,9 @@ def model_summary(rows: List[Dict], prefix: str, threshold: float) -> Dict:
     if labelled:
         m = binary_metrics([1 if lab == PARASITIZED else 0 for lab, _ in labelled], [p for _, p in labelled],
                            threshold)
-        out.update({"labelled_cells": len(labelled), "accuracy": m["accuracy"], "sensitivity": m["sensitivity"],
+        patients = {patient_id(r["path"]) for r in rows if r.get("label") in CLASSES}
+        out.update({"labelled_cells": len(labelled), "labelled_patients": len(patients - {None}) or None,
+                    "accuracy": m["accuracy"], "sensitivity": m["sensitivity"],
                     "specificity": m["specificity"], "roc_auc": m["roc_auc"],
                     "confusion_matrix": m["confusion_matrix"]})
     return out
@@ -161,7 +163,8 @@ def format_summary(summary: Dict) -> str:
         line = (f"           {s['cells']} cells: {s['parasitized']} parasitized, {s['review']} review; latency p50 "
                 f"{s['latency_ms_p50']:.3f} ms, p95 {s['latency_ms_p95']:.3f} ms per cell")
         if "accuracy" in s:
-            line += (f"; on {s['labelled_cells']} labelled cells accuracy {_pct(s['accuracy'])}, sensitivity "
+            who = f" of {s['labelled_patients']} patients" if s.get("labelled_patients") else ""
+            line += (f"; on {s['labelled_cells']} labelled cells{who} accuracy {_pct(s['accuracy'])}, sensitivity "
                      f"{_pct(s['sensitivity'])}, specificity {_pct(s['specificity'])}")
         lines.append(line)
     if summary.get("agreement") is not None:
@@ -180,7 +183,8 @@ def format_summary(summary: Dict) -> str:
             ci = "" if not g["fraction_ci95"] else (f"{100 * g['fraction_ci95'][0]:.1f}-"
                                                     f"{100 * g['fraction_ci95'][1]:.1f}%")
             lines.append(f"{name[-28:]:<28} {g['call']:<13} {g['cells']:>6} {g['parasitized']:>8} {g['review']:>6} "
-                         f"{frac:>9} {ci:>15} {g.get('true_status', ''):>8}")
+                         f"{frac:>9} {ci:>15} {g.get('true_status', ''):>8}"
+                         + (f"  ({g['reason']})" if g["call"] == "indeterminate" else ""))
         if summary.get("patient_level"):
             pl = summary["patient_level"]
             lines.append(f"  {pl['text']} (sensitivity {_pct(pl['sensitivity'])}, specificity "

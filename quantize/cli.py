@@ -14,7 +14,7 @@ import click
 import numpy as np
 
 from edge_runtime.bundle import ModelBundle, sha256_file
-from edge_runtime.metrics import binary_metrics
+from edge_runtime.metrics import binary_metrics, bootstrap_by_patient
 from edge_runtime.outputs import parasitized_probability
 from edge_runtime.patients import choose_rule, evaluate_rule, per_patient_counts
 
@@ -32,6 +32,7 @@ def run_bundle(bundle: ModelBundle, pixels: np.ndarray, batch: int = 64) -> np.n
 
 def _metrics_block(y, prob, patients, threshold, rule) -> Dict:
     m = binary_metrics(y, prob, threshold)
+    m["ci95"] = bootstrap_by_patient(y, prob, patients, threshold)
     m["patient_level"] = evaluate_rule(per_patient_counts(prob, y, patients, threshold), rule)["metrics"]
     return m
 
@@ -139,7 +140,8 @@ def quantize(model_path: Path, manifest: Path, out: Path, name: str = "malaria",
                      "fp32_compression_vs_keras": keras_bytes / fp32_path.stat().st_size}
     for path, kind in ((int8_path, "int8"), (fp32_path, "fp32")):
         card["files"][path.name]["test_metrics"] = {k: test[kind][k] for k in (
-            "accuracy", "sensitivity", "specificity", "f1", "mcc", "roc_auc", "confusion_matrix", "patient_level")}
+            "accuracy", "sensitivity", "specificity", "f1", "mcc", "roc_auc", "confusion_matrix", "ci95",
+            "patient_level")}
     card["quantization"] = {"method": "post-training full-integer (int8 weights per channel, int8 activations)",
                             "input": "uint8 raw pixels", "output": "int8 logit" if head == "logit" else "int8",
                             "max_drop_points": max_drop_points}
@@ -168,6 +170,11 @@ def format_card_summary(card: Dict) -> str:
         lines.append(f"{kind:<8}{_pct(m['accuracy']):>10}{_pct(m['sensitivity']):>10}{_pct(m['specificity']):>10}"
                      f"{_num(m['f1']):>8}{_num(m['mcc']):>8}{_num(m['roc_auc']):>8}"
                      f"{sizes[kind] / 1024:>8.0f} KiB  {m['patient_level']['text']}")
+    ci = t["int8"]["ci95"]
+    band = ", ".join(f"{k} {_pct(ci[k][0]) if k != 'roc_auc' else _num(ci[k][0])}-"
+                     f"{_pct(ci[k][1]) if k != 'roc_auc' else _num(ci[k][1])}"
+                     for k in ("accuracy", "sensitivity", "specificity", "roc_auc") if ci.get(k))
+    lines.append(f"int8 95% CI (bootstrap over the {t['patients']} test patients): {band}")
     lines.append(f"int8 vs fp32: agreement {100 * t['agreement_int8_fp32']:.2f}%, accuracy drop "
                  f"{t['int8_accuracy_drop_points']:.2f} points, max |dp| {t['max_abs_prob_diff_int8_fp32']:.4f}; "
                  f"fp32 vs Keras max |dp| {t['max_abs_prob_diff_fp32_keras']:.2e}; int8 is "

@@ -91,13 +91,13 @@ def _tutorial_augmenter(size: int):
 
 
 def make_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, training: bool, augment: str = "none",
-                 head: str = "logit", seed: int = 0) -> tf.data.Dataset:
+                 head: str = "logit", seed: int = 0, drop_remainder: bool = False) -> tf.data.Dataset:
     """A tf.data pipeline over cached uint8 arrays. Labels are float 0/1 for a logit head and one-hot
     [parasitized, uninfected] for the tutorial's 2-way softmax."""
     ds = tf.data.Dataset.from_tensor_slices((x, y))
     if training:
         ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size, drop_remainder=False)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     augmenter = _tutorial_augmenter(x.shape[1]) if training and augment == "tutorial" else None
 
     def to_model(images, labels):

@@ -142,8 +142,15 @@ def train(manifest: Path, out: Path, preset_name: str = "edge", epochs: Optional
 
     strategy = make_strategy(strategy_name)
     steps = steps_per_epoch(len(arrays["train"][0]), preset.batch_size)
-    train_ds = make_dataset(*arrays["train"], preset.batch_size, True, preset.augment, preset.head, seed)
-    val_ds = make_dataset(*arrays["val"], 256, False, head=preset.head)
+    replicas = strategy.num_replicas_in_sync
+    train_ds = make_dataset(*arrays["train"], preset.batch_size, True, preset.augment, preset.head, seed,
+                            drop_remainder=replicas > 1)
+    # Keras cannot merge unevenly split batches across replicas, so under tf.distribute the validation monitor
+    # uses a whole number of cells per replica (at most replicas - 1 cells fewer); the report uses every cell.
+    val_x, val_y = arrays["val"]
+    keep = len(val_x) - len(val_x) % replicas
+    val_ds = make_dataset(val_x[:keep], val_y[:keep], 256 - 256 % replicas, False, head=preset.head,
+                          drop_remainder=False)
     history: Dict = {}
     initial_epoch = 0
     with strategy.scope():
@@ -158,6 +165,7 @@ def train(manifest: Path, out: Path, preset_name: str = "edge", epochs: Optional
         else:
             model = build_resnet(preset)
             _compile(model, preset, steps * preset.epochs)
+    log(f"strategy {strategy_name or 'none'}: {replicas} replica(s)")
     log(f"preset {preset.name}: {model.count_params():,} parameters, {count_macs(model) / 1e6:.1f}M MACs per cell, "
         f"{preset.input_size}px, {preset.epochs} epochs, batch {preset.batch_size}; train "
         f"{len(arrays['train'][0])} cells, val {len(arrays['val'][0])} cells")
