@@ -116,6 +116,10 @@ class ModelBundle:
     def input_dtype(self) -> str:
         return np.dtype(self._input["dtype"]).name
 
+    @property
+    def output_dtype(self) -> str:
+        return np.dtype(self._output["dtype"]).name
+
     def reference_path(self) -> Optional[Path]:
         """The full (float32) model this file was made from, when the card names one beside it."""
         name = self.card.get("reference")

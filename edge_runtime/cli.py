@@ -192,18 +192,11 @@ def format_summary(summary: Dict) -> str:
     return "\n".join(lines)
 
 
-class OptionalPath(click.ParamType):
-    name = "FILE"
-
-    def convert(self, value, param, ctx):
-        return value
-
-
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("paths", nargs=-1, required=True)
 @click.option("--model", "model_path", type=click.Path(path_type=Path),
               help="A .tflite with its card (default: the bundled int8 model).")
-@click.option("--compare", type=OptionalPath(), is_flag=False, flag_value="", default=None,
+@click.option("--compare", metavar="[FILE]", is_flag=False, flag_value="", default=None,
               help="Also run the full model on every image (default: the bundle's fp32 file) and compare.")
 @click.option("--threads", type=int, help="Interpreter threads (default: the backend's).")
 @click.option("--backend", type=click.Choice(["ai_edge_litert", "tflite_runtime", "tensorflow"]),

@@ -6,7 +6,7 @@ a minimum fraction. The rule is chosen on the validation patients only and store
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Dict, Iterable, List, Mapping, Sequence
 
 import numpy as np
 
@@ -141,6 +141,3 @@ def evaluate_rule(patient_counts: List[Dict], rule: Mapping) -> Dict:
         groups[p["patient"]] = g
     return {"metrics": patient_level_metrics(groups), "patients": groups}
 
-
-def group_label(value: Optional[str]) -> str:
-    return value if value else "(unknown)"

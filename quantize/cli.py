@@ -106,8 +106,7 @@ def quantize(model_path: Path, manifest: Path, out: Path, name: str = "malaria",
 
     bundles = {kind: ModelBundle(path, threads=threads) for path, kind in ((int8_path, "int8"), (fp32_path, "fp32"))}
     for kind, b in bundles.items():
-        card["files"][b.path.name].update({"input_dtype": b.input_dtype,
-                                           "output_dtype": np.dtype(b._output["dtype"]).name})
+        card["files"][b.path.name].update({"input_dtype": b.input_dtype, "output_dtype": b.output_dtype})
     evaluation: Dict = {}
     probs: Dict = {}
     for split in ("val", "test"):
