@@ -197,22 +197,29 @@ def main(model_path, reference, keras_path, no_tutorial, images, threads, runs, 
     paths, problems = expand_inputs([str(images)])
     for p in problems:
         click.echo(f"edge-bench: {p}", err=True)
-    cells, bad = load_cells(paths, bundle.size, bundle.stain)
-    for b in bad:
-        click.echo(f"edge-bench: skipped {b}", err=True)
-
     tmp = Path(tempfile.mkdtemp(prefix="edge-bench-"))
-    specs = []
+    cell_files: Dict[str, str] = {}
+    cell_counts: List[int] = []
 
     def cells_file(size: int, stain) -> str:
-        f = tmp / f"cells_{size}_{bool(stain)}.npy"
-        if not f.exists():
-            np.save(f, load_cells(paths, size, stain)[0])
-        return str(f)
+        """Decode the images once per (size, stain) and hand the workers a .npy of them."""
+        key = json.dumps([size, stain], sort_keys=True)
+        if key not in cell_files:
+            arrays, bad = load_cells(paths, size, stain)
+            if not cell_files:
+                for b in bad:
+                    click.echo(f"edge-bench: skipped {b}", err=True)
+            cell_counts.append(len(arrays))
+            cell_files[key] = str(tmp / f"cells_{len(cell_files)}.npy")
+            np.save(cell_files[key], arrays)
+        return cell_files[key]
+
+    specs = []
 
     common = {"threads": threads, "runs": runs, "warmup": warmup, "batch": batch}
+    model_cells = cells_file(bundle.size, bundle.stain)
     specs.append((f"{bundle.kind} (this)", "model", {"type": "tflite", "path": str(bundle.path),
-                                                     "cells": cells_file(bundle.size, bundle.stain), **common}))
+                                                     "cells": model_cells, **common}))
     if ref_bundle:
         specs.append((f"{ref_bundle.kind} (full)", "reference",
                       {"type": "tflite", "path": str(ref_bundle.path),
@@ -221,7 +228,7 @@ def main(model_path, reference, keras_path, no_tutorial, images, threads, runs, 
     note = None
     if keras_path and has_tf:
         specs.append(("keras (ours)", "keras", {"type": "keras", "path": str(keras_path),
-                                                "cells": cells_file(bundle.size, bundle.stain), **common}))
+                                                "cells": model_cells, **common}))
     if not no_tutorial and has_tf:
         tutorial_runs = max(20, runs // 5)
         specs.append(("tutorial keras", "tutorial", {"type": "keras", "preset": "seed",
@@ -262,7 +269,7 @@ def main(model_path, reference, keras_path, no_tutorial, images, threads, runs, 
                                     battery_wh, measured, "measured" if measured is not None else "estimated")
     report = {
         "machine": machine_info(),
-        "settings": {"threads": threads, "runs": runs, "warmup": warmup, "batch": batch, "images": len(cells),
+        "settings": {"threads": threads, "runs": runs, "warmup": warmup, "batch": batch, "images": cell_counts[0],
                      "images_folder": str(images), "cells_per_slide": cells_per_slide, "battery_wh": battery_wh},
         "reference": reference_model["name"],
         "models": models,

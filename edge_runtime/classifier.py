@@ -11,6 +11,7 @@ import numpy as np
 from .bundle import DEFAULT_MODEL, ModelBundle
 from .images import ImageError, ImageInput, prepare_cell
 from .labels import PARASITIZED, REVIEW, UNINFECTED, label_from_folder, patient_id
+from .outputs import parasitized_probability
 from .patients import DEFAULT_RULE, summarize_groups
 
 
@@ -68,7 +69,6 @@ class Classifier:
 
     def probabilities(self, pixels: np.ndarray) -> tuple:
         """Probabilities for a uint8 batch, and the inference seconds of the batch."""
-        from .outputs import parasitized_probability
         raw, seconds = self.bundle.run(pixels)
         return parasitized_probability(raw, self.bundle.head), seconds
 

@@ -17,7 +17,7 @@ from .bundle import ModelBundle, ModelError
 from .classifier import Classifier, group_key
 from .images import is_image_path
 from .labels import CLASSES, PARASITIZED, REVIEW, patient_id
-from .metrics import binary_metrics
+from .metrics import binary_metrics, pct
 
 CELL_FIELDS = ["path", "prediction", "prob_parasitized", "latency_ms", "label"]
 REFERENCE_FIELDS = ["ref_prediction", "ref_prob_parasitized", "ref_latency_ms"]
@@ -148,10 +148,6 @@ def model_summary(rows: List[Dict], prefix: str, threshold: float) -> Dict:
     return out
 
 
-def _pct(v) -> str:
-    return "n/a" if v is None else f"{100 * v:.2f}%"
-
-
 def format_summary(summary: Dict) -> str:
     lines = []
     for key in ("model", "reference"):
@@ -164,11 +160,11 @@ def format_summary(summary: Dict) -> str:
                 f"{s['latency_ms_p50']:.3f} ms, p95 {s['latency_ms_p95']:.3f} ms per cell")
         if "accuracy" in s:
             who = f" of {s['labelled_patients']} patients" if s.get("labelled_patients") else ""
-            line += (f"; on {s['labelled_cells']} labelled cells{who} accuracy {_pct(s['accuracy'])}, sensitivity "
-                     f"{_pct(s['sensitivity'])}, specificity {_pct(s['specificity'])}")
+            line += (f"; on {s['labelled_cells']} labelled cells{who} accuracy {pct(s['accuracy'])}, sensitivity "
+                     f"{pct(s['sensitivity'])}, specificity {pct(s['specificity'])}")
         lines.append(line)
     if summary.get("agreement") is not None:
-        lines.append(f"  against the full model: agreement {_pct(summary['agreement'])}, max |dp| "
+        lines.append(f"  against the full model: agreement {pct(summary['agreement'])}, max |dp| "
                      f"{summary['max_abs_prob_diff']:.4f}, speed ratio (full p50 / this p50) "
                      f"{summary['speed_ratio']:.2f}x")
     lines.append(f"   images: {summary['images']} found, {summary['classified']} classified, "
@@ -187,8 +183,8 @@ def format_summary(summary: Dict) -> str:
                          + (f"  ({g['reason']})" if g["call"] == "indeterminate" else ""))
         if summary.get("patient_level"):
             pl = summary["patient_level"]
-            lines.append(f"  {pl['text']} (sensitivity {_pct(pl['sensitivity'])}, specificity "
-                         f"{_pct(pl['specificity'])}, {pl['indeterminate']} indeterminate)")
+            lines.append(f"  {pl['text']} (sensitivity {pct(pl['sensitivity'])}, specificity "
+                         f"{pct(pl['specificity'])}, {pl['indeterminate']} indeterminate)")
     return "\n".join(lines)
 
 

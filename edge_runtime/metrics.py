@@ -7,6 +7,11 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 
 
+def pct(value: Optional[float]) -> str:
+    """A rate as a percentage with two decimals, or n/a when it is undefined (e.g. no positives)."""
+    return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
 def roc_auc(y_true: Sequence[int], scores: Sequence[float]) -> Optional[float]:
     """Area under the ROC curve by the rank-sum (Mann-Whitney) formula, ties counted as one half."""
     y = np.asarray(y_true, dtype=np.int64)

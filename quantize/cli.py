@@ -14,7 +14,7 @@ import click
 import numpy as np
 
 from edge_runtime.bundle import ModelBundle, sha256_file
-from edge_runtime.metrics import binary_metrics, bootstrap_by_patient
+from edge_runtime.metrics import binary_metrics, bootstrap_by_patient, pct
 from edge_runtime.outputs import parasitized_probability
 from edge_runtime.patients import choose_rule, evaluate_rule, per_patient_counts
 
@@ -148,10 +148,6 @@ def quantize(model_path: Path, manifest: Path, out: Path, name: str = "malaria",
     return card
 
 
-def _pct(v: Optional[float]) -> str:
-    return "n/a" if v is None else f"{100 * v:.2f}%"
-
-
 def _num(v: Optional[float]) -> str:
     return "n/a" if v is None else f"{v:.4f}"
 
@@ -166,13 +162,12 @@ def format_card_summary(card: Dict) -> str:
              "keras": card["sizes"]["keras_bytes"]}
     for kind in ("int8", "fp32", "keras"):
         m = t[kind]
-        lines.append(f"{kind:<8}{_pct(m['accuracy']):>10}{_pct(m['sensitivity']):>10}{_pct(m['specificity']):>10}"
+        lines.append(f"{kind:<8}{pct(m['accuracy']):>10}{pct(m['sensitivity']):>10}{pct(m['specificity']):>10}"
                      f"{_num(m['f1']):>8}{_num(m['mcc']):>8}{_num(m['roc_auc']):>8}"
                      f"{sizes[kind] / 1024:>8.0f} KiB  {m['patient_level']['text']}")
     ci = t["int8"]["ci95"]
-    band = ", ".join(f"{k} {_pct(ci[k][0]) if k != 'roc_auc' else _num(ci[k][0])}-"
-                     f"{_pct(ci[k][1]) if k != 'roc_auc' else _num(ci[k][1])}"
-                     for k in ("accuracy", "sensitivity", "specificity", "roc_auc") if ci.get(k))
+    fmt = {"accuracy": pct, "sensitivity": pct, "specificity": pct, "roc_auc": _num}
+    band = ", ".join(f"{k} {f(ci[k][0])}-{f(ci[k][1])}" for k, f in fmt.items() if ci.get(k))
     lines.append(f"int8 95% CI (bootstrap over the {t['patients']} test patients): {band}")
     lines.append(f"int8 vs fp32: agreement {100 * t['agreement_int8_fp32']:.2f}%, accuracy drop "
                  f"{t['int8_accuracy_drop_points']:.2f} points, max |dp| {t['max_abs_prob_diff_int8_fp32']:.4f}; "

@@ -10,8 +10,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from edge_runtime.labels import CLASSES
-from edge_runtime.metrics import binary_metrics, bootstrap_by_patient
-from edge_runtime.patients import choose_rule, evaluate_rule, per_patient_counts
+from edge_runtime.metrics import binary_metrics, bootstrap_by_patient, pct
+from edge_runtime.patients import evaluate_rule, per_patient_counts
 
 
 def classification_report(y_true: Sequence[int], prob: Sequence[float], threshold: float) -> Dict:
@@ -55,14 +55,6 @@ def evaluate_split(name: str, y: Sequence[int], prob: Sequence[float], patients:
     return out
 
 
-def choose_patient_rule(val_eval: Dict) -> Dict:
-    return choose_rule(val_eval["patient_counts"])
-
-
-def _pct(v: Optional[float]) -> str:
-    return "  n/a" if v is None else f"{100 * v:5.2f}%"
-
-
 def format_evaluation(ev: Dict, title: str = "") -> str:
     """A human-readable block: the classification report, NIH metrics with intervals, the confusion matrix."""
     m, ci = ev["metrics"], ev["ci95"]
@@ -79,16 +71,16 @@ def format_evaluation(ev: Dict, title: str = "") -> str:
             text = "n/a" if value is None else f"{value:.4f}"
             band = f"  (95% CI {interval[0]:.4f}-{interval[1]:.4f})" if interval else ""
         else:
-            text = _pct(value)
-            band = f"  (95% CI {_pct(interval[0]).strip()}-{_pct(interval[1]).strip()})" if interval else ""
+            text = f"{pct(value):>6}"
+            band = f"  (95% CI {pct(interval[0])}-{pct(interval[1])})" if interval else ""
         lines.append(f"{key:>12}: {text}{band}")
     cm = m["confusion_matrix"]
     lines += ["", "confusion matrix (rows: true, cols: predicted)", f"{'':>14}{'parasitized':>12}{'uninfected':>12}",
               f"{'parasitized':>14}{cm['tp']:>12}{cm['fn']:>12}", f"{'uninfected':>14}{cm['fp']:>12}{cm['tn']:>12}"]
     if "patient_level" in ev:
         pl = ev["patient_level"]["metrics"]
-        lines += ["", f"patient-level calls: {pl['text']}; sensitivity {_pct(pl['sensitivity']).strip()}, "
-                      f"specificity {_pct(pl['specificity']).strip()}, accuracy {_pct(pl['accuracy']).strip()}"]
+        lines += ["", f"patient-level calls: {pl['text']}; sensitivity {pct(pl['sensitivity'])}, "
+                      f"specificity {pct(pl['specificity'])}, accuracy {pct(pl['accuracy'])}"]
     lines.append("bootstrap: 1000 resamples of whole patients")
     return "\n".join(lines)
 

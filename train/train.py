@@ -13,11 +13,12 @@ from typing import Dict, Optional
 
 import numpy as np
 
+from edge_runtime.machine import machine_info
 from edge_runtime.outputs import parasitized_probability
+from edge_runtime.patients import choose_rule
 from train.dataset import load_prepare_report, read_manifest
 from train.model import PRESETS, Preset, build_resnet, count_macs
-from edge_runtime.machine import machine_info
-from train.report import choose_patient_rule, evaluate_split, format_evaluation, plot_history, write_json
+from train.report import evaluate_split, format_evaluation, plot_history, write_json
 
 BEST = "model.keras"
 LAST = "checkpoint_last.keras"
@@ -199,7 +200,7 @@ def train(manifest: Path, out: Path, preset_name: str = "edge", epochs: Optional
         evaluations[split] = (y, prob, patients)
     threshold = 0.5
     val_eval = evaluate_split("val", *evaluations["val"], threshold)
-    rule = choose_patient_rule(val_eval)
+    rule = choose_rule(val_eval["patient_counts"])
     test_eval = evaluate_split("test", *evaluations["test"], threshold, rule=rule)
     report = {
         "model": str((out / BEST).resolve()),
