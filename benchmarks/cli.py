@@ -14,11 +14,11 @@ from typing import Dict, List, Optional
 import click
 import numpy as np
 
-from benchmarks.energy import PROFILES, active_watts, energy_report
-from edge_runtime.bundle import DEFAULT_MODEL, ModelBundle, ModelError
-from edge_runtime.cli import expand_inputs
-from edge_runtime.images import ImageError, prepare_cell
-from edge_runtime.machine import machine_info
+from malaria_edge.benchmarks.energy import PROFILES, active_watts, energy_report
+from malaria_edge.edge_runtime.bundle import DEFAULT_MODEL, ModelBundle, ModelError
+from malaria_edge.edge_runtime.cli import expand_inputs
+from malaria_edge.edge_runtime.images import ImageError, prepare_cell
+from malaria_edge.edge_runtime.machine import machine_info
 
 SAMPLES = Path(__file__).resolve().parent.parent / "edge_runtime" / "samples"
 RATIO_KEYS = ("file_size", "load", "first_inference", "latency_p50", "latency_p95", "latency_mean",
@@ -35,7 +35,7 @@ def run_worker(spec: Dict) -> Dict:
         json.dump(spec, fh)
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     try:
-        done = subprocess.run([sys.executable, "-m", "benchmarks.worker", fh.name], capture_output=True, text=True,
+        done = subprocess.run([sys.executable, "-m", "malaria_edge.benchmarks.worker", fh.name], capture_output=True, text=True,
                               env=env, timeout=1800)
     finally:
         os.unlink(fh.name)

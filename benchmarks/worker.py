@@ -1,6 +1,6 @@
 """Measure one model in a process of its own, so peak memory belongs to that model alone.
 
-Run as ``python -m benchmarks.worker SPEC.json``; prints one JSON object. A TFLite model runs through the edge
+Run as ``python -m malaria_edge.benchmarks.worker SPEC.json``; prints one JSON object. A TFLite model runs through the edge
 runtime's own wrapper; a Keras model runs as the tutorial ran it (``model.predict``, float32).
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Callable, Dict
 
 import numpy as np
 
-from benchmarks.energy import EnergyMeter
+from malaria_edge.benchmarks.energy import EnergyMeter
 
 
 def rss_mb() -> float:
@@ -62,7 +62,7 @@ def _throughput(infer: Callable[[np.ndarray], object], cells: np.ndarray, batch:
 
 
 def measure_tflite(spec: Dict, cells: np.ndarray) -> Dict:
-    from edge_runtime.bundle import ModelBundle
+    from malaria_edge.edge_runtime.bundle import ModelBundle
     rss_before = rss_mb()
     t0 = time.perf_counter()
     bundle = ModelBundle(spec["path"], threads=spec["threads"])
@@ -96,7 +96,7 @@ def measure_keras(spec: Dict, cells: np.ndarray) -> Dict:
     if spec.get("path"):
         model = keras.models.load_model(spec["path"])
     else:
-        from train.model import PRESETS, build_resnet
+        from malaria_edge.train.model import PRESETS, build_resnet
         model = build_resnet(PRESETS[spec["preset"]])
     load_ms = (time.perf_counter() - t0) * 1000.0
 

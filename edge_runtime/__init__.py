@@ -2,7 +2,7 @@
 
 Imports only numpy, pillow, click and a TFLite interpreter; never TensorFlow at import time.
 
-    >>> from edge_runtime import Classifier
+    >>> from malaria_edge import Classifier
     >>> clf = Classifier.load()                      # the bundled int8 model
     >>> [r.prediction for r in clf.predict(["cell.png"])]
 """

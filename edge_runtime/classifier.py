@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
+from PIL import Image
 
 from .bundle import DEFAULT_MODEL, ModelBundle
 from .images import ImageError, ImageInput, prepare_cell
@@ -23,11 +24,18 @@ class Prediction:
     prediction: Optional[str] = None
     prob_parasitized: Optional[float] = None
     latency_ms: Optional[float] = None
-    label: Optional[str] = None
+    true_label: Optional[str] = None
     error: Optional[str] = None
 
     def to_dict(self) -> Dict:
         return asdict(self)
+
+
+def _is_single_image(item) -> bool:
+    """One image (a path, a PIL image, an HxW or HxWxC array) as opposed to a collection of them."""
+    if isinstance(item, (str, os.PathLike, Image.Image)):
+        return True
+    return isinstance(item, np.ndarray) and item.ndim in (2, 3)
 
 
 def _source_name(item: ImageInput, index: int) -> str:
@@ -93,7 +101,7 @@ class Classifier:
 
         for index, item in enumerate(images):
             name = _source_name(item, index)
-            result = Prediction(name, label=label_from_folder(name) if isinstance(item, (str, os.PathLike)) else None)
+            result = Prediction(name, true_label=label_from_folder(name) if isinstance(item, (str, os.PathLike)) else None)
             try:
                 pixels = self.preprocess(item)
             except ImageError as exc:
@@ -107,9 +115,11 @@ class Classifier:
         yield from flush()
 
     def predict(self, images: Union[ImageInput, Sequence[ImageInput]], batch_size: int = 1) -> List[Prediction]:
-        """Classify paths, PIL images or uint8 arrays; one Prediction each, in the order given."""
-        if isinstance(images, (str, os.PathLike)) or not isinstance(images, (list, tuple)) and (
-                not isinstance(images, np.ndarray) or images.ndim == 3):
+        """Classify paths, PIL images or arrays; one Prediction each, in the order given.
+
+        A single path, PIL image or HxW / HxWxC array is one image; an NxHxWxC array, a list, a tuple or any other
+        iterable (a generator too) is a sequence of images."""
+        if _is_single_image(images):
             images = [images]
         return list(self.iter_predict(images, batch_size))
 

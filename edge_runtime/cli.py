@@ -19,7 +19,7 @@ from .images import is_image_path
 from .labels import CLASSES, PARASITIZED, REVIEW, patient_id
 from .metrics import binary_metrics, pct
 
-CELL_FIELDS = ["path", "prediction", "prob_parasitized", "latency_ms", "label"]
+CELL_FIELDS = ["path", "cell", "x", "y", "w", "h", "prediction", "prob_parasitized", "latency_ms", "true_label"]
 REFERENCE_FIELDS = ["ref_prediction", "ref_prob_parasitized", "ref_latency_ms"]
 GROUP_FIELDS = ["group", "call", "cells", "parasitized", "review", "failed", "parasitized_fraction", "fraction_low",
                 "fraction_high", "true_status", "reason"]
@@ -136,11 +136,11 @@ def model_summary(rows: List[Dict], prefix: str, threshold: float) -> Dict:
            "latency_ms_p50": float(np.percentile(lat, 50)) if len(lat) else None,
            "latency_ms_p95": float(np.percentile(lat, 95)) if len(lat) else None,
            "latency_ms_mean": float(lat.mean()) if len(lat) else None}
-    labelled = [(r["label"], p) for r, p in zip(rows, probs) if r.get("label") in CLASSES]
+    labelled = [(r["true_label"], p) for r, p in zip(rows, probs) if r.get("true_label") in CLASSES]
     if labelled:
         m = binary_metrics([1 if lab == PARASITIZED else 0 for lab, _ in labelled], [p for _, p in labelled],
                            threshold)
-        patients = {patient_id(r["path"]) for r in rows if r.get("label") in CLASSES}
+        patients = {patient_id(r["path"]) for r in rows if r.get("true_label") in CLASSES}
         out.update({"labelled_cells": len(labelled), "labelled_patients": len(patients - {None}) or None,
                     "accuracy": m["accuracy"], "sensitivity": m["sensitivity"],
                     "specificity": m["specificity"], "roc_auc": m["roc_auc"],
@@ -278,7 +278,7 @@ def main(paths, model_path, compare, threads, backend, batch_size, threshold, mi
                 row = {"path": result.source, "prediction": result.prediction,
                        "prob_parasitized": round(result.prob_parasitized, 6),
                        "latency_ms": round(result.latency_ms, 4),
-                       "label": labels.get(result.source) or labels.get(Path(result.source).name) or result.label}
+                       "true_label": labels.get(result.source) or labels.get(Path(result.source).name) or result.true_label}
                 if ref:
                     row.update({"ref_prediction": ref.prediction, "ref_prob_parasitized": round(ref.prob_parasitized, 6),
                                 "ref_latency_ms": round(ref.latency_ms, 4)})

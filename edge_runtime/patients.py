@@ -52,7 +52,7 @@ def call_group(cells: int, parasitized: int, review: int, rule: Mapping, failed:
 
 def summarize_groups(rows: Iterable[Mapping], rule: Mapping, key: str = "group") -> Dict[str, Dict]:
     """Group result rows (each with ``prediction`` and ``key``; failed rows carry ``error``) into per-group calls.
-    When rows carry a true ``label``, each group also gets its true status (infected if any cell is parasitized)."""
+    When rows carry a ``true_label``, each group also gets its true status (infected if any cell is parasitized)."""
     groups: Dict[str, Dict] = {}
     for row in rows:
         g = groups.setdefault(str(row.get(key)), {"cells": 0, "parasitized": 0, "review": 0, "failed": 0,
@@ -63,9 +63,9 @@ def summarize_groups(rows: Iterable[Mapping], rule: Mapping, key: str = "group")
         g["cells"] += 1
         g["parasitized"] += row["prediction"] == PARASITIZED
         g["review"] += row["prediction"] == REVIEW
-        if row.get("label"):
+        if row.get("true_label"):
             g["labelled"] += 1
-            g["labelled_parasitized"] += row["label"] == PARASITIZED
+            g["labelled_parasitized"] += row["true_label"] == PARASITIZED
     out = {}
     for name, g in sorted(groups.items(), key=lambda kv: (len(kv[0]), kv[0])):
         summary = call_group(g["cells"], g["parasitized"], g["review"], rule, g["failed"])

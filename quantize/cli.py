@@ -13,10 +13,10 @@ from typing import Dict, Optional
 import click
 import numpy as np
 
-from edge_runtime.bundle import ModelBundle, sha256_file
-from edge_runtime.metrics import binary_metrics, bootstrap_by_patient, pct
-from edge_runtime.outputs import parasitized_probability
-from edge_runtime.patients import choose_rule, evaluate_rule, per_patient_counts
+from malaria_edge.edge_runtime.bundle import ModelBundle, sha256_file
+from malaria_edge.edge_runtime.metrics import binary_metrics, bootstrap_by_patient, pct
+from malaria_edge.edge_runtime.outputs import parasitized_probability
+from malaria_edge.edge_runtime.patients import choose_rule, evaluate_rule, per_patient_counts
 
 CARD_SCHEMA = "malaria-edge/model-card/1"
 
@@ -43,9 +43,9 @@ def quantize(model_path: Path, manifest: Path, out: Path, name: str = "malaria",
     """Convert, write the card, evaluate both files on the test split, and return the card."""
     import keras
 
-    from quantize.convert import calibration_cells, convert
-    from train.dataset import load_prepare_report, read_manifest
-    from train.pipeline import load_arrays
+    from malaria_edge.quantize.convert import calibration_cells, convert
+    from malaria_edge.train.dataset import load_prepare_report, read_manifest
+    from malaria_edge.train.pipeline import load_arrays
 
     out.mkdir(parents=True, exist_ok=True)
     model = keras.models.load_model(model_path)
@@ -82,7 +82,7 @@ def quantize(model_path: Path, manifest: Path, out: Path, name: str = "malaria",
                       "their own range; palette and grayscale expanded to RGB",
             "resize": f"Pillow bilinear (antialiased) to {size}x{size}",
             "stain": stain,
-            "function": "edge_runtime.images.prepare_cell",
+            "function": "malaria_edge.edge_runtime.images.prepare_cell",
         },
         "threshold": float(report.get("threshold", 0.5)),
         "reference": fp32_path.name,

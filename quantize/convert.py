@@ -14,7 +14,7 @@ from typing import List
 
 import numpy as np
 
-from train.dataset import Cell
+from malaria_edge.train.dataset import Cell
 
 
 def calibration_cells(cells: List[Cell], count: int = 400, seed: int = 0) -> List[Cell]:

@@ -29,7 +29,7 @@ def cli(name: str, *args, check: bool = False, timeout: int = 600, **kwargs) -> 
     return done
 
 
-_MODULES = {"edge-classify": "edge_runtime.cli", "edge-bench": "benchmarks.cli"}
+_MODULES = {"edge-classify": "malaria_edge.edge_runtime.cli", "edge-bench": "malaria_edge.benchmarks.cli"}
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +47,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def sample_manifest(tmp_path_factory) -> Path:
     """The samples split by patient (6 patients, so larger fractions than the default to fill every split)."""
-    from train.dataset import prepare
+    from malaria_edge.train.dataset import prepare
     out = tmp_path_factory.mktemp("data")
     prepare(SAMPLES, out, seed=42, test_fraction=0.34, val_fraction=0.34, log=lambda m: None)
     return out / "manifest.csv"
@@ -56,7 +56,7 @@ def sample_manifest(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(sample_manifest, tmp_path_factory) -> Path:
     """A tiny real ResNet trained on the samples' training patients."""
-    from train.train import train
+    from malaria_edge.train.train import train
     out = tmp_path_factory.mktemp("tiny_run")
     train(sample_manifest, out, "tiny", epochs=30, learning_rate=0.01, log=lambda m: None)
     return out
@@ -65,7 +65,7 @@ def tiny_run(sample_manifest, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_run, sample_manifest, tmp_path_factory) -> Path:
     """fp32 + int8 TFLite files and card of the tiny model; returns the int8 path."""
-    from quantize.cli import quantize
+    from malaria_edge.quantize.cli import quantize
     out = tmp_path_factory.mktemp("bundle")
     quantize(tiny_run / "model.keras", sample_manifest, out, name="tiny", calibration_size=40, log=lambda m: None)
     return out / "tiny_int8.tflite"

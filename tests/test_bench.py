@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from benchmarks.energy import PROFILES, active_watts, energy_report
+from malaria_edge.benchmarks.energy import PROFILES, active_watts, energy_report
 from tests.conftest import cli
 
 

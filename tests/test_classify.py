@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edge_runtime import Classifier, ModelError
+from malaria_edge.edge_runtime import Classifier, ModelError
 from tests.conftest import cli
 
 
@@ -22,7 +22,7 @@ def test_python_api_takes_paths_pil_images_and_arrays(tiny_bundle, samples):
     img = Image.open(path)
     results = clf.predict([path, img, np.asarray(img.convert("RGB"))], batch_size=2)
     assert len(results) == 3
-    assert results[0].label == "parasitized" and results[1].label is None
+    assert results[0].true_label == "parasitized" and results[1].true_label is None
     assert results[0].prob_parasitized == pytest.approx(results[1].prob_parasitized, abs=1e-6)
     assert results[0].prob_parasitized == pytest.approx(results[2].prob_parasitized, abs=1e-6)
     assert all(r.prediction in ("parasitized", "uninfected") and r.latency_ms > 0 for r in results)
@@ -37,8 +37,8 @@ def test_classify_samples_against_the_full_model(tiny_bundle, samples, tmp_path)
     rows = rows_of(out)
     n = len(list(samples.rglob("*.webp")))
     assert len(rows) == n
-    assert set(rows[0]) >= {"path", "prediction", "prob_parasitized", "latency_ms", "label", "ref_prediction"}
-    assert {r["label"] for r in rows} == {"parasitized", "uninfected"}
+    assert set(rows[0]) >= {"path", "prediction", "prob_parasitized", "latency_ms", "true_label", "ref_prediction"}
+    assert {r["true_label"] for r in rows} == {"parasitized", "uninfected"}
     s = json.loads(summary.read_text())
     assert s["model"]["backend"] in ("ai_edge_litert", "tflite_runtime", "tensorflow") and s["model"]["backend_version"]
     assert s["model"]["kind"] == "int8" and s["reference"]["kind"] == "fp32"
@@ -145,4 +145,4 @@ def test_globs_and_labels_csv(tiny_bundle, samples, tmp_path):
             w.writerow([f.name, f.parent.name.lower()])
     done = cli("edge-classify", str(flat / "*.webp"), "--model", tiny_bundle, "--labels", labels, check=True)
     rows = list(csv.DictReader(done.stdout.splitlines()))
-    assert len(rows) == len(list(samples.rglob("*.webp"))) and all(r["label"] for r in rows)
+    assert len(rows) == len(list(samples.rglob("*.webp"))) and all(r["true_label"] for r in rows)

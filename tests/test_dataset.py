@@ -6,9 +6,9 @@ from collections import defaultdict
 
 import pytest
 
-from edge_runtime.labels import patient_id
+from malaria_edge.edge_runtime.labels import patient_id
 from tests.conftest import SAMPLES, cli
-from train.dataset import (DatasetError, download_zip, manifest_hash, prepare, read_manifest, split_patients,
+from malaria_edge.train.dataset import (DatasetError, download_zip, manifest_hash, prepare, read_manifest, split_patients,
                            scan)
 
 

@@ -26,7 +26,7 @@ def test_base_install_classifies_without_tensorflow(device_venv, tiny_bundle, sa
     assert missing.returncode != 0, "the base install must not pull in TensorFlow"
     script = textwrap.dedent(f"""
         import sys
-        from edge_runtime.cli import main
+        from malaria_edge.edge_runtime.cli import main
         try:
             main([{str(samples)!r}, "--model", {str(tiny_bundle)!r}, "--compare", "-o", {str(tmp_path / "r.csv")!r}])
         except SystemExit as exit:

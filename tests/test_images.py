@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edge_runtime.images import MAX_PIXELS, ImageError, normalize_stain, open_image, prepare_cell
+from malaria_edge.edge_runtime.images import MAX_PIXELS, ImageError, normalize_stain, open_image, prepare_cell
 from tests.conftest import SAMPLES
 
 CELL = next((SAMPLES / "Parasitized").glob("*.webp"))

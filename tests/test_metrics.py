@@ -1,7 +1,7 @@
 """Metric arithmetic against values worked out by hand."""
 import pytest
 
-from edge_runtime.metrics import binary_metrics, bootstrap_by_patient, roc_auc, wilson_interval
+from malaria_edge.edge_runtime.metrics import binary_metrics, bootstrap_by_patient, roc_auc, wilson_interval
 
 
 def test_confusion_and_rates():

@@ -1,5 +1,5 @@
 """The ResNet presets: the tutorial's parameter count, and our compact one's budget."""
-from train.model import PRESETS, build_resnet, count_macs
+from malaria_edge.train.model import PRESETS, build_resnet, count_macs
 
 
 def test_seed_preset_is_the_tutorials_resnet():

@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 
-from edge_runtime import Classifier
-from edge_runtime.patients import (DEFAULT_RULE, call_group, choose_rule, evaluate_rule, patient_level_metrics,
+from malaria_edge.edge_runtime import Classifier
+from malaria_edge.edge_runtime.patients import (DEFAULT_RULE, call_group, choose_rule, evaluate_rule, patient_level_metrics,
                                    summarize_groups)
 from tests.conftest import cli
 

@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from edge_runtime.backend import find_interpreter
-from edge_runtime.bundle import sha256_file
+from malaria_edge.edge_runtime.backend import find_interpreter
+from malaria_edge.edge_runtime.bundle import sha256_file
 from tests.conftest import cli
 
 
@@ -42,8 +42,8 @@ def test_card_hashes_sizes_and_metrics(tiny_bundle):
 
 def test_agreement_is_measured_on_real_cells(tiny_bundle, sample_manifest):
     """The card's agreement and max |dp| are what the runtime gives on the real test-split cells."""
-    from edge_runtime import Classifier
-    from train.dataset import read_manifest
+    from malaria_edge.edge_runtime import Classifier
+    from malaria_edge.train.dataset import read_manifest
     card = json.loads((tiny_bundle.parent / "tiny.json").read_text())
     paths = [c.path for c in read_manifest(sample_manifest) if c.split == "test"]
     int8 = Classifier.load(tiny_bundle).predict(paths)

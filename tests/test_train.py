@@ -61,7 +61,7 @@ def test_mirrored_strategy_on_two_logical_cpus(sample_manifest, tmp_path):
         import tensorflow as tf
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-        from train.train import make_strategy, train
+        from malaria_edge.train.train import make_strategy, train
         assert make_strategy("mirrored").num_replicas_in_sync == 2
         report = train({str(sample_manifest)!r}, {str(tmp_path / "mirrored")!r}, "tiny", epochs=1,
                        strategy_name="mirrored", log=lambda m: None)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from train.dataset import DatasetError, NIH_ZIP_URL, describe_bad, download_zip, format_counts, prepare
+from malaria_edge.train.dataset import DatasetError, NIH_ZIP_URL, describe_bad, download_zip, format_counts, prepare
 
 
 def command_line(name: str) -> str:
@@ -83,7 +83,7 @@ def train_main(manifest, out, preset, epochs, batch_size, input_size, learning_r
             manifest = Path(json.loads((resume / "config.json").read_text())["manifest"])
     if manifest is None or out is None:
         raise click.UsageError("give --manifest and --out (or --resume DIR)")
-    from train.train import train
+    from malaria_edge.train.train import train
     try:
         report = train(manifest, out, preset, epochs, batch_size, input_size, learning_rate, seed, bool(resume),
                        strategy, cache, no_stain_norm, command=command_line("edge-train"))

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
-from edge_runtime.images import ImageError, is_image_path, open_image
-from edge_runtime.labels import CLASSES, PARASITIZED, patient_id
+from malaria_edge.edge_runtime.images import ImageError, is_image_path, open_image
+from malaria_edge.edge_runtime.labels import CLASSES, PARASITIZED, patient_id
 
 NIH_ZIP_URL = "https://data.lhncbc.nlm.nih.gov/public/Malaria/cell_images.zip"
 # Size of the official archive as published by the NLM (337 MiB); used to resume and to check the download.

@@ -16,9 +16,9 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import tensorflow as tf
 
-from edge_runtime.images import prepare_cell
-from edge_runtime.labels import PARASITIZED
-from train.dataset import Cell
+from malaria_edge.edge_runtime.images import prepare_cell
+from malaria_edge.edge_runtime.labels import PARASITIZED
+from malaria_edge.train.dataset import Cell
 
 
 def cache_key(cells: List[Cell], size: int, stain: Optional[Dict]) -> str:

@@ -9,9 +9,9 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from edge_runtime.labels import CLASSES
-from edge_runtime.metrics import binary_metrics, bootstrap_by_patient, pct
-from edge_runtime.patients import evaluate_rule, per_patient_counts
+from malaria_edge.edge_runtime.labels import CLASSES
+from malaria_edge.edge_runtime.metrics import binary_metrics, bootstrap_by_patient, pct
+from malaria_edge.edge_runtime.patients import evaluate_rule, per_patient_counts
 
 
 def classification_report(y_true: Sequence[int], prob: Sequence[float], threshold: float) -> Dict:

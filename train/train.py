@@ -13,12 +13,12 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from edge_runtime.machine import machine_info
-from edge_runtime.outputs import parasitized_probability
-from edge_runtime.patients import choose_rule
-from train.dataset import load_prepare_report, read_manifest
-from train.model import PRESETS, Preset, build_resnet, count_macs
-from train.report import evaluate_split, format_evaluation, plot_history, write_json
+from malaria_edge.edge_runtime.machine import machine_info
+from malaria_edge.edge_runtime.outputs import parasitized_probability
+from malaria_edge.edge_runtime.patients import choose_rule
+from malaria_edge.train.dataset import load_prepare_report, read_manifest
+from malaria_edge.train.model import PRESETS, Preset, build_resnet, count_macs
+from malaria_edge.train.report import evaluate_split, format_evaluation, plot_history, write_json
 
 BEST = "model.keras"
 LAST = "checkpoint_last.keras"
@@ -102,7 +102,7 @@ def train(manifest: Path, out: Path, preset_name: str = "edge", epochs: Optional
     import keras
     import tensorflow as tf
 
-    from train.pipeline import load_arrays, make_dataset, steps_per_epoch
+    from malaria_edge.train.pipeline import load_arrays, make_dataset, steps_per_epoch
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
