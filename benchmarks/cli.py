@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -16,7 +17,8 @@ import numpy as np
 
 from malaria_edge.benchmarks.energy import PROFILES, active_watts, energy_report
 from malaria_edge.edge_runtime.bundle import DEFAULT_MODEL, ModelBundle, ModelError
-from malaria_edge.edge_runtime.cli import expand_inputs
+from malaria_edge.edge_runtime.cli import MAX_BATCH, MAX_THREADS
+from malaria_edge.edge_runtime.results_io import expand_inputs
 from malaria_edge.edge_runtime.images import ImageError, prepare_cell
 from malaria_edge.edge_runtime.machine import machine_info
 
@@ -160,17 +162,20 @@ def load_cells(images: List[str], size: int, stain: Optional[Dict]) -> (np.ndarr
 @click.option("--no-tutorial", is_flag=True, help="Skip timing the tutorial's ResNet in Keras.")
 @click.option("--images", type=click.Path(exists=True, path_type=Path), default=SAMPLES, show_default=False,
               help="Folder of cell images (default: the bundled samples).")
-@click.option("--threads", type=int, default=1, show_default=True, help="Interpreter / TensorFlow threads.")
-@click.option("--runs", default=300, show_default=True, help="Timed batch-1 inferences per model.")
-@click.option("--warmup", default=20, show_default=True, help="Untimed inferences first.")
-@click.option("--batch", default=32, show_default=True, help="Batch size for the throughput figure.")
+@click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=1, show_default=True,
+              help="Interpreter / TensorFlow threads.")
+@click.option("--runs", type=click.IntRange(1), default=300, show_default=True,
+              help="Timed batch-1 inferences per model.")
+@click.option("--warmup", type=click.IntRange(0), default=20, show_default=True, help="Untimed inferences first.")
+@click.option("--batch", type=click.IntRange(1, MAX_BATCH), default=32, show_default=True,
+              help="Batch size for the throughput figure.")
 @click.option("--device-profile", type=click.Choice(sorted(PROFILES)), default="raspberry-pi-4", show_default=True,
               help="Power profile for the energy estimate when there is no meter.")
 @click.option("--watts-active", type=float, help="Board watts while inferring (instead of a profile).")
 @click.option("--watts-idle", type=float, help="Board watts idle (with --watts-active).")
 @click.option("--battery-wh", type=float, default=37.0, show_default=True,
               help="Battery capacity for slides per charge (37 Wh: a 10,000 mAh 3.7 V power bank).")
-@click.option("--cells-per-slide", default=5000, show_default=True, help="Cells counted per slide.")
+@click.option("--cells-per-slide", type=click.IntRange(1), default=5000, show_default=True, help="Cells counted per slide.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write every figure with its unit.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="PNG of each model's latency spread.")
 def main(model_path, reference, keras_path, no_tutorial, images, threads, runs, warmup, batch, device_profile,
@@ -194,10 +199,21 @@ def main(model_path, reference, keras_path, no_tutorial, images, threads, runs, 
     except ModelError as exc:
         click.echo(f"edge-bench: {exc}", err=True)
         sys.exit(1)
-    paths, problems = expand_inputs([str(images)])
-    for p in problems:
+    found = expand_inputs([str(images)])
+    paths = found.images
+    for p in found.problems:
         click.echo(f"edge-bench: {p}", err=True)
     tmp = Path(tempfile.mkdtemp(prefix="edge-bench-"))
+    try:
+        _bench(bundle, ref_bundle, paths, tmp, images, keras_path, no_tutorial, threads, runs, warmup, batch,
+               device_profile, watts_active, watts_idle, battery_wh, cells_per_slide, json_path, plot_path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _bench(bundle, ref_bundle, paths, tmp, images, keras_path, no_tutorial, threads, runs, warmup, batch,
+           device_profile, watts_active, watts_idle, battery_wh, cells_per_slide, json_path, plot_path):
+    """Decode the cells once per input size into ``tmp``, measure each model in its own process, print the table."""
     cell_files: Dict[str, str] = {}
     cell_counts: List[int] = []
 
@@ -286,6 +302,3 @@ def main(model_path, reference, keras_path, no_tutorial, images, threads, runs, 
             plot_latencies(report, plot_path)
         except ImportError:
             click.echo("edge-bench: matplotlib is not installed; no plot (pip install matplotlib)", err=True)
-    for f in tmp.iterdir():
-        f.unlink()
-    tmp.rmdir()

@@ -52,10 +52,12 @@ def test_classify_samples_against_the_full_model(tiny_bundle, samples, tmp_path)
 
 def test_jsonl_threshold_and_review(tiny_bundle, samples, tmp_path):
     out = tmp_path / "rows.jsonl"
-    cli("edge-classify", samples, "--model", tiny_bundle, "--format", "jsonl", "-o", out, "--threshold", "0.0",
+    cli("edge-classify", samples, "--model", tiny_bundle, "--format", "jsonl", "-o", out, "--threshold", "0.001",
         check=True)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert rows and all(r["prediction"] == "parasitized" for r in rows)
+    assert rows and all(r["prediction"] == ("parasitized" if r["prob_parasitized"] >= 0.001 else "uninfected")
+                        for r in rows)
+    assert sum(r["prediction"] == "parasitized" for r in rows) > len(rows) // 2
     done = cli("edge-classify", samples, "--model", tiny_bundle, "--min-confidence", "1.0", "--summary-json",
                tmp_path / "s.json", check=True)
     review = [r for r in csv.DictReader(done.stdout.splitlines())]
@@ -69,9 +71,10 @@ def test_bad_images_are_named_skipped_and_the_rest_written(tiny_bundle, samples,
     (folder / "Uninfected" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
     (folder / "Uninfected" / "empty.png").write_bytes(b"")
     (folder / "Parasitized" / "text.png").write_text("not an image")
-    Image.new("RGBA", (90, 90), (200, 100, 120, 255)).save(folder / "Parasitized" / "rgba.png")
-    Image.new("L", (90, 90), 128).save(folder / "Parasitized" / "gray.tif")
-    Image.new("P", (90, 90)).save(folder / "Parasitized" / "palette.gif")
+    cell = Image.open(next((samples / "Parasitized").glob("*.webp")))
+    cell.convert("RGBA").save(folder / "Parasitized" / "rgba.png")
+    cell.convert("L").save(folder / "Parasitized" / "gray.tif")
+    cell.convert("P").save(folder / "Parasitized" / "palette.gif")
     out = tmp_path / "rows.csv"
     done = cli("edge-classify", folder, "--model", tiny_bundle, "-o", out)
     assert done.returncode == 1
