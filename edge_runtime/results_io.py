@@ -469,20 +469,22 @@ def prepare_resume(output: Path, fmt: str, settings: Dict) -> Tuple[List[Dict], 
     resolved paths of the images they cover. Nothing is changed unless every check passes."""
     if not output.exists() or output.stat().st_size == 0:
         return [], set()
-    rows, complete_bytes, _ = read_own_output(output, fmt)
     record = side_file(output, ".settings.json")
     try:
         recorded = json.loads(record.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise OutputError(f"{output} has no settings record ({record.name}) beside it, so its rows cannot be "
-                          "trusted to match this run; use a new --output or --overwrite") from None
+        recorded = None
     except (OSError, ValueError) as exc:
         raise OutputError(f"{record}: unreadable settings record ({exc}); use a new --output or --overwrite") \
             from None
-    differences = settings_differences(recorded, settings)
+    differences = settings_differences(recorded, settings) if isinstance(recorded, dict) else []
     if differences:
         raise OutputError(f"{output} was written with other settings ({'; '.join(differences)}); resuming would "
                           "mix two runs in one file: rerun with the same settings, or use a new --output")
+    rows, complete_bytes, _ = read_own_output(output, fmt)
+    if not isinstance(recorded, dict):
+        raise OutputError(f"{output} has no settings record ({record.name}) beside it, so its rows cannot be "
+                          "trusted to match this run; use a new --output or --overwrite")
     if complete_bytes < output.stat().st_size:
         with open(output, "r+b") as fh:
             fh.truncate(complete_bytes)
