@@ -39,6 +39,11 @@ MIN_DENSITY = 0.06
 BLACK_LEVEL = 40
 
 
+# A blob more than this fraction deep purple is a white cell's nucleus (or a stain blob), not a red cell.
+NUCLEUS_FRACTION = 0.5
+NUCLEUS_DENSITY_RATIO = 2.0
+
+
 class SegmentationUnavailable(RuntimeError):
     """OpenCV is not installed; the message says how to install it."""
 
@@ -228,12 +233,13 @@ def regions_of(labels: np.ndarray) -> List[_Blob]:
     return blobs
 
 
-def nucleus_mask(rgb: np.ndarray, density: np.ndarray) -> np.ndarray:
-    """Dark purple stain of white-cell nuclei (and large parasites): dense, and bluer than red. Red cells are
-    pink-grey (red above blue)."""
-    r = rgb[:, :, 0].astype(np.int16)
-    b = rgb[:, :, 2].astype(np.int16)
-    return (density > 0.9) & (b > r + 10)
+def nucleus_mask(density: np.ndarray, foreground: np.ndarray) -> np.ndarray:
+    """Dense stain, as in white-cell nuclei: more than NUCLEUS_DENSITY_RATIO times the field's typical red-cell
+    density (relative, because one lab's red cells are pale pink and another's deep magenta). Parasite chromatin is
+    as dense but covers a small part of its cell."""
+    cells = density[foreground]
+    typical = float(np.median(cells)) if cells.size else 0.0
+    return density > max(NUCLEUS_DENSITY_RATIO * typical, 4 * MIN_DENSITY)
 
 
 def keep_cell(blob: _Blob, labels: np.ndarray, nucleus: np.ndarray, diameter: float,
@@ -253,7 +259,7 @@ def keep_cell(blob: _Blob, labels: np.ndarray, nucleus: np.ndarray, diameter: fl
     if blob.area / float(blob.w * blob.h) < 0.45:
         return False
     dark = int(np.count_nonzero(nucleus[blob.y:blob.y + blob.h, blob.x:blob.x + blob.w] & window))
-    if dark > 0.6 * blob.area:
+    if dark > NUCLEUS_FRACTION * blob.area:
         return False
     return True
 
@@ -342,7 +348,7 @@ def segment_field(rgb: np.ndarray, diameter: Optional[float] = None, drop_border
     small = _resize(rgb, scale)
     d_small = diameter * scale
     labels, density = label_cells(small, d_small, debug_dir)
-    nucleus = nucleus_mask(small, density)
+    nucleus = nucleus_mask(density, labels > 0)
     full_h, full_w = rgb.shape[:2]
     cells = []
     for blob in regions_of(labels):
