@@ -416,14 +416,14 @@ def central_cell(rgb: np.ndarray) -> Optional[CellRegion]:
     h, w = rgb.shape[:2]
     if is_on_black(rgb):
         mask = rgb.astype(np.int32).sum(axis=2) > 30
-        mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN, disk(1)).astype(bool)
-        count, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+        # Closing first joins a dithered or speckled cell into one blob; the largest blob is the cell.
+        joined = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_CLOSE, disk(1))
+        count, labels = cv2.connectedComponents(joined, connectivity=8)
         if count <= 1:
             return None
         sizes = np.bincount(labels.ravel())
         sizes[0] = 0
-        keep = labels == int(np.argmax(sizes))
-        keep = fill_holes(keep, max_area=keep.size)
+        keep = fill_holes(labels == int(np.argmax(sizes)), max_area=mask.size)
         ys, xs = np.nonzero(keep)
         x0, y0 = int(xs.min()), int(ys.min())
         box_mask = keep[y0:ys.max() + 1, x0:xs.max() + 1]
