@@ -157,7 +157,7 @@ def main(paths, model_path, compare, threads, backend, batch_size, threshold, mi
     if resume and not output:
         raise click.UsageError("--resume needs --output FILE")
     if resume and not is_regular_target(output):
-        raise click.UsageError(f"--resume needs a regular --output file; {output} is a device or pipe")
+        raise click.UsageError(f"--resume needs a regular --output file; {output} is a folder, device or pipe")
     if groups_output and not group_by:
         raise click.UsageError("--groups-output needs --group-by")
     try:
