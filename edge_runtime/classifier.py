@@ -13,7 +13,7 @@ from .bundle import DEFAULT_MODEL, ModelBundle
 from .images import ImageError, ImageInput, load_image, prepare_cell
 from .labels import PARASITIZED, REVIEW, UNINFECTED, label_from_folder, patient_id
 from .outputs import parasitized_probability
-from .patients import DEFAULT_RULE, summarize_groups
+from .patients import summarize_groups
 
 
 @dataclass
@@ -63,8 +63,10 @@ class Classifier:
         return cls(ModelBundle(model or DEFAULT_MODEL, threads=threads, backend=backend), threshold, min_confidence)
 
     @property
-    def rule(self) -> Dict:
-        return self.bundle.card.get("patient_rule", DEFAULT_RULE)
+    def rule(self) -> Optional[Dict]:
+        """The card's patient-level rule, or None when the card has none (then no group gets a call)."""
+        rule = self.bundle.card.patient_rule
+        return rule.as_dict() if rule else None
 
     def decide(self, prob: float) -> str:
         """parasitized / uninfected, or review when the confidence is below ``min_confidence``."""
