@@ -15,11 +15,14 @@ import numpy as np
 from .backend import BackendError
 from .bundle import ModelBundle, ModelError
 from .classifier import Classifier, group_key
-from .images import is_image_path
+from .fields import INPUT_KINDS, field_or_cell
+from .images import ImageError, is_image_path
+from .segment import SegmentationUnavailable, cut_cell
 from .labels import CLASSES, PARASITIZED, REVIEW, patient_id
 from .metrics import binary_metrics, pct
 
-CELL_FIELDS = ["path", "cell", "x", "y", "w", "h", "prediction", "prob_parasitized", "latency_ms", "true_label"]
+CELL_FIELDS = ["path", "cell", "x", "y", "w", "h", "prediction", "prob_parasitized", "latency_ms", "true_label",
+               "error"]
 REFERENCE_FIELDS = ["ref_prediction", "ref_prob_parasitized", "ref_latency_ms"]
 GROUP_FIELDS = ["group", "call", "cells", "parasitized", "review", "failed", "parasitized_fraction", "fraction_low",
                 "fraction_high", "true_status", "reason"]
@@ -126,6 +129,60 @@ def _truncate_torn_line(path: Path) -> None:
         path.write_bytes(data[:data.rfind(b"\n") + 1])
 
 
+def _drop_last_field(path: Path, fmt: str) -> None:
+    """Resume on fields: a field is done only when all its rows are written, and only the last image of the file
+    can be cut short, so when that image is a field (its rows have a cell index) its rows are removed and the
+    field is classified again."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    lines = path.read_bytes().splitlines(keepends=True)
+    body_start = 1 if fmt == "csv" else 0
+
+    def parse(line: bytes) -> Optional[Dict]:
+        text = line.decode("utf-8", errors="surrogateescape")
+        try:
+            if fmt == "csv":
+                values = next(csv.reader([text]))
+                header = next(csv.reader([lines[0].decode("utf-8", errors="surrogateescape")]))
+                return dict(zip(header, values))
+            return json.loads(text)
+        except (ValueError, StopIteration):
+            return None
+
+    if len(lines) <= body_start:
+        return
+    last = parse(lines[-1])
+    if not last or last.get("cell") in (None, ""):
+        return
+    keep = len(lines)
+    while keep > body_start:
+        row = parse(lines[keep - 1])
+        if not row or row.get("path") != last.get("path"):
+            break
+        keep -= 1
+    path.write_bytes(b"".join(lines[:keep]))
+
+
+def write_field(writer, rows: List[Dict], field, reference: Optional[Classifier], label: Optional[str]) -> None:
+    """One row per cell of a classified field: its index and box in the field's pixels, its call."""
+    per_cell_ms = 1000.0 * field.seconds_classify / max(1, field.n_cells)
+    ref_probs = None
+    if reference is not None and field.cells:
+        pixels = np.stack([reference.prepare_crop(cut_cell(field.image, c.region)) for c in field.cells])
+        ref_probs, ref_seconds = reference.probabilities(pixels)
+    for i, cell in enumerate(field.cells):
+        x, y, w, h = cell.box
+        row = {"path": field.source, "cell": cell.index, "x": x, "y": y, "w": w, "h": h,
+               "prediction": cell.prediction, "prob_parasitized": round(cell.prob_parasitized, 6),
+               "latency_ms": round(per_cell_ms, 4), "true_label": label}
+        if ref_probs is not None:
+            prob = float(ref_probs[i])
+            row.update({"ref_prediction": reference.decide(prob), "ref_prob_parasitized": round(prob, 6),
+                        "ref_latency_ms": round(1000.0 * ref_seconds / len(field.cells), 4)})
+        writer.write(row)
+        rows.append(row)
+
+
 def model_summary(rows: List[Dict], prefix: str, threshold: float) -> Dict:
     """Accuracy etc. where labels are known, latency percentiles, review count for one model's columns."""
     probs = [r[f"{prefix}prob_parasitized"] for r in rows]
@@ -156,6 +213,8 @@ def format_summary(summary: Dict) -> str:
             continue
         lines.append(f"{key:>9}: {s['file']} ({s['kind']}, {s['bytes'] / 1024:.0f} KiB) on {s['backend']} "
                      f"{s['backend_version']}, threads={s['threads'] or 'default'}")
+        if "parasitized" not in s:
+            continue
         line = (f"           {s['cells']} cells: {s['parasitized']} parasitized, {s['review']} review; latency p50 "
                 f"{s['latency_ms_p50']:.3f} ms, p95 {s['latency_ms_p95']:.3f} ms per cell")
         if "accuracy" in s:
@@ -167,8 +226,18 @@ def format_summary(summary: Dict) -> str:
         lines.append(f"  against the full model: agreement {pct(summary['agreement'])}, max |dp| "
                      f"{summary['max_abs_prob_diff']:.4f}, speed ratio (full p50 / this p50) "
                      f"{summary['speed_ratio']:.2f}x")
-    lines.append(f"   images: {summary['images']} found, {summary['classified']} classified, "
+    lines.append(f"   images: {summary['images']} found, {summary['classified']} cell rows, "
                  f"{summary['skipped_resume']} already in the output, {summary['failed']} failed")
+    kinds = summary.get("input_kinds")
+    if kinds:
+        how = "chosen per image" if summary.get("input_kind") == "auto" else f"--input-kind {summary['input_kind']}"
+        lines.append(f"    kinds: {kinds['field']} fields, {kinds['cell']} single cells ({how})")
+    for f in summary.get("fields") or []:
+        frac = "n/a" if f["parasitemia"] is None else (
+            f"{100 * f['parasitemia']:.1f}% (95% CI {100 * f['parasitemia_low']:.1f}-"
+            f"{100 * f['parasitemia_high']:.1f}%)")
+        lines.append(f"    field {Path(f['source']).name}: {f['cells']} cells, {f['parasitized']} parasitized, "
+                     f"{f['review']} review, parasitemia {frac}")
     groups = summary.get("groups")
     if groups:
         lines.append("")
@@ -213,8 +282,16 @@ def format_summary(summary: Dict) -> str:
 @click.option("--group-by", type=click.Choice(["folder", "patient"]),
               help="Per-slide (folder) or per-patient (NIH file-name id) summary with a positive/negative call.")
 @click.option("--groups-output", type=click.Path(path_type=Path), help="Write per-group rows here (--format).")
+@click.option("--input-kind", type=click.Choice(INPUT_KINDS), default="auto", show_default=True,
+              help="cell: each image is one cell; field: each image is a microscope field whose red cells are "
+                   "found and classified one by one; auto: decide per image from its size and what segmentation "
+                   "finds.")
+@click.option("--overlays", "overlays_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Write each field with every cell outlined by its call, and a caption, here.")
+@click.option("--save-crops", "crops_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Write each field's cells as <field>_cell<index>.png here, to sort into Parasitized/Uninfected.")
 def main(paths, model_path, compare, threads, backend, batch_size, threshold, min_confidence, labels_csv, output,
-         fmt, resume, overwrite, summary_json, group_by, groups_output):
+         fmt, resume, overwrite, summary_json, group_by, groups_output, input_kind, overlays_dir, crops_dir):
     """Classify cell images as parasitized or uninfected, offline, with a TFLite model.
 
     PATHS are image files, folders (searched recursively) or globs; any format and mode Pillow reads.
@@ -225,6 +302,7 @@ def main(paths, model_path, compare, threads, backend, batch_size, threshold, mi
       edge-classify photos/ -o results.csv --resume --min-confidence 0.8
       edge-classify 'slides/**/*.jpg' --group-by folder --groups-output slides.csv
       edge-classify cells/ --model my_int8.tflite --format jsonl --summary-json summary.json
+      edge-classify fields/ --input-kind field --overlays overlays/ --save-crops crops/ -o cells.csv
     """
     if resume and not output:
         raise click.UsageError("--resume needs --output FILE")
@@ -254,6 +332,7 @@ def main(paths, model_path, compare, threads, backend, batch_size, threshold, mi
     previous: List[Dict] = []
     if resume and output:
         _truncate_torn_line(output)
+        _drop_last_field(output, fmt)
         previous = read_previous(output, fmt)
     done = {r["path"] for r in previous}
     todo = [p for p in images if p not in done]
@@ -266,30 +345,67 @@ def main(paths, model_path, compare, threads, backend, batch_size, threshold, mi
     rows: List[Dict] = list(previous)
     failed: List[str] = []
     show_bar = sys.stderr.isatty() and len(todo) > 1
-    ref_iter = reference.iter_predict(todo, batch_size) if reference else None
+    kinds: Dict[str, int] = {"cell": 0, "field": 0}
+    field_results: List[Dict] = []
+
+    def true_label(source: str) -> Optional[str]:
+        return labels.get(source) or labels.get(Path(source).name)
+
+    def write_error(source: str, reason: str) -> None:
+        """An image that is neither a cell nor a field with cells: a row with the reason, never a prediction
+        (tried again on --resume)."""
+        failed.append(source)
+        click.echo(f"edge-classify: skipped {source}: {reason}", err=True)
+        writer.write({"path": source, "error": reason})
+
+    def write_cell(result, ref) -> None:
+        if result.error:
+            write_error(result.source, result.error)
+            return
+        kinds["cell"] += 1
+        row = {"path": result.source, "prediction": result.prediction,
+               "prob_parasitized": round(result.prob_parasitized, 6),
+               "latency_ms": round(result.latency_ms, 4),
+               "true_label": true_label(result.source) or result.true_label}
+        if ref:
+            row.update({"ref_prediction": ref.prediction, "ref_prob_parasitized": round(ref.prob_parasitized, 6),
+                        "ref_latency_ms": round(ref.latency_ms, 4)})
+        writer.write(row)
+        rows.append(row)
+
     try:
         with click.progressbar(length=len(todo), label="classifying", file=sys.stderr,
                                hidden=not show_bar) as bar:
-            for result in classifier.iter_predict(todo, batch_size):
-                ref = next(ref_iter) if ref_iter else None
-                bar.update(1)
-                if result.error:
-                    failed.append(result.source)
-                    click.echo(f"edge-classify: skipped {result.source}: {result.error}", err=True)
-                    continue
-                row = {"path": result.source, "prediction": result.prediction,
-                       "prob_parasitized": round(result.prob_parasitized, 6),
-                       "latency_ms": round(result.latency_ms, 4),
-                       "true_label": labels.get(result.source) or labels.get(Path(result.source).name) or result.true_label}
-                if ref:
-                    row.update({"ref_prediction": ref.prediction, "ref_prob_parasitized": round(ref.prob_parasitized, 6),
-                                "ref_latency_ms": round(ref.latency_ms, 4)})
-                writer.write(row)
-                rows.append(row)
+            if input_kind == "cell":
+                ref_iter = reference.iter_predict(todo, batch_size) if reference else None
+                for result in classifier.iter_predict(todo, batch_size):
+                    bar.update(1)
+                    write_cell(result, next(ref_iter) if ref_iter else None)
+            else:
+                for path in todo:
+                    bar.update(1)
+                    try:
+                        kind, field = field_or_cell(classifier, path, input_kind)
+                    except (ImageError, SegmentationUnavailable) as exc:
+                        write_error(path, str(exc))
+                        continue
+                    if kind == "cell":
+                        write_cell(classifier.predict(path)[0], reference.predict(path)[0] if reference else None)
+                        continue
+                    kinds["field"] += 1
+                    write_field(writer, rows, field, reference, true_label(path))
+                    field_results.append(field.summary())
+                    if overlays_dir:
+                        field.save_plot(overlays_dir / f"{Path(path).stem}_overlay.png")
+                    if crops_dir:
+                        field.save_crops(crops_dir)
     finally:
         writer.close()
 
     summary = build_summary(classifier, reference, rows, images, todo, failed, group_by)
+    summary["input_kind"] = input_kind
+    summary["input_kinds"] = kinds
+    summary["fields"] = field_results
     click.echo(format_summary(summary), err=True)
     if summary_json:
         summary_json.write_text(json.dumps(summary, indent=2))
