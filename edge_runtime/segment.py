@@ -73,19 +73,28 @@ class CellRegion:
 # Picture steps
 
 
-def stain_density(rgb: np.ndarray) -> np.ndarray:
-    """Optical density of the stain, float32 >= 0: -log(pixel / local background) on the green channel, where
-    haemoglobin and Giemsa absorb most. Dividing by a smooth background estimate (the brightest level in coarse
-    tiles, i.e. the glass between cells) removes uneven illumination and vignetting before any threshold."""
-    green = rgb[:, :, 1].astype(np.float32) + 1.0
-    h, w = green.shape
+def glass_level(channel: np.ndarray) -> np.ndarray:
+    """The brightness of bare glass at every pixel of one channel: the brightest level in coarse tiles (max over
+    3x3 tiles of 1/24 of the image, smoothed), which follows vignetting and uneven light."""
+    h, w = channel.shape
     tile = max(8, int(round(max(h, w) / 24)))
-    small = cv2.resize(green, (max(1, w // tile), max(1, h // tile)), interpolation=cv2.INTER_AREA)
+    small = cv2.resize(channel, (max(1, w // tile), max(1, h // tile)), interpolation=cv2.INTER_AREA)
     # The glass is the bright part: a max filter over 3x3 tiles skips cells up to ~2 tiles across.
     background = cv2.dilate(small, np.ones((3, 3), np.uint8))
     background = cv2.GaussianBlur(background, (0, 0), 1.5)
-    background = cv2.resize(background, (w, h), interpolation=cv2.INTER_LINEAR)
-    density = np.log(np.maximum(background, green) / green)
+    return cv2.resize(background, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def stain_density(rgb: np.ndarray) -> np.ndarray:
+    """Optical density of the stain, float32 >= 0: -log(pixel / glass) per channel, the largest of the three.
+    Dividing by the glass level removes uneven illumination before any threshold; taking the channel that absorbs
+    most keeps pink, magenta and blue-grey cells alike (Giemsa batches and cameras differ)."""
+    density = None
+    for c in range(3):
+        channel = rgb[:, :, c].astype(np.float32) + 1.0
+        background = glass_level(channel)
+        od = np.log(np.maximum(background, channel) / channel)
+        density = od if density is None else np.maximum(density, od)
     return density.astype(np.float32)
 
 
