@@ -1,4 +1,4 @@
-"""Compose the committed sample fields (edge_runtime/samples/fields) from public-domain NIH cells.
+"""Compose the committed sample fields (edge_runtime/sample_fields) from public-domain NIH cells.
 
 The IML fields have no licence and may not be copied into the repository, so the samples that tests and
 ``make demo`` use are made here: NIH cells (masked on black, public domain) pasted onto a glass-coloured background
@@ -6,7 +6,7 @@ with uneven light, some apart, some touching or overlapping, one cut by the bord
 to ``annotations.json`` in the IML layout (``red blood cell`` / ``parasitized``), so ``edge-bench --fields`` can
 score them. Seeded: the same command makes the same files.
 
-    python tools/compose_fields.py --cells ../shared/data/cell_images --out edge_runtime/samples/fields
+    python tools/compose_fields.py --cells ../shared/data/cell_images --out edge_runtime/sample_fields
 """
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ def compose(rng, cells_root: Path, name, width, height, count, touching, cut, pa
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cells", type=Path, default=Path("../shared/data/cell_images"))
-    parser.add_argument("--out", type=Path, default=Path("edge_runtime/samples/fields"))
+    parser.add_argument("--out", type=Path, default=Path("edge_runtime/sample_fields"))
     parser.add_argument("--seed", type=int, default=12)
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
