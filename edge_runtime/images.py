@@ -173,9 +173,11 @@ def cut_central_cell(img: Image.Image) -> Image.Image:
     if min(arr.shape[:2]) < 8:
         raise ImageError(f"image is {arr.shape[1]}x{arr.shape[0]} px, too small to show a cell")
     if segment.cv2 is None:
-        if segment.is_on_black(arr):
-            return img
-        raise ImageError(segment.OPENCV_HINT)
+        if not segment.is_on_black(arr):
+            raise ImageError(segment.OPENCV_HINT)
+        if np.mean(arr.astype(np.int32).sum(axis=2) > 30) < 0.05:
+            raise ImageError("no cell found in the image (blank, all black or not a blood smear)")
+        return img
     region = segment.central_cell(arr)
     if region is None:
         raise ImageError("no cell found in the image (blank, all black or not a blood smear)")

@@ -198,3 +198,16 @@ def test_iml_fields_of_one_test_block_reach_the_recall_target():
         found += len(matched & set(whole))
         total += len(whole)
     assert found >= 0.95 * total
+
+
+def test_without_opencv_nih_crops_still_classify_and_fields_say_what_to_install(monkeypatch):
+    from malaria_edge.edge_runtime import segment
+    from malaria_edge.edge_runtime.images import ImageError, prepare_cell
+    cell = next((SAMPLES / "Uninfected").glob("*.webp"))
+    with_cv2 = prepare_cell(cell, 48)
+    monkeypatch.setattr(segment, "cv2", None)
+    assert np.abs(prepare_cell(cell, 48).astype(int) - with_cv2.astype(int)).mean() < 3.0
+    with pytest.raises(ImageError, match="pip install"):
+        prepare_cell(FIELDS / "nih_field_sparse.jpg", 48)
+    with pytest.raises(ImageError, match="no cell"):
+        prepare_cell(np.zeros((100, 100, 3), np.uint8), 48)
