@@ -41,6 +41,9 @@ BLACK_LEVEL = 40
 
 # A blob more than this fraction deep purple is a white cell's nucleus (or a stain blob), not a red cell.
 NUCLEUS_FRACTION = 0.5
+
+# A region this many cell areas or more is a clump of overlapping cells, split by k-means (see split_clumps).
+CLUMP_AREA = 1.9
 NUCLEUS_DENSITY_RATIO = 2.0
 
 
@@ -211,6 +214,30 @@ def split_touching(mask: np.ndarray, seeds: np.ndarray) -> np.ndarray:
     return labels
 
 
+def split_clumps(labels: np.ndarray, diameter: float) -> np.ndarray:
+    """Split what the seeds left whole but is too big for one cell (a clump of overlapping cells whose distance map
+    has one broad peak): into round(area / cell area) parts by k-means on the pixel positions, i.e. the split of
+    equal round cells. Deterministic (OpenCV's generator is seeded)."""
+    cell_area = math.pi * diameter * diameter / 4.0
+    out = labels.copy()
+    next_label = int(labels.max()) + 1
+    for blob in regions_of(labels):
+        k = int(round(blob.area / cell_area))
+        if blob.area < CLUMP_AREA * cell_area or k < 2:
+            continue
+        window = labels[blob.y:blob.y + blob.h, blob.x:blob.x + blob.w] == blob.label
+        ys, xs = np.nonzero(window)
+        points = np.stack([xs, ys], axis=1).astype(np.float32)
+        cv2.setRNGSeed(0)
+        criteria = (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_MAX_ITER, 20, 0.5)
+        _, parts, _ = cv2.kmeans(points, k, None, criteria, 3, cv2.KMEANS_PP_CENTERS)
+        target = out[blob.y:blob.y + blob.h, blob.x:blob.x + blob.w]
+        for part in range(1, k):
+            target[ys[parts[:, 0] == part], xs[parts[:, 0] == part]] = next_label
+            next_label += 1
+    return out
+
+
 @dataclass
 class _Blob:
     """A labelled region at working scale, before filtering."""
@@ -357,6 +384,7 @@ def segment_field(rgb: np.ndarray, diameter: Optional[float] = None, drop_border
     small = _resize(rgb, scale)
     d_small = diameter * scale
     labels, density = label_cells(small, d_small, debug_dir)
+    labels = split_clumps(labels, d_small)
     nucleus = nucleus_mask(density, labels > 0)
     full_h, full_w = rgb.shape[:2]
     cells = []
