@@ -4,7 +4,7 @@ One small function per picture step, each taking and returning plain arrays, wit
 diameter measured on the field itself (never a fixed pixel count, since magnification differs between labs):
 
     stain density -> foreground -> clean -> fill holes -> estimate diameter -> distance -> markers -> split
-    -> regions -> filter (size, shape, colour, border) -> cut
+    -> split clumps -> regions -> filter (size, shape, colour, border) -> cut
 
 The NIH training crops are single cells masked on black in a tight box; :func:`cut_cell` makes the same picture
 from a field, and :func:`central_cell` finds the one cell of a crop made by another tool, so the model sees one kind
@@ -44,6 +44,9 @@ NUCLEUS_FRACTION = 0.5
 
 # A region this many cell areas or more is a clump of overlapping cells, split by k-means (see split_clumps).
 CLUMP_AREA = 1.9
+# A region bigger than this many cells is not a clump k-means can cut sensibly (a failed threshold, a smear too
+# thick to read): it stays whole and the size filter drops it.
+CLUMP_MAX_CELLS = 6
 NUCLEUS_DENSITY_RATIO = 2.0
 
 
@@ -216,14 +219,14 @@ def split_touching(mask: np.ndarray, seeds: np.ndarray) -> np.ndarray:
 
 def split_clumps(labels: np.ndarray, diameter: float) -> np.ndarray:
     """Split what the seeds left whole but is too big for one cell (a clump of overlapping cells whose distance map
-    has one broad peak): into round(area / cell area) parts by k-means on the pixel positions, i.e. the split of
+    has one broad peak, up to CLUMP_MAX_CELLS cells): into round(area / cell area) parts by k-means on the pixel positions, i.e. the split of
     equal round cells. Deterministic (OpenCV's generator is seeded)."""
     cell_area = math.pi * diameter * diameter / 4.0
     out = labels.copy()
     next_label = int(labels.max()) + 1
     for blob in regions_of(labels):
         k = int(round(blob.area / cell_area))
-        if blob.area < CLUMP_AREA * cell_area or k < 2:
+        if blob.area < CLUMP_AREA * cell_area or k < 2 or k > CLUMP_MAX_CELLS:
             continue
         window = labels[blob.y:blob.y + blob.h, blob.x:blob.x + blob.w] == blob.label
         ys, xs = np.nonzero(window)
