@@ -152,6 +152,32 @@ def plot_latencies(report: Dict, path: Path) -> None:
     plt.close(fig)
 
 
+def field_benchmark(model_path, fields_dir: Path, annotations: Path, split: str, threads: int,
+                    json_path: Optional[Path]) -> None:
+    """The field path on annotated fields: detection, counts, parasites, seconds per field, in this process."""
+    from malaria_edge.benchmarks.fields import evaluate_fields, format_report
+    from malaria_edge.edge_runtime.classifier import Classifier
+    from malaria_edge.edge_runtime.segment import OPENCV_HINT, cv2
+    if cv2 is None:
+        click.echo(f"edge-bench: {OPENCV_HINT}", err=True)
+        sys.exit(1)
+    cv2.setNumThreads(threads)
+    try:
+        classifier = Classifier.load(model_path, threads=threads)
+        report = evaluate_fields(classifier, fields_dir, annotations, split,
+                                 log=lambda m: click.echo(f"edge-bench: {m}", err=True))
+    except (ModelError, ValueError, FileNotFoundError) as exc:
+        click.echo(f"edge-bench: {exc}", err=True)
+        sys.exit(1)
+    machine = machine_info()
+    report["machine"] = machine
+    report["threads"] = threads
+    report["model"] = str(classifier.bundle.path)
+    click.echo(format_report(report, machine))
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=2))
+
+
 def load_cells(images: List[str], size: int, stain: Optional[Dict]) -> (np.ndarray, List[str]):
     cells, bad = [], []
     for p in images:
@@ -187,10 +213,16 @@ def load_cells(images: List[str], size: int, stain: Optional[Dict]) -> (np.ndarr
 @click.option("--battery-wh", type=float, default=37.0, show_default=True,
               help="Battery capacity for slides per charge (37 Wh: a 10,000 mAh 3.7 V power bank).")
 @click.option("--cells-per-slide", type=click.IntRange(1), default=5000, show_default=True, help="Cells counted per slide.")
+@click.option("--fields", "fields_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Evaluate the field path on the annotated microscope fields in this folder instead.")
+@click.option("--annotations", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The fields' boxes (IML-Malaria annotations.json layout); with --fields.")
+@click.option("--split", type=click.Choice(["train", "val", "test", "all"]), default="test", show_default=True,
+              help="Which fields of the team's block split to evaluate (tune on train, report on test).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write every figure with its unit.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="PNG of each model's latency spread.")
 def main(model_path, reference, keras_path, no_tutorial, images, threads, runs, warmup, batch, device_profile,
-         watts_active, watts_idle, battery_wh, cells_per_slide, json_path, plot_path):
+         watts_active, watts_idle, battery_wh, cells_per_slide, fields_dir, annotations, split, json_path, plot_path):
     """Benchmark the int8 model against the full fp32 model (and the tutorial's Keras ResNet when TensorFlow is
     installed): latency, throughput, CPU, memory, energy per cell and slides per battery charge.
 
@@ -200,7 +232,14 @@ def main(model_path, reference, keras_path, no_tutorial, images, threads, runs, 
       edge-bench --threads 1 --json bench.json --plot bench.png
       edge-bench --device-profile raspberry-pi-5 --battery-wh 20
       edge-bench --model my_int8.tflite --reference my_fp32.tflite --keras runs/edge/model.keras
+      edge-bench --fields ../shared/data/fields/iml_vivax/images \
+                 --annotations ../shared/data/fields/iml_vivax/annotations.json --split test --json fields.json
     """
+    if fields_dir is not None or annotations is not None:
+        if fields_dir is None or annotations is None:
+            raise click.UsageError("--fields and --annotations go together")
+        field_benchmark(model_path, fields_dir, annotations, split, threads, json_path)
+        return
     if (watts_active is None) != (watts_idle is None) and watts_active is None:
         raise click.UsageError("--watts-idle needs --watts-active")
     try:

@@ -1,6 +1,7 @@
 """``edge-classify``: classify cell images on the device, against the full model, safe to interrupt."""
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -15,6 +16,9 @@ import numpy as np
 from .backend import BackendError
 from .bundle import ModelBundle, ModelError
 from .classifier import Classifier, group_key
+from .fields import INPUT_KINDS, field_or_cell
+from .images import ImageError
+from .segment import SegmentationUnavailable, cut_cell
 from .labels import CLASSES, PARASITIZED, REVIEW, patient_id
 from .metrics import binary_metrics, pct
 from .results_io import (CELL_FIELDS, GROUP_FIELDS, REFERENCE_FIELDS, Labels, OutputError, OutputLock, RowWriter,
@@ -26,6 +30,65 @@ from .results_io import (CELL_FIELDS, GROUP_FIELDS, REFERENCE_FIELDS, Labels, Ou
 MAX_THREADS = 64
 # A batch is held in memory as uint8 cells; 1024 cells of 128x128 is 50 MB, and larger batches gain no speed.
 MAX_BATCH = 1024
+
+
+def _drop_last_field(path: Path, fmt: str) -> Optional[str]:
+    """Resume on fields: a field is done only when all its rows are written, and only the last image of the file
+    can be cut short, so when that image is a field (its rows have a cell index) its rows are removed and the
+    field is classified again. Returns the path of the field dropped, if any."""
+    if not path.exists() or path.stat().st_size == 0:
+        return None
+    lines = path.read_bytes().splitlines(keepends=True)
+    body_start = 1 if fmt == "csv" else 0
+
+    def parse(line: bytes) -> Optional[Dict]:
+        text = line.decode("utf-8", errors="surrogateescape")
+        try:
+            if fmt == "csv":
+                values = next(csv.reader([text]))
+                header = next(csv.reader([lines[0].decode("utf-8", errors="surrogateescape")]))
+                return dict(zip(header, values))
+            return json.loads(text)
+        except (ValueError, StopIteration):
+            return None
+
+    if len(lines) <= body_start:
+        return None
+    last = parse(lines[-1])
+    if not last or last.get("cell") in (None, ""):
+        return None
+    keep = len(lines)
+    while keep > body_start:
+        row = parse(lines[keep - 1])
+        if not row or row.get("path") != last.get("path"):
+            break
+        keep -= 1
+    path.write_bytes(b"".join(lines[:keep]))
+    return last.get("path")
+
+
+def write_field(writer, rows: List[Dict], field, reference: Optional[Classifier], label: Optional[str]) -> int:
+    """One row per cell of a classified field: its index and box in the field's pixels, its call. Returns the
+    number of rows written."""
+    per_cell_ms = 1000.0 * field.seconds_classify / max(1, field.n_cells)
+    ref_probs = None
+    if reference is not None and field.cells:
+        pixels = np.stack([reference.prepare_crop(cut_cell(field.image, c.region)) for c in field.cells])
+        ref_probs, ref_seconds = reference.probabilities(pixels)
+    for i, cell in enumerate(field.cells):
+        x, y, w, h = cell.box
+        row = {"path": field.source, "cell": cell.index, "x": x, "y": y, "w": w, "h": h,
+               "prediction": cell.prediction, "prob_parasitized": round(cell.prob_parasitized, 6),
+               "latency_ms": round(per_cell_ms, 4), "true_label": label,
+               "unfamiliar": None if cell.unfamiliar is None else round(cell.unfamiliar, 3)}
+        if ref_probs is not None:
+            prob = float(ref_probs[i])
+            row.update({"ref_prediction": reference.decide(prob), "ref_prob_parasitized": round(prob, 6),
+                        "ref_latency_ms": round(1000.0 * ref_seconds / len(field.cells), 4)})
+        writer.write(row)
+        rows.append(row)
+    return len(field.cells)
+
 
 def model_summary(rows: List[Dict], prefix: str, threshold: float) -> Dict:
     """Accuracy etc. where labels are known, latency percentiles, review count for one model's columns."""
@@ -78,6 +141,18 @@ def format_summary(summary: Dict) -> str:
     if summary.get("without_patient_id"):
         lines.append(f"  {summary['without_patient_id']} cells carry no patient id in their file name (NIH "
                      "C<n>P<n>... names) and are in no patient's call")
+    kinds = summary.get("input_kinds")
+    if kinds and kinds.get("field"):
+        how = "chosen per image" if summary.get("input_kind") == "auto" else f"--input-kind {summary['input_kind']}"
+        lines.append(f"    kinds: {kinds['field']} fields, {kinds['cell']} single cells ({how})")
+    for f in summary.get("fields") or []:
+        frac = "n/a" if f["parasitemia"] is None else (
+            f"{100 * f['parasitemia']:.1f}% (95% CI {100 * f['parasitemia_low']:.1f}-"
+            f"{100 * f['parasitemia_high']:.1f}%)")
+        lines.append(f"    field {Path(f['source']).name}: {f['cells']} cells, {f['parasitized']} parasitized, "
+                     f"{f['review']} review, parasitemia {frac}")
+    if summary.get("unfamiliar_warning"):
+        lines.append(f"  WARNING: {summary['unfamiliar_warning']}")
     groups = summary.get("groups")
     if groups:
         lines.append("")
@@ -141,8 +216,16 @@ def _on_sigterm(signum, frame):
 @click.option("--group-by", type=click.Choice(["folder", "patient"]),
               help="Per-slide (folder) or per-patient (NIH file-name id) summary with a positive/negative call.")
 @click.option("--groups-output", type=click.Path(path_type=Path), help="Write per-group rows here (--format).")
+@click.option("--input-kind", type=click.Choice(INPUT_KINDS), default="auto", show_default=True,
+              help="cell: each image is one cell; field: each image is a microscope field whose red cells are "
+                   "found and classified one by one; auto: decide per image from its size and what segmentation "
+                   "finds.")
+@click.option("--overlays", "overlays_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Write each field with every cell outlined by its call, and a caption, here.")
+@click.option("--save-crops", "crops_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Write each field's cells as <field>_cell<index>.png here, to sort into Parasitized/Uninfected.")
 def main(paths, model_path, compare, threads, backend, batch_size, threshold, min_confidence, labels_csv, output,
-         fmt, resume, overwrite, summary_json, group_by, groups_output):
+         fmt, resume, overwrite, summary_json, group_by, groups_output, input_kind, overlays_dir, crops_dir):
     """Classify cell images as parasitized or uninfected, offline, with a TFLite model.
 
     PATHS are image files, folders (searched recursively) or globs; any format and mode Pillow reads.
@@ -153,6 +236,7 @@ def main(paths, model_path, compare, threads, backend, batch_size, threshold, mi
       edge-classify photos/ -o results.csv --resume --min-confidence 0.8
       edge-classify 'slides/**/*.jpg' --group-by folder --groups-output slides.csv
       edge-classify cells/ --model my_int8.tflite --format jsonl --summary-json summary.json
+      edge-classify fields/ --input-kind field --overlays overlays/ --save-crops crops/ -o cells.csv
     """
     if resume and not output:
         raise click.UsageError("--resume needs --output FILE")
@@ -183,7 +267,7 @@ def main(paths, model_path, compare, threads, backend, batch_size, threshold, mi
     settings = run_settings(classifier.bundle.file_info.get("sha256"), classifier.threshold,
                             classifier.min_confidence, fmt,
                             reference.bundle.file_info.get("sha256") if reference else None,
-                            side_files=[os.path.realpath(p) for p in (summary_json, groups_output) if p])
+                            input_kind=input_kind, side_files=[os.path.realpath(p) for p in (summary_json, groups_output) if p])
     try:
         check_outputs(targets, found.images + used, resume, overwrite, recorded_side_files(output))
         labels = Labels.read(labels_csv) if labels_csv else None
@@ -196,7 +280,7 @@ def main(paths, model_path, compare, threads, backend, batch_size, threshold, mi
         sys.exit(exc.code)
     try:
         code = _classify(classifier, reference, found, labels, output, regular_output, fmt, resume, settings,
-                         batch_size, summary_json, group_by, groups_output)
+                         batch_size, summary_json, group_by, groups_output, input_kind, overlays_dir, crops_dir)
     finally:
         if lock is not None:
             lock.__exit__(None, None, None)
@@ -204,7 +288,7 @@ def main(paths, model_path, compare, threads, backend, batch_size, threshold, mi
 
 
 def _classify(classifier, reference, found, labels, output, regular_output, fmt, resume, settings, batch_size,
-              summary_json, group_by, groups_output) -> int:
+              summary_json, group_by, groups_output, input_kind, overlays_dir, crops_dir) -> int:
     """The run itself, under the output's lock: resume check, rows, summary. Returns the exit status."""
     images = found.images
     previous: List[Dict] = []
@@ -217,6 +301,10 @@ def _classify(classifier, reference, found, labels, output, regular_output, fmt,
     except OutputError as exc:
         click.echo(f"edge-classify: {exc}", err=True)
         return exc.code
+    dropped = _drop_last_field(output, fmt) if resume and regular_output else None
+    if dropped is not None:
+        previous = [r for r in previous if r.get("path") != dropped]
+        done.discard(os.path.realpath(dropped))
     todo = [p for p in images if os.path.realpath(p) not in done]
 
     fields = CELL_FIELDS + (REFERENCE_FIELDS if reference else [])
@@ -224,29 +312,65 @@ def _classify(classifier, reference, found, labels, output, regular_output, fmt,
     rows: List[Dict] = list(previous)
     failed: List[str] = []
     show_bar = sys.stderr.isatty() and len(todo) > 1
-    ref_iter = reference.iter_predict(todo, batch_size) if reference else None
+    kinds: Dict[str, int] = {"cell": 0, "field": 0}
+    field_results: List[Dict] = []
     written = 0
+
+    def true_label(source: str) -> Optional[str]:
+        return labels.get(source) if labels else None
+
+    def write_error(source: str, reason: str) -> None:
+        """An image that is neither a cell nor a field with cells: a row with the reason, never a prediction
+        (tried again on --resume)."""
+        failed.append(source)
+        click.echo(f"edge-classify: skipped {source}: {reason}", err=True)
+        writer.write({"path": source, "error": reason})
+
+    def write_cell(result, ref) -> None:
+        nonlocal written
+        if result.error:
+            write_error(result.source, result.error)
+            return
+        kinds["cell"] += 1
+        row = {"path": result.source, "prediction": result.prediction,
+               "prob_parasitized": round(result.prob_parasitized, 6),
+               "latency_ms": round(result.latency_ms, 4),
+               "true_label": true_label(result.source) or result.true_label,
+               "unfamiliar": None if result.unfamiliar is None else round(result.unfamiliar, 3)}
+        if ref:
+            row.update({"ref_prediction": ref.prediction, "ref_prob_parasitized": round(ref.prob_parasitized, 6),
+                        "ref_latency_ms": round(ref.latency_ms, 4)})
+        writer.write(row)
+        written += 1
+        rows.append(row)
+
     previous_handler = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         with click.progressbar(length=len(todo), label="classifying", file=sys.stderr,
                                hidden=not show_bar) as bar:
-            for result in classifier.iter_predict(todo, batch_size):
-                ref = next(ref_iter) if ref_iter else None
-                bar.update(1)
-                if result.error:
-                    failed.append(result.source)
-                    click.echo(f"edge-classify: skipped {result.source}: {result.error}", err=True)
-                    continue
-                row = {"path": result.source, "prediction": result.prediction,
-                       "prob_parasitized": round(result.prob_parasitized, 6),
-                       "latency_ms": round(result.latency_ms, 4),
-                       "true_label": (labels.get(result.source) if labels else None) or result.true_label}
-                if ref:
-                    row.update({"ref_prediction": ref.prediction, "ref_prob_parasitized": round(ref.prob_parasitized, 6),
-                                "ref_latency_ms": round(ref.latency_ms, 4)})
-                writer.write(row)
-                written += 1
-                rows.append(row)
+            if input_kind == "cell":
+                ref_iter = reference.iter_predict(todo, batch_size) if reference else None
+                for result in classifier.iter_predict(todo, batch_size):
+                    bar.update(1)
+                    write_cell(result, next(ref_iter) if ref_iter else None)
+            else:
+                for path in todo:
+                    bar.update(1)
+                    try:
+                        kind, field = field_or_cell(classifier, path, input_kind)
+                    except (ImageError, SegmentationUnavailable) as exc:
+                        write_error(path, str(exc))
+                        continue
+                    if kind == "cell":
+                        write_cell(classifier.predict(path)[0], reference.predict(path)[0] if reference else None)
+                        continue
+                    kinds["field"] += 1
+                    written += write_field(writer, rows, field, reference, true_label(path))
+                    field_results.append(field.summary())
+                    if overlays_dir:
+                        field.save_plot(overlays_dir / f"{Path(path).stem}_overlay.png")
+                    if crops_dir:
+                        field.save_crops(crops_dir)
     except KeyboardInterrupt:
         writer.close()
         where = f" to {output}" if output else ""
@@ -261,6 +385,9 @@ def _classify(classifier, reference, found, labels, output, regular_output, fmt,
     summary = build_summary(classifier, reference, rows, images, todo, failed, group_by)
     summary["duplicates_dropped"] = found.duplicates
     summary["input_problems"] = found.problems
+    summary["input_kind"] = input_kind
+    summary["input_kinds"] = kinds
+    summary["fields"] = field_results
     click.echo(format_summary(summary), err=True)
     if summary_json:
         atomic_write_text(summary_json, json.dumps(summary, indent=2))
@@ -300,11 +427,22 @@ def build_summary(classifier: Classifier, reference: Optional[Classifier], rows:
         group_rows += [{"group": keyer(p), "error": "failed"} for p in failed]
         summary["without_patient_id"] = sum(g["group"] is None and not g.get("error") for g in group_rows)
         from .patients import patient_level_metrics, summarize_groups
-        groups = summarize_groups([g for g in group_rows if g["group"] is not None], classifier.rule)
+        groups = summarize_groups([g for g in group_rows if g["group"] is not None], classifier.rule,
+                                  unfamiliar=classifier.unfamiliar_limits)
         summary["groups"] = groups
         summary["patient_rule"] = classifier.rule
         if any("true_status" in g for g in groups.values()):
             summary["patient_level"] = patient_level_metrics(groups)
+    limits = classifier.unfamiliar_limits
+    if limits and rows:
+        scored = [r["unfamiliar"] for r in rows if r.get("unfamiliar") not in (None, "")]
+        flagged = sum(float(v) > limits[0] for v in scored)
+        summary["unfamiliar_cells"] = flagged
+        summary["unfamiliar_fraction"] = flagged / len(scored) if scored else None
+        if scored and flagged / len(scored) > limits[1]:
+            summary["unfamiliar_warning"] = (
+                f"{100 * flagged / len(scored):.0f}% of cells look unlike anything this model was trained on: "
+                "results are unreliable; adapt it with edge-adapt")
     if not rows:
         summary["model"].setdefault("cells", 0)
     return summary

@@ -102,6 +102,25 @@ def open_image(path: Union[str, os.PathLike], draft_to: Optional[int] = None) ->
         raise ImageError(f"corrupt or truncated image ({exc})") from None
 
 
+def open_image_size(path: Union[str, os.PathLike]) -> tuple:
+    """(width, height) read from the file header only; :class:`ImageError` with a one-line reason when the file
+    is missing, empty or not an image."""
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise ImageError("empty file (0 bytes)")
+        with Image.open(path) as img:
+            return img.size
+    except ImageError:
+        raise
+    except OSError as exc:
+        if isinstance(exc, UnidentifiedImageError):
+            raise ImageError("not an image Pillow can read (wrong or unknown format)") from None
+        raise ImageError(f"cannot read file: {exc.strerror or exc}") from None
+    except (SyntaxError, ValueError) as exc:
+        raise ImageError(f"corrupt or truncated image ({exc})") from None
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB: alpha is composited on black (the NIH background), 16-bit and float
     images are scaled from their own range, palette and grayscale images are expanded. An upright RGB image is
@@ -248,9 +267,11 @@ def cut_central_cell(img: Image.Image) -> Image.Image:
     if min(arr.shape[:2]) < 8:
         raise ImageError(f"image is {arr.shape[1]}x{arr.shape[0]} px, too small to show a cell")
     if segment.cv2 is None:
-        if segment.is_on_black(arr):
-            return img
-        raise ImageError(segment.OPENCV_HINT)
+        if not segment.is_on_black(arr):
+            raise ImageError(segment.OPENCV_HINT)
+        if np.mean(arr.astype(np.int32).sum(axis=2) > 30) < 0.05:
+            raise ImageError("no cell found in the image (blank, all black or not a blood smear)")
+        return img
     region = segment.central_cell(arr)
     if region is None:
         raise ImageError("no cell found in the image (blank, all black or not a blood smear)")

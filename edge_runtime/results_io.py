@@ -32,9 +32,10 @@ from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 from .images import is_image_path
 from .labels import CLASSES
 
-CELL_FIELDS = ["path", "cell", "x", "y", "w", "h", "prediction", "prob_parasitized", "latency_ms", "true_label"]
+CELL_FIELDS = ["path", "cell", "x", "y", "w", "h", "prediction", "prob_parasitized", "latency_ms", "true_label",
+               "unfamiliar", "error"]
 REFERENCE_FIELDS = ["ref_prediction", "ref_prob_parasitized", "ref_latency_ms"]
-GROUP_FIELDS = ["group", "call", "cells", "parasitized", "review", "failed", "parasitized_fraction", "fraction_low",
+GROUP_FIELDS = ["group", "call", "cells", "parasitized", "review", "failed", "unfamiliar", "parasitized_fraction", "fraction_low",
                 "fraction_high", "true_status", "reason"]
 
 # Group commit: rows are flushed one by one (a killed process loses nothing: the kernel has them) and fsynced when
@@ -490,6 +491,7 @@ def prepare_resume(output: Path, fmt: str, settings: Dict) -> Tuple[List[Dict], 
             fh.truncate(complete_bytes)
             os.fsync(fh.fileno())
     base = recorded.get("cwd") or os.getcwd()
+    rows = [r for r in rows if not r.get("error")]     # images that failed are tried again
     done = {os.path.realpath(os.path.join(base, r["path"])) for r in rows}
     return rows, done
 

@@ -2,6 +2,7 @@
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -80,8 +81,12 @@ def test_bad_images_are_named_skipped_and_the_rest_written(bundled_model, sample
     # Flat colour and all-black pictures decode fine but show no cell: refused, never a prediction.
     for name in ("corrupt.jpg", "empty.png", "text.png", "rgba.png", "gray.tif", "palette.gif"):
         assert name in done.stderr
+    rows = rows_of(out)
     n_good = len(list(samples.rglob("*.webp")))
-    assert len(rows_of(out)) == n_good
+    assert len([r for r in rows if r["prediction"]]) == n_good
+    refused = {Path(r["path"]).name: r for r in rows if r["error"]}
+    assert set(refused) == {"corrupt.jpg", "empty.png", "text.png", "rgba.png", "gray.tif", "palette.gif"}
+    assert not any(r["prob_parasitized"] for r in refused.values())
     assert "6 of" in done.stderr
 
 
