@@ -14,6 +14,7 @@ from typing import Dict, List, Optional
 import click
 import numpy as np
 
+from malaria_edge.benchmarks.endtoend import end_to_end, format_end_to_end
 from malaria_edge.benchmarks.energy import PROFILES, active_watts, energy_report
 from malaria_edge.edge_runtime.bundle import DEFAULT_MODEL, ModelBundle, ModelError
 from malaria_edge.edge_runtime.cli import expand_inputs
@@ -173,8 +174,16 @@ def load_cells(images: List[str], size: int, stain: Optional[Dict]) -> (np.ndarr
 @click.option("--cells-per-slide", default=5000, show_default=True, help="Cells counted per slide.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write every figure with its unit.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="PNG of each model's latency spread.")
+@click.option("--end-to-end", "end_to_end_mode", is_flag=True,
+              help="Files in -> rows on disk on one core: decode, preprocess, interpreter and write per cell, and "
+                   "edge-classify's own wall time, for each --e2e-batch.")
+@click.option("--limit", default=5000, show_default=True,
+              help="Cells for --end-to-end: a spread sample of --images, or its files repeated up to this many.")
+@click.option("--e2e-batch", "e2e_batches", multiple=True, type=click.IntRange(1), default=(1, 64),
+              show_default=True, help="Batch sizes for --end-to-end (repeat the option).")
 def main(model_path, reference, keras_path, no_tutorial, images, threads, runs, warmup, batch, device_profile,
-         watts_active, watts_idle, battery_wh, cells_per_slide, json_path, plot_path):
+         watts_active, watts_idle, battery_wh, cells_per_slide, json_path, plot_path, end_to_end_mode, limit,
+         e2e_batches):
     """Benchmark the int8 model against the full fp32 model (and the tutorial's Keras ResNet when TensorFlow is
     installed): latency, throughput, CPU, memory, energy per cell and slides per battery charge.
 
@@ -184,6 +193,7 @@ def main(model_path, reference, keras_path, no_tutorial, images, threads, runs, 
       edge-bench --threads 1 --json bench.json --plot bench.png
       edge-bench --device-profile raspberry-pi-5 --battery-wh 20
       edge-bench --model my_int8.tflite --reference my_fp32.tflite --keras runs/edge/model.keras
+      edge-bench --end-to-end --images ../shared/data/cell_images --limit 5000
     """
     if (watts_active is None) != (watts_idle is None) and watts_active is None:
         raise click.UsageError("--watts-idle needs --watts-active")
@@ -197,6 +207,14 @@ def main(model_path, reference, keras_path, no_tutorial, images, threads, runs, 
     paths, problems = expand_inputs([str(images)])
     for p in problems:
         click.echo(f"edge-bench: {p}", err=True)
+    if end_to_end_mode:
+        if not paths:
+            raise click.ClickException(f"{images}: no images to run end to end")
+        report = end_to_end(bundle.path, paths, limit, list(e2e_batches))
+        click.echo(format_end_to_end(report, machine_info()))
+        if json_path:
+            json_path.write_text(json.dumps({"machine": machine_info(), **report}, indent=2))
+        return
     tmp = Path(tempfile.mkdtemp(prefix="edge-bench-"))
     cell_files: Dict[str, str] = {}
     cell_counts: List[int] = []

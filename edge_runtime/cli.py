@@ -197,7 +197,8 @@ def format_summary(summary: Dict) -> str:
 @click.option("--threads", type=int, help="Interpreter threads (default: the backend's).")
 @click.option("--backend", type=click.Choice(["ai_edge_litert", "tflite_runtime", "tensorflow"]),
               help="Force an interpreter (default: the first one installed, in this order).")
-@click.option("--batch-size", default=1, show_default=True, help="Cells per interpreter call.")
+@click.option("--batch-size", default=32, show_default=True,
+              help="Cells per interpreter call (rows are still written one by one as each batch finishes).")
 @click.option("--threshold", type=float, help="Decision threshold on P(parasitized) (default: the card's).")
 @click.option("--min-confidence", type=click.FloatRange(0.5, 1.0),
               help="Cells whose confidence is below this are marked 'review' (refer to a microscopist).")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -30,8 +30,11 @@ class ImageError(ValueError):
     """An input that cannot be turned into a cell image; the message says why in one line."""
 
 
-def open_image(path: Union[str, os.PathLike]) -> Image.Image:
-    """Open and fully decode an image file as 8-bit RGB, raising :class:`ImageError` with a one-line reason."""
+def open_image(path: Union[str, os.PathLike], target: Optional[int] = None) -> Image.Image:
+    """Open and fully decode an image file as 8-bit RGB, raising :class:`ImageError` with a one-line reason.
+
+    ``target``: the side the image will be resized to. A JPEG at least twice that size is then decoded at reduced
+    scale (libjpeg's 1/2, 1/4 or 1/8 DCT scaling, never below ``target``): decoding only what the resize keeps."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -48,6 +51,8 @@ def open_image(path: Union[str, os.PathLike]) -> Image.Image:
                     raise ImageError(
                         f"image is {width}x{height} px, too large to be a cell photo (limit {MAX_PIXELS:,} px); "
                         "crop single cells first")
+                if target and img.format == "JPEG" and min(width, height) >= 2 * target:
+                    img.draft("RGB", (target, target))
                 img.load()
                 return to_rgb(img)
     except ImageError:
@@ -98,13 +103,13 @@ def array_to_image(arr: np.ndarray) -> Image.Image:
     return to_rgb(Image.fromarray(arr))
 
 
-def load_image(source: ImageInput) -> Image.Image:
-    """Return an RGB Pillow image from a path, a Pillow image or an array."""
+def load_image(source: ImageInput, target: Optional[int] = None) -> Image.Image:
+    """Return an RGB Pillow image from a path, a Pillow image or an array (``target``: see :func:`open_image`)."""
     if isinstance(source, Image.Image):
         return to_rgb(source)
     if isinstance(source, np.ndarray):
         return array_to_image(source)
-    return open_image(source)
+    return open_image(source, target)
 
 
 def normalize_stain(arr: np.ndarray, target_mean: tuple, target_std: tuple) -> np.ndarray:
@@ -132,7 +137,7 @@ def prepare_cell(source: ImageInput, size: int, stain: dict | None = None) -> np
     ``stain`` is the card's stain-normalisation block (``{"mean": [r, g, b], "std": [r, g, b]}``) or None.
     Resizing is Pillow's antialiased bilinear, identical on every platform Pillow runs on.
     """
-    img = load_image(source)
+    img = load_image(source, size)
     if img.size != (size, size):
         img = img.resize((size, size), Image.BILINEAR)
     arr = np.asarray(img, dtype=np.uint8)

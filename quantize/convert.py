@@ -71,10 +71,25 @@ def with_class_scores(model):
     return keras.Model(pixels, scores, name=f"{model.name}_scores")
 
 
-def _export(model, workdir: Path) -> Path:
-    saved = workdir / "saved_model"
-    model.export(str(saved), verbose=False)
-    return saved
+def with_pixel_range(model):
+    """``model`` behind a fake-quantisation node fixed to 0..255 in 256 steps: the converter then gives the int8
+    file's uint8 input scale 1 and zero point 0, so a raw pixel is the input value. Calibrated from the cells alone,
+    the input range ends at the brightest calibration pixel (e.g. 250), and a client that hands over raw pixels, as
+    MediaPipe does, would feed the network values ~2% off."""
+    import keras
+    import tensorflow as tf
+
+    class PixelRange(keras.layers.Layer):
+        def call(self, x):
+            return tf.quantization.fake_quant_with_min_max_args(x, min=0.0, max=255.0, num_bits=8)
+
+    pixels = keras.Input(shape=model.input_shape[1:], name="pixels")
+    return keras.Model(pixels, model(PixelRange(name="pixel_range")(pixels)), name=model.name)
+
+
+def _export(model, folder: Path) -> Path:
+    model.export(str(folder), verbose=False)
+    return folder
 
 
 def convert(model, calibration: np.ndarray, fp32_path: Path, int8_path: Path) -> None:
@@ -87,10 +102,10 @@ def convert(model, calibration: np.ndarray, fp32_path: Path, int8_path: Path) ->
 
     scored = with_class_scores(model)
     with tempfile.TemporaryDirectory() as tmp:
-        saved = _export(scored, Path(tmp))
-        converter = tf.lite.TFLiteConverter.from_saved_model(str(saved))
+        converter = tf.lite.TFLiteConverter.from_saved_model(str(_export(scored, Path(tmp) / "float")))
         fp32_path.write_bytes(converter.convert())
 
+        saved = _export(with_pixel_range(scored), Path(tmp) / "int8")
         converter = tf.lite.TFLiteConverter.from_saved_model(str(saved))
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
 
