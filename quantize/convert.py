@@ -71,20 +71,20 @@ def with_class_scores(model):
     return keras.Model(pixels, scores, name=f"{model.name}_scores")
 
 
-def with_pixel_range(model):
-    """``model`` behind a fake-quantisation node fixed to 0..255 in 256 steps: the converter then gives the int8
-    file's uint8 input scale 1 and zero point 0, so a raw pixel is the input value. Calibrated from the cells alone,
-    the input range ends at the brightest calibration pixel (e.g. 250), and a client that hands over raw pixels, as
-    MediaPipe does, would feed the network values ~2% off."""
-    import keras
-    import tensorflow as tf
+def with_full_pixel_range(calibration: np.ndarray) -> np.ndarray:
+    """The calibration cells plus one copy of the first with a pixel at 0 and one at 255.
 
-    class PixelRange(keras.layers.Layer):
-        def call(self, x):
-            return tf.quantization.fake_quant_with_min_max_args(x, min=0.0, max=255.0, num_bits=8)
-
-    pixels = keras.Input(shape=model.input_shape[1:], name="pixels")
-    return keras.Model(pixels, model(PixelRange(name="pixel_range")(pixels)), name=model.name)
+    The int8 file's uint8 input takes its scale from the smallest and largest calibration pixel. NIH cells sit on
+    black but rarely reach 255 (e.g. 250 at the brightest), which would give scale 250/255: our runtime rescales
+    pixels to match, but a client that hands over raw pixels, as MediaPipe does, would feed values ~2% off. One pixel
+    at each end makes the scale 1 and the zero point 0, so a raw pixel is the input value, and moves no other range
+    measurably."""
+    if not len(calibration):
+        return calibration
+    extra = calibration[:1].copy()
+    extra[0, 0, 0, :] = 0
+    extra[0, -1, -1, :] = 255
+    return np.concatenate([calibration, extra])
 
 
 def _export(model, folder: Path) -> Path:
@@ -102,15 +102,15 @@ def convert(model, calibration: np.ndarray, fp32_path: Path, int8_path: Path) ->
 
     scored = with_class_scores(model)
     with tempfile.TemporaryDirectory() as tmp:
-        converter = tf.lite.TFLiteConverter.from_saved_model(str(_export(scored, Path(tmp) / "float")))
+        saved = _export(scored, Path(tmp) / "saved_model")
+        converter = tf.lite.TFLiteConverter.from_saved_model(str(saved))
         fp32_path.write_bytes(converter.convert())
 
-        saved = _export(with_pixel_range(scored), Path(tmp) / "int8")
         converter = tf.lite.TFLiteConverter.from_saved_model(str(saved))
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
 
         def representative():
-            for cell in calibration:
+            for cell in with_full_pixel_range(calibration):
                 yield [cell[None].astype(np.float32)]
 
         converter.representative_dataset = representative
