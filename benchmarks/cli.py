@@ -16,6 +16,7 @@ import numpy as np
 
 from malaria_edge.benchmarks.endtoend import end_to_end, format_end_to_end
 from malaria_edge.benchmarks.energy import PROFILES, active_watts, energy_report
+from malaria_edge.benchmarks.fields import field_energy, format_fields, time_fields
 from malaria_edge.edge_runtime.bundle import DEFAULT_MODEL, ModelBundle, ModelError
 from malaria_edge.edge_runtime.cli import expand_inputs
 from malaria_edge.edge_runtime.images import ImageError, prepare_cell
@@ -178,12 +179,15 @@ def load_cells(images: List[str], size: int, stain: Optional[Dict]) -> (np.ndarr
               help="Files in -> rows on disk on one core: decode, preprocess, interpreter and write per cell, and "
                    "edge-classify's own wall time, for each --e2e-batch.")
 @click.option("--limit", default=5000, show_default=True,
-              help="Cells for --end-to-end: a spread sample of --images, or its files repeated up to this many.")
-@click.option("--e2e-batch", "e2e_batches", multiple=True, type=click.IntRange(1), default=(1, 64),
+              help="Cells for --end-to-end (a spread sample of --images, or its files repeated up to this many); fields for --fields.")
+@click.option("--e2e-batch", "e2e_batches", multiple=True, type=click.IntRange(1), default=(1, 32),
               show_default=True, help="Batch sizes for --end-to-end (repeat the option).")
+@click.option("--fields", "fields_path", type=click.Path(exists=True, path_type=Path),
+              help="Whole microscope fields (a folder or one image): seconds per field on one core (decode, "
+                   "segment, classify) and the energy per field and per slide.")
 def main(model_path, reference, keras_path, no_tutorial, images, threads, runs, warmup, batch, device_profile,
          watts_active, watts_idle, battery_wh, cells_per_slide, json_path, plot_path, end_to_end_mode, limit,
-         e2e_batches):
+         e2e_batches, fields_path):
     """Benchmark the int8 model against the full fp32 model (and the tutorial's Keras ResNet when TensorFlow is
     installed): latency, throughput, CPU, memory, energy per cell and slides per battery charge.
 
@@ -194,6 +198,7 @@ def main(model_path, reference, keras_path, no_tutorial, images, threads, runs, 
       edge-bench --device-profile raspberry-pi-5 --battery-wh 20
       edge-bench --model my_int8.tflite --reference my_fp32.tflite --keras runs/edge/model.keras
       edge-bench --end-to-end --images ../shared/data/cell_images --limit 5000
+      edge-bench --fields ../shared/data/fields/iml_vivax/images --limit 40
     """
     if (watts_active is None) != (watts_idle is None) and watts_active is None:
         raise click.UsageError("--watts-idle needs --watts-active")
@@ -207,6 +212,26 @@ def main(model_path, reference, keras_path, no_tutorial, images, threads, runs, 
     paths, problems = expand_inputs([str(images)])
     for p in problems:
         click.echo(f"edge-bench: {p}", err=True)
+    if fields_path is not None:
+        field_paths, problems = expand_inputs([str(fields_path)])
+        for p in problems:
+            click.echo(f"edge-bench: {p}", err=True)
+        if not field_paths:
+            raise click.ClickException(f"{fields_path}: no field images")
+        if watts_active is not None:
+            watts, profile_text = watts_active, f"--watts-active {watts_active} W"
+        else:
+            watts = active_watts(PROFILES[device_profile], 1)
+            profile_text = (f"profile {device_profile}: {watts:.2f} W with 1 busy core; latency measured on this "
+                            "machine")
+        report = time_fields(bundle.path, field_paths[:limit])
+        if not report["fields"]:
+            raise click.ClickException("no readable field images")
+        energy = field_energy(report, watts, cells_per_slide, battery_wh)
+        click.echo(format_fields(report, energy, machine_info(), profile_text))
+        if json_path:
+            json_path.write_text(json.dumps({"machine": machine_info(), **report, "energy": energy}, indent=2))
+        return
     if end_to_end_mode:
         if not paths:
             raise click.ClickException(f"{images}: no images to run end to end")
