@@ -133,7 +133,7 @@ def test_mediapipe_agrees_on_shared_cells(tiny_bundle, shared_data, record_prope
 @pytest.fixture(scope="module")
 def bundled_phone_model():
     from malaria_edge.edge_runtime.bundle import DEFAULT_MODEL, ModelBundle
-    card = ModelBundle(DEFAULT_MODEL, verify=False).card
+    card = ModelBundle(DEFAULT_MODEL, verify=False).card.raw
     if not card.get("quantization", {}).get("phone_ready"):
         pytest.skip("the bundled model predates phone-ready files (int8 output, stain normalisation in numpy); "
                     "re-quantize it with edge-quantize")
