@@ -190,7 +190,8 @@ def load_cells(images: List[str], size: int, stain: Optional[Dict]) -> (np.ndarr
               help="Files in -> rows on disk on one core: decode, preprocess, interpreter and write per cell, and "
                    "edge-classify's own wall time, for each --e2e-batch.")
 @click.option("--limit", default=5000, show_default=True,
-              help="Cells for --end-to-end (a spread sample of --images, or its files repeated up to this many); fields for --fields.")
+              help="Cells for --end-to-end (a spread sample of --images, or its files repeated up to this many); "
+                   "fields for --fields.")
 @click.option("--e2e-batch", "e2e_batches", multiple=True, type=click.IntRange(1), default=(1, 32),
               show_default=True, help="Batch sizes for --end-to-end (repeat the option).")
 @click.option("--fields", "fields_path", type=click.Path(exists=True, path_type=Path),

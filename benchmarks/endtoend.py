@@ -182,7 +182,7 @@ def format_end_to_end(report: Dict, machine: Dict) -> str:
     lines.append(row("files -> rows", lambda r: r["wall_seconds"], lambda r: r["cpu_total_seconds"]))
     lines.append(row("edge-classify", lambda r: r["edge_classify_wall_seconds"],
                      lambda r: r["edge_classify_cpu_seconds"]))
-    lines.append("  edge-classify: a fresh process on the same core, --threads 1, --batch-size as the column; start-up, "
-                 "model load and summary included" + ("" if not report["stain"] else
-                                                      "; the card asks for stain normalisation (in preprocess)"))
+    note = "" if not report["stain"] else "; the card asks for stain normalisation (in preprocess)"
+    lines.append("  edge-classify: a fresh process on the same core, --threads 1, --batch-size as the column; "
+                 "start-up, model load and summary included" + note)
     return "\n".join(lines)
