@@ -41,7 +41,7 @@ def one_core() -> Optional[int]:
 
 
 def pick_cells(paths: List[str], count: int, workdir: Path) -> List[str]:
-    """``count`` distinct files: a spread sample of ``paths`` when there are enough, else ``paths`` repeated through
+    """``count`` distinct paths: a spread sample of ``paths`` when there are enough, else ``paths`` repeated through
     symbolic links in ``workdir`` (``edge-classify`` skips a path it has already seen)."""
     if len(paths) >= count:
         return sorted(random.Random(0).sample(paths, count))
@@ -145,6 +145,7 @@ def end_to_end(model: Path, images: List[str], cells: int, batches: List[int]) -
     with tempfile.TemporaryDirectory(prefix="edge-bench-e2e-") as tmp:
         tmp = Path(tmp)
         paths = pick_cells(images, cells, tmp)
+        distinct = len({Path(p).resolve() for p in paths})
         for batch in batches:
             stages = time_stages(bundle, paths, batch, tmp / f"stages_{batch}.csv")
             wall, cpu = time_edge_classify(bundle.path, paths, batch, tmp / f"classify_{batch}.csv", core)
@@ -152,7 +153,7 @@ def end_to_end(model: Path, images: List[str], cells: int, batches: List[int]) -
                          "edge_classify_cpu_seconds": cpu})
     return {"model": str(bundle.path), "kind": bundle.kind, "backend": bundle.backend,
             "backend_version": bundle.backend_version, "stain": bool(bundle.stain), "cells": len(paths),
-            "distinct_files": len(set(Path(p).resolve() for p in paths)), "core": core, "threads": 1,
+            "distinct_files": distinct, "core": core, "threads": 1,
             "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None, "runs": runs}
 
 
