@@ -267,6 +267,8 @@ def main(paths, model_path, compare, threads, backend, batch_size, threshold, mi
     rows: List[Dict] = list(previous)
     failed: List[str] = []
     show_bar = sys.stderr.isatty() and len(todo) > 1
+    if reference:
+        share_preprocessing(classifier, reference)
     ref_iter = reference.iter_predict(todo, batch_size) if reference else None
     try:
         with click.progressbar(length=len(todo), label="classifying", file=sys.stderr,
@@ -304,6 +306,28 @@ def main(paths, model_path, compare, threads, backend, batch_size, threshold, mi
         click.echo(f"edge-classify: {len(failed)} of {len(images)} images failed (named above); the other results "
                    "are written", err=True)
         sys.exit(1)
+
+
+def share_preprocessing(classifier: Classifier, reference: Classifier) -> None:
+    """Decode each image once with --compare: when both models want the same input (size and stain), the
+    reference takes the cell the model already prepared instead of decoding the file again. The model runs first
+    on every batch, so the cell is always there; a cell it could not prepare is prepared (and refused) again."""
+    if (reference.bundle.size, reference.bundle.stain) != (classifier.bundle.size, classifier.bundle.stain):
+        return
+    prepared: Dict[str, np.ndarray] = {}
+    own, theirs = classifier.preprocess, reference.preprocess
+
+    def keep(item):
+        pixels = own(item)
+        if isinstance(item, str):
+            prepared[item] = pixels
+        return pixels
+
+    def reuse(item):
+        pixels = prepared.pop(item, None) if isinstance(item, str) else None
+        return theirs(item) if pixels is None else pixels
+
+    classifier.preprocess, reference.preprocess = keep, reuse
 
 
 def build_summary(classifier: Classifier, reference: Optional[Classifier], rows: List[Dict], images: List[str],
