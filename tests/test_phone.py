@@ -15,6 +15,8 @@ from mediapipe.tasks.python import vision  # noqa: E402
 from mediapipe.tasks.python.core.base_options import BaseOptions  # noqa: E402
 
 SHARED_CELLS = 500
+# One step of the int8 file's uint8 scores (scale ~1/255): two integer kernels may round one step apart.
+ONE_SCORE_STEP = 1 / 255 + 1e-6
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "cell_images"
 
 
@@ -106,12 +108,13 @@ def test_mediapipe_loads_both_files_and_returns_both_classes(tiny_bundle, sample
 
 @pytest.mark.parametrize("kind", ["int8", "fp32"])
 def test_mediapipe_gives_our_scores_for_the_same_pixels(tiny_bundle, samples, kind, record_property):
-    """Same pixels in, same scores out: the graph, the labels, the uint8 input taken as raw pixels (scale 1, zero
-    0) and the fp32 file's normalisation (mean 0, std 1) mean exactly what our runtime means by them."""
+    """Same pixels in, same scores out (to one output step): the graph, the labels, the uint8 input taken as raw
+    pixels (scale 1, zero 0) and the fp32 file's normalisation (mean 0, std 1) mean exactly what our runtime means
+    by them. Scores, not calls: the tiny smoke model puts many cells within a step of its threshold."""
     paths, _ = expand_inputs([str(samples)])
     figures = compare(tiny_bundle.parent / f"tiny_{kind}.tflite", paths, same_pixels=True)
     text = report(f"tiny {kind}, same pixels", figures, record_property)
-    assert figures["agreement"] >= 0.995 and figures["max_abs_prob_diff"] < 1e-3, text
+    assert figures["max_abs_prob_diff"] <= ONE_SCORE_STEP, text
 
 
 def test_mediapipe_scores_stay_close_when_it_resizes_itself(tiny_bundle, samples, record_property):
@@ -126,7 +129,7 @@ def test_mediapipe_agrees_on_shared_cells(tiny_bundle, shared_data, record_prope
     paths = shared_sample(shared_data)
     same = compare(tiny_bundle, paths, same_pixels=True)
     text = report("tiny int8, NIH cells, same pixels", same, record_property)
-    assert same["agreement"] >= 0.995 and same["max_abs_prob_diff"] < 1e-3, text
+    assert same["max_abs_prob_diff"] <= ONE_SCORE_STEP, text
     own = compare(tiny_bundle, paths)
     text = report("tiny int8, NIH cells, MediaPipe's resize", own, record_property)
     assert own["max_abs_prob_diff"] < 0.05 and own["mean_abs_prob_diff"] < 0.01, text
@@ -151,7 +154,7 @@ def test_mediapipe_agrees_with_edge_classify_on_the_bundled_model(bundled_phone_
         paths += shared_sample(SHARED_DATA)
     same = compare(bundled_phone_model, paths, same_pixels=True)
     text = report("bundled int8, same pixels", same, record_property)
-    assert same["agreement"] >= 0.995 and same["max_abs_prob_diff"] < 1e-3, text
+    assert same["agreement"] >= 0.995 and same["max_abs_prob_diff"] <= ONE_SCORE_STEP, text
     own = compare(bundled_phone_model, paths)
     text = report("bundled int8, MediaPipe's resize", own, record_property)
     assert own["agreement"] >= 0.995, text
