@@ -199,8 +199,8 @@ def _on_sigterm(signum, frame):
               help=f"Interpreter threads, 1-{MAX_THREADS} (default: the backend's).")
 @click.option("--backend", type=click.Choice(["ai_edge_litert", "tflite_runtime", "tensorflow"]),
               help="Force an interpreter (default: the first one installed, in this order).")
-@click.option("--batch-size", type=click.IntRange(1, MAX_BATCH), default=1, show_default=True,
-              help=f"Cells per interpreter call (1-{MAX_BATCH}).")
+@click.option("--batch-size", type=click.IntRange(1, MAX_BATCH), default=32, show_default=True,
+              help=f"Cells per interpreter call, 1-{MAX_BATCH} (rows are still written as each batch finishes).")
 @click.option("--threshold", type=float, callback=_open_unit_interval,
               help="Decision threshold on P(parasitized), strictly between 0 and 1 (default: the card's).")
 @click.option("--min-confidence", type=click.FloatRange(0.5, 1.0),
@@ -312,6 +312,8 @@ def _classify(classifier, reference, found, labels, output, regular_output, fmt,
     rows: List[Dict] = list(previous)
     failed: List[str] = []
     show_bar = sys.stderr.isatty() and len(todo) > 1
+    if reference:
+        share_preprocessing(classifier, reference)
     kinds: Dict[str, int] = {"cell": 0, "field": 0}
     field_results: List[Dict] = []
     written = 0
@@ -402,6 +404,28 @@ def _classify(classifier, reference, found, labels, output, regular_output, fmt,
         click.echo(f"edge-classify: {len(found.problems)} input path(s) could not be used (named above); the images "
                    "found are classified", err=True)
     return 1 if failed or found.problems else 0
+
+
+def share_preprocessing(classifier: Classifier, reference: Classifier) -> None:
+    """Decode each image once with --compare: when both models want the same input (size and stain), the
+    reference takes the cell the model already prepared instead of decoding the file again. The model runs first
+    on every batch, so the cell is always there; a cell it could not prepare is prepared (and refused) again."""
+    if (reference.bundle.size, reference.bundle.stain) != (classifier.bundle.size, classifier.bundle.stain):
+        return
+    prepared: Dict[str, np.ndarray] = {}
+    own, theirs = classifier.preprocess, reference.preprocess
+
+    def keep(item):
+        pixels = own(item)
+        if isinstance(item, str):
+            prepared[item] = pixels
+        return pixels
+
+    def reuse(item):
+        pixels = prepared.pop(item, None) if isinstance(item, str) else None
+        return theirs(item) if pixels is None else pixels
+
+    classifier.preprocess, reference.preprocess = keep, reuse
 
 
 def build_summary(classifier: Classifier, reference: Optional[Classifier], rows: List[Dict], images: List[str],

@@ -248,7 +248,8 @@ def prepare_cell(source: ImageInput, size: int, stain: dict | None = None, centr
     ``stain`` is the card's stain-normalisation block (``{"mean": [r, g, b], "std": [r, g, b]}``) or None.
     Resizing is Pillow's antialiased bilinear, identical on every platform Pillow runs on.
     """
-    img = load_image(source)
+    # A large JPEG is decoded at reduced scale; with room for the central cell to be half the crop's width.
+    img = load_image(source, 2 * size if central else size)
     if central:
         img = cut_central_cell(img)
     if img.size != (size, size):
