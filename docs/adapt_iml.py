@@ -1,0 +1,133 @@
+"""Measure edge-adapt with the IML fields as the new lab (docs/experiments.md, "Adapting to a new lab").
+
+Cuts labelled single cells from ../shared/data/fields/iml_vivax with the team's field split (sorted names, blocks
+of 8 captures: block % 4 == 3 -> test, block % 8 == 1 -> val, else train), writes
+
+  OUT/adapt_cells/{Parasitized,Uninfected}/   N + N cells drawn (seeded) from the "train" fields only
+  OUT/test_cells/{Parasitized,Uninfected}/    every cell of the "test" fields (file names start with the field)
+
+and, with --bundle, evaluates an int8 bundle on the test cells (AUC, sensitivity, specificity at the card's
+threshold, 95% CI by bootstrap over the test fields). Cells are cut by the field path's own segmentation
+(``cut_cell``) when it is importable, else as annotation boxes (``--box``), and then go through ``prepare_cell``.
+
+    python docs/adapt_iml.py cells --out /tmp/iml
+    python docs/adapt_iml.py evaluate --cells /tmp/iml/test_cells --bundle /tmp/nih_bundle/malaria_int8.tflite
+"""
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+from PIL import Image
+
+from malaria_edge.edge_runtime.bundle import ModelBundle
+from malaria_edge.edge_runtime.images import prepare_cell
+from malaria_edge.edge_runtime.metrics import binary_metrics, bootstrap_by_patient, pct
+from malaria_edge.edge_runtime.outputs import parasitized_probability
+
+IML = Path(__file__).resolve().parents[2] / "shared" / "data" / "fields" / "iml_vivax"
+PARASITE_TYPES = {"ring", "trophozoite", "schizont", "gametocyte"}
+
+
+def field_split(names):
+    """The team's IML split by blocks of 8 consecutive captures."""
+    out = {}
+    for i, name in enumerate(sorted(names)):
+        block = i // 8
+        out[name] = "test" if block % 4 == 3 else ("val" if block % 8 == 1 else "train")
+    return out
+
+
+def labelled_boxes(data=IML):
+    """(field name, label, box) for every scored annotation; 'difficult' boxes are left out."""
+    for image in json.loads((data / "annotations.json").read_text()):
+        for obj in image["objects"]:
+            if obj["type"] == "difficult":
+                continue
+            label = "Parasitized" if obj["type"] in PARASITE_TYPES else "Uninfected"
+            box = {k: int(v) for k, v in obj["bbox"].items()}
+            yield image["image_name"], label, box
+
+
+def cut(field: Image.Image, box, use_segmentation: bool) -> Image.Image:
+    if use_segmentation:
+        from malaria_edge.edge_runtime.fields import cut_cell
+        return cut_cell(np.asarray(field), (box["x"], box["y"], box["w"], box["h"]))
+    return field.crop((box["x"], box["y"], box["x"] + box["w"], box["y"] + box["h"]))
+
+
+@click.group()
+def main():
+    """IML cells for edge-adapt and their evaluation."""
+
+
+@main.command()
+@click.option("--out", required=True, type=click.Path(path_type=Path))
+@click.option("--per-class", default=100, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--box", is_flag=True, help="Cut annotation boxes even when the segmentation is available.")
+def cells(out, per_class, seed, box):
+    """Cut the adaptation cells (train fields) and the evaluation cells (test fields)."""
+    use_segmentation = not box
+    if use_segmentation:
+        try:
+            from malaria_edge.edge_runtime.fields import cut_cell  # noqa: F401
+        except ImportError:
+            use_segmentation = False
+    boxes = list(labelled_boxes())
+    split = field_split({name for name, _, _ in boxes})
+    rng = random.Random(seed)
+    chosen = []
+    for label in ("Parasitized", "Uninfected"):
+        pool = [b for b in boxes if b[1] == label and split[b[0]] == "train"]
+        chosen += [("adapt_cells", b) for b in rng.sample(pool, min(per_class, len(pool)))]
+    chosen += [("test_cells", b) for b in boxes if split[b[0]] == "test"]
+    by_field = {}
+    for group, b in chosen:
+        by_field.setdefault(b[0], []).append((group, b))
+    for name, items in sorted(by_field.items()):
+        with Image.open(IML / "images" / name) as img:
+            field = img.convert("RGB")
+        for k, (group, (_, label, b)) in enumerate(items):
+            folder = out / group / label
+            folder.mkdir(parents=True, exist_ok=True)
+            cut(field, b, use_segmentation).save(folder / f"{Path(name).stem}_{b['x']}_{b['y']}.png")
+    for group in ("adapt_cells", "test_cells"):
+        counts = {lab: len(list((out / group / lab).glob("*.png"))) for lab in ("Parasitized", "Uninfected")}
+        print(f"{out / group}: {counts} ({'segmentation cut_cell' if use_segmentation else 'annotation boxes'})")
+
+
+@main.command()
+@click.option("--cells", "cells_dir", required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--bundle", required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--json-out", type=click.Path(path_type=Path))
+def evaluate(cells_dir, bundle, json_out):
+    """AUC, sensitivity and specificity of a bundle on IML test-field cells, CI over fields."""
+    model = ModelBundle(bundle)
+    paths, labels = [], []
+    for label, value in (("Parasitized", 1), ("Uninfected", 0)):
+        for p in sorted((cells_dir / label).glob("*.png")):
+            paths.append(p)
+            labels.append(value)
+    x = np.stack([prepare_cell(p, model.size, model.stain) for p in paths])
+    prob = np.concatenate([parasitized_probability(model.run(x[i:i + 64])[0], model.head)
+                           for i in range(0, len(x), 64)])
+    y = np.array(labels)
+    fields = [p.name.split("_")[0] for p in paths]
+    m = binary_metrics(y, prob, model.threshold)
+    ci = bootstrap_by_patient(y, prob, fields, model.threshold)
+    print(f"{bundle.name}: {len(set(fields))} test fields, {len(y)} cells ({y.sum()} parasitized); threshold "
+          f"{model.threshold}: AUC {m['roc_auc']:.4f} ({ci['roc_auc'][0]:.4f}-{ci['roc_auc'][1]:.4f}), sensitivity "
+          f"{pct(m['sensitivity'])} ({pct(ci['sensitivity'][0])}-{pct(ci['sensitivity'][1])}), specificity "
+          f"{pct(m['specificity'])} ({pct(ci['specificity'][0])}-{pct(ci['specificity'][1])})")
+    if json_out:
+        json_out.write_text(json.dumps({"bundle": str(bundle), "fields": len(set(fields)), "metrics": m,
+                                        "ci95_fields": ci}, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
