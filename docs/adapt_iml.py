@@ -4,6 +4,7 @@ Cuts labelled single cells from ../shared/data/fields/iml_vivax with the team's 
 of 8 captures: block % 4 == 3 -> test, block % 8 == 1 -> val, else train), writes
 
   OUT/adapt_cells/{Parasitized,Uninfected}/   N + N cells drawn (seeded) from the "train" fields only
+  OUT/val_cells/{Parasitized,Uninfected}/     every cell of the "val" fields (for choosing the recipe)
   OUT/test_cells/{Parasitized,Uninfected}/    every cell of the "test" fields (file names start with the field)
 
 and, with --bundle, evaluates an int8 bundle on the test cells (AUC, sensitivity, specificity at the card's
@@ -85,7 +86,7 @@ def cells(out, per_class, seed, box):
     for label in ("Parasitized", "Uninfected"):
         pool = [b for b in boxes if b[1] == label and split[b[0]] == "train"]
         chosen += [("adapt_cells", b) for b in rng.sample(pool, min(per_class, len(pool)))]
-    chosen += [("test_cells", b) for b in boxes if split[b[0]] == "test"]
+    chosen += [(f"{split[b[0]]}_cells", b) for b in boxes if split[b[0]] in ("val", "test")]
     by_field = {}
     for group, b in chosen:
         by_field.setdefault(b[0], []).append((group, b))
@@ -96,7 +97,7 @@ def cells(out, per_class, seed, box):
             folder = out / group / label
             folder.mkdir(parents=True, exist_ok=True)
             cut(field, b, use_segmentation).save(folder / f"{Path(name).stem}_{b['x']}_{b['y']}.png")
-    for group in ("adapt_cells", "test_cells"):
+    for group in ("adapt_cells", "val_cells", "test_cells"):
         counts = {lab: len(list((out / group / lab).glob("*.png"))) for lab in ("Parasitized", "Uninfected")}
         print(f"{out / group}: {counts} ({'segmentation cut_cell' if use_segmentation else 'annotation boxes'})")
 
@@ -107,6 +108,12 @@ def cells(out, per_class, seed, box):
 @click.option("--json-out", type=click.Path(path_type=Path))
 def evaluate(cells_dir, bundle, json_out):
     """AUC, sensitivity and specificity of a bundle on IML test-field cells, CI over fields."""
+    result = evaluate_bundle(cells_dir, bundle)
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2))
+
+
+def evaluate_bundle(cells_dir: Path, bundle: Path) -> dict:
     model = ModelBundle(bundle)
     paths, labels = [], []
     for label, value in (("Parasitized", 1), ("Uninfected", 0)):
@@ -124,9 +131,47 @@ def evaluate(cells_dir, bundle, json_out):
           f"{model.threshold}: AUC {m['roc_auc']:.4f} ({ci['roc_auc'][0]:.4f}-{ci['roc_auc'][1]:.4f}), sensitivity "
           f"{pct(m['sensitivity'])} ({pct(ci['sensitivity'][0])}-{pct(ci['sensitivity'][1])}), specificity "
           f"{pct(m['specificity'])} ({pct(ci['specificity'][0])}-{pct(ci['specificity'][1])})")
-    if json_out:
-        json_out.write_text(json.dumps({"bundle": str(bundle), "fields": len(set(fields)), "metrics": m,
-                                        "ci95_fields": ci}, indent=2))
+    return {"bundle": str(bundle), "fields": len(set(fields)), "metrics": m, "ci95_fields": ci}
+
+
+RECIPES = {
+    "head": dict(strategy="head", learning_rate=3e-3),
+    "last": dict(strategy="last"),
+    "all": dict(strategy="all"),
+    "all-no-replay": dict(strategy="all", replay_cells=0),
+    "all-lr3e-4": dict(strategy="all", learning_rate=3e-4),
+    "all-10ep": dict(strategy="all", epochs=10),
+}
+
+
+@main.command()
+@click.option("--cells", "cells_root", required=True, type=click.Path(exists=True, path_type=Path),
+              help="OUT of the cells command.")
+@click.option("--model", required=True, type=click.Path(exists=True, path_type=Path), help="Base bundle.")
+@click.option("--replay", required=True, type=click.Path(exists=True, path_type=Path), help="NIH manifest.")
+@click.option("--work", required=True, type=click.Path(path_type=Path), help="Folder for the adapted bundles.")
+@click.option("--on", "split", default="val", show_default=True, help="Fields to score on: val (choosing) or test.")
+@click.option("--recipe", "names", multiple=True, help="Recipes to run (default: all).")
+@click.option("--seed", default=0, show_default=True)
+def sweep(cells_root, model, replay, work, split, names, seed):
+    """Adapt with each recipe and score it on the val (or test) fields' cells; one JSON line per recipe."""
+    import time
+
+    from malaria_edge.train.adapt import Recipe, adapt
+    for name in names or RECIPES:
+        out = work / f"{name}_seed{seed}"
+        started = time.time()
+        result = adapt(cells_root / "adapt_cells", out, model, replay if RECIPES[name].get("replay_cells", 1) else None,
+                       recipe=Recipe(**RECIPES[name], seed=seed), log=lambda m: None)
+        seconds = time.time() - started
+        scored = evaluate_bundle(cells_root / f"{split}_cells", result.int8_path)
+        old = result.adaptation.get("old_lab_test") or {}
+        print(json.dumps({"recipe": name, "seed": seed, "on": split, "seconds": round(seconds),
+                          "threshold": result.card["threshold"],
+                          **{k: scored["metrics"][k] for k in ("roc_auc", "sensitivity", "specificity")},
+                          "held_out_auc": result.adaptation["held_out"]["after"]["roc_auc"],
+                          "nih_auc": (old.get("after") or {}).get("roc_auc"),
+                          "nih_accuracy": (old.get("after") or {}).get("accuracy")}), flush=True)
 
 
 if __name__ == "__main__":

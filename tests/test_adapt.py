@@ -131,3 +131,13 @@ def test_ctrl_c_leaves_no_half_written_bundle(tiny_bundle, samples, sample_manif
     assert proc.wait(timeout=120) == 130, rest
     assert "nothing was written" in rest and "Traceback" not in rest
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cells"]
+
+
+def test_the_python_twin_loads_tensorflow_only_when_used():
+    import sys as _sys
+    script = ("import sys, malaria_edge; assert 'tensorflow' not in sys.modules; "
+              "from malaria_edge import Classifier; f = malaria_edge.adapt; "
+              "assert f.__module__ == 'malaria_edge.train.adapt'; print('LAZY_OK')")
+    done = subprocess.run([_sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert done.returncode == 0 and "LAZY_OK" in done.stdout, done.stderr[-2000:]
