@@ -10,10 +10,10 @@ import numpy as np
 from PIL import Image
 
 from .bundle import DEFAULT_MODEL, ModelBundle
-from .images import ImageError, ImageInput, prepare_cell
+from .images import ImageError, ImageInput, load_image, prepare_cell
 from .labels import PARASITIZED, REVIEW, UNINFECTED, label_from_folder, patient_id
 from .outputs import parasitized_probability
-from .patients import DEFAULT_RULE, summarize_groups
+from .patients import summarize_groups
 
 
 @dataclass
@@ -63,8 +63,10 @@ class Classifier:
         return cls(ModelBundle(model or DEFAULT_MODEL, threads=threads, backend=backend), threshold, min_confidence)
 
     @property
-    def rule(self) -> Dict:
-        return self.bundle.card.get("patient_rule", DEFAULT_RULE)
+    def rule(self) -> Optional[Dict]:
+        """The card's patient-level rule, or None when the card has none (then no group gets a call)."""
+        rule = self.bundle.card.patient_rule
+        return rule.as_dict() if rule else None
 
     def decide(self, prob: float) -> str:
         """parasitized / uninfected, or review when the confidence is below ``min_confidence``."""
@@ -73,7 +75,22 @@ class Classifier:
         return PARASITIZED if prob >= self.threshold else UNINFECTED
 
     def preprocess(self, item: ImageInput) -> np.ndarray:
+        """A single-cell image as model input: its central cell cut and masked like a field's cell."""
         return prepare_cell(item, self.bundle.size, self.bundle.stain)
+
+    def prepare_crop(self, crop: np.ndarray) -> np.ndarray:
+        """A cell already cut by ``segment.cut_cell`` as model input."""
+        return prepare_cell(crop, self.bundle.size, self.bundle.stain, central=False)
+
+    def classify_field(self, image: ImageInput, source: Optional[str] = None) -> "FieldResult":
+        """Find every red cell of a microscope field (path, PIL image or HxWx3 array), classify each, and return
+        a :class:`~malaria_edge.edge_runtime.fields.FieldResult` (cells with boxes and calls, counts,
+        parasitemia with its interval, ``plot()``, ``save_crops(dir)``)."""
+        from .fields import classify_field
+        rgb = np.asarray(load_image(image), dtype=np.uint8)
+        if source is None:
+            source = str(image) if isinstance(image, (str, os.PathLike)) else "<field>"
+        return classify_field(self, rgb, source)
 
     def probabilities(self, pixels: np.ndarray) -> tuple:
         """Probabilities for a uint8 batch, and the inference seconds of the batch."""

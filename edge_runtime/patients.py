@@ -6,25 +6,28 @@ a minimum fraction. The rule is chosen on the validation patients only and store
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Mapping, Sequence
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
 import numpy as np
 
 from .labels import PARASITIZED, REVIEW
 from .metrics import wilson_interval
 
-POSITIVE, NEGATIVE, INDETERMINATE = "positive", "negative", "indeterminate"
+POSITIVE, NEGATIVE, INDETERMINATE, NO_CALL = "positive", "negative", "indeterminate", "no call"
+NO_RULE_REASON = "the model card has no patient rule"
 
 DEFAULT_RULE = {"min_cells": 20, "min_parasitized": 3, "min_fraction": 0.1, "max_review_fraction": 0.5}
 
 
-def call_group(cells: int, parasitized: int, review: int, rule: Mapping, failed: int = 0) -> Dict:
+def call_group(cells: int, parasitized: int, review: int, rule: Optional[Mapping], failed: int = 0) -> Dict:
     """Summarise one slide or patient: counts, parasitized fraction (of confidently classified cells) with its
-    95% Wilson interval, and the call with its reason."""
+    95% Wilson interval, and the call with its reason. Without a rule there is no call (never a default rule)."""
     classified = cells - review
     fraction = parasitized / classified if classified else None
     low, high = wilson_interval(parasitized, classified)
-    if cells == 0:
+    if rule is None:
+        call, reason = NO_CALL, NO_RULE_REASON
+    elif cells == 0:
         call, reason = INDETERMINATE, "no readable cell images" + (f" ({failed} failed)" if failed else "")
     elif cells < rule["min_cells"]:
         call, reason = INDETERMINATE, f"too few cells ({cells} < {rule['min_cells']})"
@@ -50,7 +53,7 @@ def call_group(cells: int, parasitized: int, review: int, rule: Mapping, failed:
     }
 
 
-def summarize_groups(rows: Iterable[Mapping], rule: Mapping, key: str = "group") -> Dict[str, Dict]:
+def summarize_groups(rows: Iterable[Mapping], rule: Optional[Mapping], key: str = "group") -> Dict[str, Dict]:
     """Group result rows (each with ``prediction`` and ``key``; failed rows carry ``error``) into per-group calls.
     When rows carry a ``true_label``, each group also gets its true status (infected if any cell is parasitized)."""
     groups: Dict[str, Dict] = {}

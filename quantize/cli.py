@@ -15,11 +15,12 @@ import click
 import numpy as np
 
 from malaria_edge.edge_runtime.bundle import ModelBundle, sha256_file
-from malaria_edge.edge_runtime.metrics import binary_metrics, bootstrap_by_patient, pct
+from malaria_edge.train.cli import require_tensorflow
+from malaria_edge.edge_runtime.card import CARD_SCHEMA, write_json_atomic
+from malaria_edge.edge_runtime.evaluation import evaluate, format_evaluation
+from malaria_edge.edge_runtime.metrics import pct
 from malaria_edge.edge_runtime.outputs import parasitized_probability
-from malaria_edge.edge_runtime.patients import choose_rule, evaluate_rule, per_patient_counts
-
-CARD_SCHEMA = "malaria-edge/model-card/1"
+from malaria_edge.edge_runtime.patients import choose_rule, per_patient_counts
 
 
 def run_bundle(bundle: ModelBundle, pixels: np.ndarray, batch: int = 64) -> np.ndarray:
@@ -29,13 +30,6 @@ def run_bundle(bundle: ModelBundle, pixels: np.ndarray, batch: int = 64) -> np.n
         raw, _ = bundle.run(pixels[start:start + batch])
         out.append(parasitized_probability(raw, bundle.head))
     return np.concatenate(out) if out else np.zeros(0)
-
-
-def _metrics_block(y, prob, patients, threshold, rule) -> Dict:
-    m = binary_metrics(y, prob, threshold)
-    m["ci95"] = bootstrap_by_patient(y, prob, patients, threshold)
-    m["patient_level"] = evaluate_rule(per_patient_counts(prob, y, patients, threshold), rule)["metrics"]
-    return m
 
 
 def quantize(model_path: Path, manifest: Path, out: Path, name: str = "malaria", calibration_size: int = 400,
@@ -106,7 +100,7 @@ def quantize(model_path: Path, manifest: Path, out: Path, name: str = "malaria",
     for path, kind in ((int8_path, "int8"), (fp32_path, "fp32")):
         card["files"][path.name] = {"kind": kind, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
     card_path = out / f"{name}.json"
-    card_path.write_text(json.dumps(card, indent=2))
+    write_json_atomic(card_path, card)
 
     bundles = {kind: ModelBundle(path, threads=threads) for path, kind in ((int8_path, "int8"), (fp32_path, "fp32"))}
     for kind, b in bundles.items():
@@ -129,12 +123,13 @@ def quantize(model_path: Path, manifest: Path, out: Path, name: str = "malaria",
     test = {"split": "test", "patients": len(set(patients)), "cells": int(len(y)),
             "cells_parasitized": int(y.sum()), "cells_uninfected": int(len(y) - y.sum())}
     for kind in ("int8", "fp32", "keras"):
-        test[kind] = _metrics_block(y, probs["test"][kind], patients, threshold, rule)
+        test[kind] = evaluate("test", y, probs["test"][kind], patients, threshold, rule)
     p8, p32, pk = probs["test"]["int8"], probs["test"]["fp32"], probs["test"]["keras"]
     test["agreement_int8_fp32"] = float(np.mean((p8 >= threshold) == (p32 >= threshold)))
     test["max_abs_prob_diff_int8_fp32"] = float(np.max(np.abs(p8 - p32)))
     test["max_abs_prob_diff_fp32_keras"] = float(np.max(np.abs(p32 - pk)))
-    test["int8_accuracy_drop_points"] = 100 * (test["fp32"]["accuracy"] - test["int8"]["accuracy"])
+    test["int8_accuracy_drop_points"] = 100 * (test["fp32"]["metrics"]["accuracy"] -
+                                               test["int8"]["metrics"]["accuracy"])
     test["int8_majority_class_share"] = float(max(np.mean(p8 >= threshold), np.mean(p8 < threshold)))
     card["test"] = test
     card["sizes"] = {"keras_bytes": keras_bytes, "fp32_bytes": fp32_path.stat().st_size,
@@ -142,13 +137,15 @@ def quantize(model_path: Path, manifest: Path, out: Path, name: str = "malaria",
                      "int8_compression_vs_keras": keras_bytes / int8_path.stat().st_size,
                      "fp32_compression_vs_keras": keras_bytes / fp32_path.stat().st_size}
     for path, kind in ((int8_path, "int8"), (fp32_path, "fp32")):
-        card["files"][path.name]["test_metrics"] = {k: test[kind][k] for k in (
-            "accuracy", "sensitivity", "specificity", "f1", "mcc", "roc_auc", "confusion_matrix", "ci95",
-            "patient_level")}
+        ev = test[kind]
+        card["files"][path.name]["test_metrics"] = {
+            **{k: ev["metrics"][k] for k in ("accuracy", "sensitivity", "specificity", "f1", "mcc", "roc_auc",
+                                             "confusion_matrix")},
+            "ci95": ev["ci95"], "patient_level": ev["patient_level"]["metrics"]}
     card["quantization"] = {"method": "post-training full-integer (int8 weights per channel, int8 activations)",
                             "input": "uint8 raw pixels", "output": "int8 logit" if head == "logit" else "int8",
                             "max_drop_points": max_drop_points}
-    card_path.write_text(json.dumps(card, indent=2))
+    write_json_atomic(card_path, card)
     return card
 
 
@@ -165,14 +162,11 @@ def format_card_summary(card: Dict) -> str:
     sizes = {"int8": card["sizes"]["int8_bytes"], "fp32": card["sizes"]["fp32_bytes"],
              "keras": card["sizes"]["keras_bytes"]}
     for kind in ("int8", "fp32", "keras"):
-        m = t[kind]
+        m = t[kind]["metrics"]
         lines.append(f"{kind:<8}{pct(m['accuracy']):>10}{pct(m['sensitivity']):>10}{pct(m['specificity']):>10}"
                      f"{_num(m['f1']):>8}{_num(m['mcc']):>8}{_num(m['roc_auc']):>8}"
-                     f"{sizes[kind] / 1024:>8.0f} KiB  {m['patient_level']['text']}")
-    ci = t["int8"]["ci95"]
-    fmt = {"accuracy": pct, "sensitivity": pct, "specificity": pct, "roc_auc": _num}
-    band = ", ".join(f"{k} {f(ci[k][0])}-{f(ci[k][1])}" for k, f in fmt.items() if ci.get(k))
-    lines.append(f"int8 95% CI (bootstrap over the {t['patients']} test patients): {band}")
+                     f"{sizes[kind] / 1024:>8.0f} KiB  {t[kind]['patient_level']['metrics']['text']}")
+    lines += ["", format_evaluation(t["int8"], title="int8 on the "), ""]
     lines.append(f"int8 vs fp32: agreement {100 * t['agreement_int8_fp32']:.2f}%, accuracy drop "
                  f"{t['int8_accuracy_drop_points']:.2f} points, max |dp| {t['max_abs_prob_diff_int8_fp32']:.4f}; "
                  f"fp32 vs Keras max |dp| {t['max_abs_prob_diff_fp32_keras']:.2e}; int8 is "
@@ -213,6 +207,7 @@ def main(model_path, manifest, out, name, calibration_size, max_drop, threads):
     Example:
       edge-quantize --model runs/edge/model.keras --manifest runs/data/manifest.csv --out runs/bundle
     """
+    require_tensorflow("edge-quantize")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     command = "edge-quantize " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:

@@ -76,6 +76,27 @@ def _dihedral_color(images: tf.Tensor, seed_stream) -> tf.Tensor:
     return tf.clip_by_value(images, 0.0, 255.0)
 
 
+def _lab_shift(images: tf.Tensor) -> tf.Tensor:
+    """What differs between labs, on top of the dihedral/colour jitter: stain hue and saturation, white balance
+    and brightness, focus and camera resolution (blur, or down- and up-sampling: cell diameter in pixels differs by
+    camera and magnification). Per cell, on a float batch in [0, 255] of cells masked on black; the background
+    stays black."""
+    n = tf.shape(images)[0]
+    size = tf.shape(images)[1]
+    foreground = tf.cast(tf.reduce_sum(images, axis=3, keepdims=True) > 30.0, images.dtype)
+    hsv = tf.image.rgb_to_hsv(images / 255.0)
+    hue = tf.math.floormod(hsv[..., 0:1] + tf.random.uniform([n, 1, 1, 1], -0.08, 0.08), 1.0)
+    saturation = tf.clip_by_value(hsv[..., 1:2] * tf.random.uniform([n, 1, 1, 1], 0.6, 1.5), 0.0, 1.0)
+    value = tf.clip_by_value(hsv[..., 2:3] * tf.random.uniform([n, 1, 1, 1], 0.8, 1.2), 0.0, 1.0)
+    images = tf.image.hsv_to_rgb(tf.concat([hue, saturation, value], axis=3)) * 255.0
+    images = images * tf.random.uniform([n, 1, 1, 3], 0.88, 1.12)
+    low = tf.random.uniform([], 0.45, 1.0)
+    small = tf.maximum(8, tf.cast(tf.cast(size, tf.float32) * low, tf.int32))
+    resampled = tf.image.resize(tf.image.resize(images, [small, small], antialias=True), [size, size])
+    images = tf.where(tf.random.uniform([n, 1, 1, 1]) < 0.5, resampled, images)
+    return tf.clip_by_value(images * foreground, 0.0, 255.0)
+
+
 def _tutorial_augmenter(size: int):
     """The tutorial's ImageDataGenerator settings as Keras 3 layers: rotation 20 degrees, zoom, shift and shear 0.05,
     horizontal flip, nearest fill."""
@@ -102,8 +123,10 @@ def make_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, training: bool, 
 
     def to_model(images, labels):
         images = tf.cast(images, tf.float32)
-        if training and augment == "dihedral_color":
+        if training and augment in ("dihedral_color", "multilab"):
             images = _dihedral_color(images, seed)
+        if training and augment == "multilab":
+            images = _lab_shift(images)
         elif augmenter is not None:
             images = augmenter(images, training=True)
         if head == "softmax2":
