@@ -9,7 +9,7 @@ of 8 captures: block % 4 == 3 -> test, block % 8 == 1 -> val, else train), write
 
 and, with --bundle, evaluates an int8 bundle on the test cells (AUC, sensitivity, specificity at the card's
 threshold, 95% CI by bootstrap over the test fields). Cells are cut by the field path's own segmentation
-(``cut_cell``) when it is importable, else as annotation boxes (``--box``), and then go through ``prepare_cell``.
+(``train.iml.cut_field_cells``) and then go through ``prepare_cell``, as edge-adapt and edge-classify do.
 
     python docs/adapt_iml.py cells --out /tmp/iml
     python docs/adapt_iml.py evaluate --cells /tmp/iml/test_cells --bundle /tmp/nih_bundle/malaria_int8.tflite
@@ -23,42 +23,13 @@ from pathlib import Path
 
 import click
 import numpy as np
-from PIL import Image
 
 from malaria_edge.edge_runtime.bundle import ModelBundle
-from malaria_edge.edge_runtime.images import prepare_cell
+from malaria_edge.edge_runtime.images import ImageError, prepare_cell
 from malaria_edge.edge_runtime.metrics import binary_metrics, bootstrap_by_patient, pct
 from malaria_edge.edge_runtime.outputs import parasitized_probability
 
 IML = Path(__file__).resolve().parents[2] / "shared" / "data" / "fields" / "iml_vivax"
-PARASITE_TYPES = {"ring", "trophozoite", "schizont", "gametocyte"}
-
-
-def field_split(names):
-    """The team's IML split by blocks of 8 consecutive captures."""
-    out = {}
-    for i, name in enumerate(sorted(names)):
-        block = i // 8
-        out[name] = "test" if block % 4 == 3 else ("val" if block % 8 == 1 else "train")
-    return out
-
-
-def labelled_boxes(data=IML):
-    """(field name, label, box) for every scored annotation; 'difficult' boxes are left out."""
-    for image in json.loads((data / "annotations.json").read_text()):
-        for obj in image["objects"]:
-            if obj["type"] == "difficult":
-                continue
-            label = "Parasitized" if obj["type"] in PARASITE_TYPES else "Uninfected"
-            box = {k: int(v) for k, v in obj["bbox"].items()}
-            yield image["image_name"], label, box
-
-
-def cut(field: Image.Image, box, use_segmentation: bool) -> Image.Image:
-    if use_segmentation:
-        from malaria_edge.edge_runtime.fields import cut_cell
-        return cut_cell(np.asarray(field), (box["x"], box["y"], box["w"], box["h"]))
-    return field.crop((box["x"], box["y"], box["x"] + box["w"], box["y"] + box["h"]))
 
 
 @click.group()
@@ -68,38 +39,44 @@ def main():
 
 @main.command()
 @click.option("--out", required=True, type=click.Path(path_type=Path))
+@click.option("--fields", "field_dir", default=IML, show_default=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--per-class", default=100, show_default=True)
 @click.option("--seed", default=0, show_default=True)
-@click.option("--box", is_flag=True, help="Cut annotation boxes even when the segmentation is available.")
-def cells(out, per_class, seed, box):
-    """Cut the adaptation cells (train fields) and the evaluation cells (test fields)."""
-    use_segmentation = not box
-    if use_segmentation:
-        try:
-            from malaria_edge.edge_runtime.fields import cut_cell  # noqa: F401
-        except ImportError:
-            use_segmentation = False
-    boxes = list(labelled_boxes())
-    split = field_split({name for name, _, _ in boxes})
+def cells(out, field_dir, per_class, seed):
+    """Cut every annotated field with the field path's segmentation (train.iml.cut_field_cells), then lay out the
+    adaptation cells (drawn from the train fields) and the val and test fields' cells for edge-adapt."""
+    from malaria_edge.train.iml import cut_field_cells
+    if (out / "cut").is_dir():
+        from malaria_edge.train.dataset import Cell
+        cut = [Cell(str(p), p.parent.name.lower(), p.name.split("_")[0], p.parent.parent.name)
+               for p in sorted((out / "cut").glob("*/*/*.png"))]
+        stats = {"reused": str(out / "cut")}
+    else:
+        cut, stats = cut_field_cells(field_dir, out / "cut", log=lambda m: None)
     rng = random.Random(seed)
-    chosen = []
-    for label in ("Parasitized", "Uninfected"):
-        pool = [b for b in boxes if b[1] == label and split[b[0]] == "train"]
-        chosen += [("adapt_cells", b) for b in rng.sample(pool, min(per_class, len(pool)))]
-    chosen += [(f"{split[b[0]]}_cells", b) for b in boxes if split[b[0]] in ("val", "test")]
-    by_field = {}
-    for group, b in chosen:
-        by_field.setdefault(b[0], []).append((group, b))
-    for name, items in sorted(by_field.items()):
-        with Image.open(IML / "images" / name) as img:
-            field = img.convert("RGB")
-        for k, (group, (_, label, b)) in enumerate(items):
-            folder = out / group / label
-            folder.mkdir(parents=True, exist_ok=True)
-            cut(field, b, use_segmentation).save(folder / f"{Path(name).stem}_{b['x']}_{b['y']}.png")
-    for group in ("adapt_cells", "val_cells", "test_cells"):
+    groups = {"val_cells": [c for c in cut if c.split == "val"], "test_cells": [c for c in cut if c.split == "test"]}
+    groups["adapt_cells"] = []
+    for label in ("parasitized", "uninfected"):
+        pool = sorted((c for c in cut if c.split == "train" and c.label == label), key=lambda c: c.path)
+        drawn = []
+        for c in rng.sample(pool, len(pool)):
+            if len(drawn) == per_class:
+                break
+            try:
+                prepare_cell(c.path, 48)   # a crop the runtime cannot read again is no use to a clinic either
+            except ImageError:
+                print(f"not drawn (prepare_cell refuses it): {c.path}")
+                continue
+            drawn.append(c)
+        groups["adapt_cells"] += drawn
+    for group, members in groups.items():
+        for c in members:
+            link = out / group / ("Parasitized" if c.label == "parasitized" else "Uninfected") / Path(c.path).name
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(Path(c.path).resolve())
         counts = {lab: len(list((out / group / lab).glob("*.png"))) for lab in ("Parasitized", "Uninfected")}
-        print(f"{out / group}: {counts} ({'segmentation cut_cell' if use_segmentation else 'annotation boxes'})")
+        print(f"{out / group}: {counts} from {len({Path(c.path).name.split('_')[0] for c in members})} fields")
+    print(json.dumps({k: v for k, v in stats.items() if k != "bad_fields"}))
 
 
 @main.command()
@@ -127,7 +104,7 @@ def evaluate_bundle(cells_dir: Path, bundle: Path) -> dict:
     fields = [p.name.split("_")[0] for p in paths]
     m = binary_metrics(y, prob, model.threshold)
     ci = bootstrap_by_patient(y, prob, fields, model.threshold)
-    print(f"{bundle.name}: {len(set(fields))} test fields, {len(y)} cells ({y.sum()} parasitized); threshold "
+    print(f"{bundle.name}: {len(set(fields))} fields, {len(y)} cells ({y.sum()} parasitized); threshold "
           f"{model.threshold}: AUC {m['roc_auc']:.4f} ({ci['roc_auc'][0]:.4f}-{ci['roc_auc'][1]:.4f}), sensitivity "
           f"{pct(m['sensitivity'])} ({pct(ci['sensitivity'][0])}-{pct(ci['sensitivity'][1])}), specificity "
           f"{pct(m['specificity'])} ({pct(ci['specificity'][0])}-{pct(ci['specificity'][1])})")

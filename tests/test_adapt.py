@@ -50,7 +50,8 @@ def test_card_records_the_adaptation(adapted, tiny_bundle, samples):
     held = a["held_out"]
     assert held["unit"] == "patients" and a["cells"]["held_out"]["parasitized"] >= 3
     for key in ("before", "after"):
-        assert 0.0 <= held[key]["roc_auc"] <= 1.0 and set(held[key]["ci95"]) >= {"sensitivity", "specificity"}
+        assert 0.0 <= held[key]["metrics"]["roc_auc"] <= 1.0
+        assert set(held[key]["ci95"]) >= {"sensitivity", "specificity"} and held[key]["unit"] == "patients"
     assert 0 < card["threshold"] < 1 and card["patient_rule"]["min_fraction"] > 0
     assert a["old_lab_test"]["cells"] > 0 and 0 < a["replay"]["cells"] <= 40
     assert card["keras_model"]["sha256"] == sha256_file(result.keras_path)

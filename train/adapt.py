@@ -25,12 +25,14 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from malaria_edge.edge_runtime.bundle import DEFAULT_MODEL, ModelBundle, ModelError, find_card, sha256_file
+from malaria_edge.edge_runtime.card import CardError, parse_card, write_json_atomic
+from malaria_edge.edge_runtime.evaluation import evaluate
 from malaria_edge.edge_runtime.images import ImageError, is_image_path, prepare_cell
 from malaria_edge.edge_runtime.labels import PARASITIZED, UNINFECTED, patient_id
 from malaria_edge.edge_runtime.machine import machine_info
-from malaria_edge.edge_runtime.metrics import binary_metrics, bootstrap_by_patient, pct, wilson_interval
+from malaria_edge.edge_runtime.metrics import pct, wilson_interval
 from malaria_edge.edge_runtime.outputs import parasitized_probability
-from malaria_edge.edge_runtime.patients import DEFAULT_RULE, choose_rule, evaluate_rule, per_patient_counts
+from malaria_edge.edge_runtime.patients import DEFAULT_RULE, choose_rule, per_patient_counts
 
 # The held-out part must estimate sensitivity and specificity: 30 cells a class with 30% held out leaves 9 a class
 # there (one missed parasitized cell moves sensitivity by 11 points); fewer cannot tell a good model from a bad one.
@@ -128,6 +130,10 @@ def find_base(model: Optional[os.PathLike]) -> BaseModel:
         raise AdaptError(f"{card_path}: not a model card (no malaria-edge schema); pass a bundle written by "
                          "edge-quantize or edge-adapt", 2)
     card = json.loads(card_path.read_text())
+    try:
+        parse_card(card)
+    except CardError as exc:
+        raise AdaptError(f"{card_path}: {exc}", 2) from None
     int8 = [name for name, info in card.get("files", {}).items() if info.get("kind") == "int8"]
     if not int8:
         raise AdaptError(f"{card_path}: the card describes no int8 model; pass a bundle written by edge-quantize", 2)
@@ -343,12 +349,12 @@ def run_int8(bundle: ModelBundle, pixels: np.ndarray, batch: int = 64) -> np.nda
     return np.concatenate(out) if out else np.zeros(0)
 
 
-def metrics_with_ci(y: np.ndarray, prob: np.ndarray, threshold: float, groups: Sequence[str], unit: str) -> Dict:
-    """Cell metrics at ``threshold`` with 95% bootstrap intervals over ``unit`` (resampling ``groups``)."""
-    m = binary_metrics(y, prob, threshold)
-    m["ci95"] = bootstrap_by_patient(y, prob, list(groups), threshold)
-    m["ci95_unit"] = unit
-    return m
+def evaluate_on(split: str, source: str, y: np.ndarray, prob: np.ndarray, threshold: float, groups: Sequence[str],
+                unit: str) -> Dict:
+    """The project's one evaluation (metrics, 95% bootstrap intervals over ``unit``), without per-group counts."""
+    ev = evaluate(split, y, prob, list(groups), threshold, unit=unit, source=source)
+    ev.pop("patient_counts", None)
+    return ev
 
 
 def refit_unfamiliar(card: Dict, keras_model, pixels: np.ndarray) -> str:
@@ -392,7 +398,7 @@ def _old_lab_block(before: ModelBundle, after: ModelBundle, test, base_threshold
     out = {"split": "test", "patients": len(set(patients)), "cells": int(len(y)),
            "cells_parasitized": int(y.sum()), "cells_uninfected": int(len(y) - y.sum())}
     for key, bundle, t in (("before", before, base_threshold), ("after", after, threshold)):
-        out[key] = metrics_with_ci(y, run_int8(bundle, x), t, patients, "patients")
+        out[key] = evaluate_on("test", "old lab", y, run_int8(bundle, x), t, patients, "patients")
         out[key]["model"] = bundle.path.name
     return out
 
@@ -401,6 +407,12 @@ def check_out(out: Path) -> None:
     """Refuse an output folder that holds anything: a bundle is never overwritten or mixed with other files."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise AdaptError(f"{out} exists and is not empty; edge-adapt never overwrites a bundle: choose a new --out", 2)
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process (all threads): what a run costs whatever else shares the machine."""
+    t = os.times()
+    return t.user + t.system
 
 
 def _prepare_out(out: Path) -> Path:
@@ -431,7 +443,7 @@ def adapt(cells: os.PathLike, out: os.PathLike, model: Optional[os.PathLike] = N
 
     from malaria_edge.quantize.convert import convert
 
-    started = time.time()
+    started, started_cpu = time.time(), _cpu_seconds()
     recipe = recipe or Recipe()
     if recipe.strategy not in STRATEGIES:
         raise AdaptError(f"unknown strategy {recipe.strategy!r}; use one of {', '.join(STRATEGIES)}", 2)
@@ -449,7 +461,10 @@ def adapt(cells: os.PathLike, out: os.PathLike, model: Optional[os.PathLike] = N
     check_counts(clinic, min_cells)
     tmp = _prepare_out(out)
     try:
-        base_bundle = ModelBundle(base.int8_path)
+        try:
+            base_bundle = ModelBundle(base.int8_path)
+        except ModelError as exc:
+            raise AdaptError(str(exc), 2) from None
         keep, held = holdout_split(clinic.labels, holdout, recipe.seed)
         log(f"{len(clinic.paths)} clinic cells ({clinic.count(1)} parasitized, {clinic.count(0)} uninfected); "
             f"fine-tuning on {len(keep)}, holding out {len(held)} (stratified, seed {recipe.seed})")
@@ -458,9 +473,11 @@ def adapt(cells: os.PathLike, out: os.PathLike, model: Optional[os.PathLike] = N
         unit = "patients" if with_patients else "cells"
         ci_groups = held_groups if with_patients else [str(i) for i in range(len(held))]
         y_held, x_held = clinic.labels[held], clinic.pixels[held]
-        before = metrics_with_ci(y_held, run_int8(base_bundle, x_held), base_bundle.threshold, ci_groups, unit)
-        log(f"before: held-out AUC {before['roc_auc']:.4f}, sensitivity {pct(before['sensitivity'])}, "
-            f"specificity {pct(before['specificity'])} (base int8, threshold {base_bundle.threshold})")
+        before = evaluate_on("held-out", "clinic", y_held, run_int8(base_bundle, x_held), base_bundle.threshold,
+                             ci_groups, unit)
+        m = before["metrics"]
+        log(f"before: held-out AUC {m['roc_auc']:.4f}, sensitivity {pct(m['sensitivity'])}, "
+            f"specificity {pct(m['specificity'])} (base int8, threshold {base_bundle.threshold})")
 
         replay_xy, old_test, replay_meta = _replay_and_old_test(Path(replay) if replay else None, size, stain,
                                                                 recipe.replay_cells, recipe.seed)
@@ -491,27 +508,29 @@ def adapt(cells: os.PathLike, out: os.PathLike, model: Optional[os.PathLike] = N
                                "sha256": sha256_file(keras_path)}
         card["threshold"] = 0.5
         card_path = tmp / f"{name}.json"
-        card_path.write_text(json.dumps(card, indent=2))
+        write_json_atomic(card_path, card)
         bundles = {kind: ModelBundle(p) for p, kind in ((int8_path, "int8"), (fp32_path, "fp32"))}
         for b in bundles.values():
             card["files"][b.path.name].update({"input_dtype": b.input_dtype, "output_dtype": b.output_dtype})
 
         prob_int8 = run_int8(bundles["int8"], x_held)
         threshold = choose_threshold(y_held, prob_int8)
-        after = metrics_with_ci(y_held, prob_int8, threshold, ci_groups, unit)
-        after_fp32 = metrics_with_ci(y_held, run_int8(bundles["fp32"], x_held), threshold, ci_groups, unit)
+        after = evaluate_on("held-out", "clinic", y_held, prob_int8, threshold, ci_groups, unit)
+        after_fp32 = evaluate_on("held-out", "clinic", y_held, run_int8(bundles["fp32"], x_held), threshold,
+                                 ci_groups, unit)
         rule = clinic_rule(y_held, prob_int8, threshold, held_groups if with_patients else None,
                            base.card.get("patient_rule") or DEFAULT_RULE)
         card["threshold"] = threshold
         card["patient_rule"] = rule
-        log(f"after:  held-out AUC {after['roc_auc']:.4f}, sensitivity {pct(after['sensitivity'])}, "
-            f"specificity {pct(after['specificity'])} (int8, threshold {threshold} chosen on these cells)")
+        m = after["metrics"]
+        log(f"after:  held-out AUC {m['roc_auc']:.4f}, sensitivity {pct(m['sensitivity'])}, "
+            f"specificity {pct(m['specificity'])} (int8, threshold {threshold} chosen on these cells)")
         old_lab = (_old_lab_block(base_bundle, bundles["int8"], old_test, base_bundle.threshold, threshold)
                    if old_test is not None else None)
         if old_lab:
+            b, a = old_lab["before"]["metrics"], old_lab["after"]["metrics"]
             log(f"old lab test split ({old_lab['patients']} patients, {old_lab['cells']} cells): AUC "
-                f"{old_lab['before']['roc_auc']:.4f} -> {old_lab['after']['roc_auc']:.4f}, accuracy "
-                f"{pct(old_lab['before']['accuracy'])} -> {pct(old_lab['after']['accuracy'])}")
+                f"{b['roc_auc']:.4f} -> {a['roc_auc']:.4f}, accuracy {pct(b['accuracy'])} -> {pct(a['accuracy'])}")
         unfamiliar = refit_unfamiliar(card, keras_model, clinic.pixels[keep])
 
         card["data"] = {**card.get("data", {}), "calibration": {
@@ -538,6 +557,7 @@ def adapt(cells: os.PathLike, out: os.PathLike, model: Optional[os.PathLike] = N
             "old_lab_test": old_lab,
             "unfamiliar": unfamiliar,
             "wall_seconds": time.time() - started,
+            "cpu_seconds": _cpu_seconds() - started_cpu,
             "machine": machine_info(),
             "tensorflow": tf.__version__,
             "keras": keras.__version__,
@@ -546,9 +566,8 @@ def adapt(cells: os.PathLike, out: os.PathLike, model: Optional[os.PathLike] = N
                          "int8_bytes": int8_path.stat().st_size}
         if command:
             card["commands"] = list(card.get("commands", [])) + [command]
-        card_tmp = card_path.with_suffix(".json.tmp")
-        card_tmp.write_text(json.dumps(card, indent=2, default=float))
-        os.replace(card_tmp, card_path)
+        parse_card(card)
+        write_json_atomic(card_path, card)
         ModelBundle(int8_path)
         if out.is_dir():
             out.rmdir()
@@ -566,8 +585,8 @@ def format_adaptation(card: Dict) -> str:
     h = a["held_out"]
     cells = a["cells"]["held_out"]
 
-    def row(label: str, m: Dict) -> str:
-        ci = m["ci95"]
+    def row(label: str, ev: Dict) -> str:
+        m, ci = ev["metrics"], ev["ci95"]
 
         def band(key, fmt):
             return f" ({fmt(ci[key][0])}-{fmt(ci[key][1])})" if ci.get(key) else ""
@@ -589,5 +608,6 @@ def format_adaptation(card: Dict) -> str:
     rule = card["patient_rule"]
     lines.append(f"patient rule: positive with >= {rule['min_parasitized']} parasitized cells and >= "
                  f"{100 * rule['min_fraction']:.1f}% of cells ({rule['chosen_on']})")
-    lines.append(f"took {a['wall_seconds'] / 60:.1f} min on {a['machine']['cpu']} ({a['machine']['cores']} cores)")
+    lines.append(f"took {a['wall_seconds'] / 60:.1f} min wall, {a['cpu_seconds'] / 60:.1f} min CPU on "
+                 f"{a['machine']['cpu']} ({a['machine']['cores']} cores)")
     return "\n".join(lines)

@@ -157,7 +157,11 @@ def adapt_main(cells_dir, out, model_path, replay, name, strategy, epochs, learn
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         click.echo(f"edge-adapt: interrupted; nothing was written to {out}", err=True)
-        sys.exit(130)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # TensorFlow's input-pipeline threads can hold a normal interpreter exit for minutes after an interrupted
+        # fit; the temporary folder is already removed, so leave at once.
+        os._exit(130)
     click.echo(format_adaptation(result.card))
     click.echo(f"bundle: {result.int8_path}, {result.fp32_path}, {result.card_path}, {result.keras_path}")
     click.echo(f"use it: edge-classify CELLS --model {result.int8_path}")
