@@ -121,7 +121,9 @@ def test_ctrl_c_leaves_no_half_written_bundle(tiny_bundle, samples, sample_manif
     out = tmp_path / "out"
     proc = subprocess.Popen([str(BIN / "edge-adapt"), "--cells", str(cells), "--out", str(out), "--model",
                              str(tiny_bundle.parent), "--epochs", "400"], stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+                            # a shell without job control starts background jobs with SIGINT ignored; Ctrl-C is on
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     for line in proc.stderr:
         if line.startswith("epoch 1/"):
