@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
+import numpy as np
+
 from .outputs import HEADS
 
 CARD_SCHEMA = "malaria-edge/model-card/2"
@@ -137,11 +139,26 @@ def _unfamiliar(value: Any) -> Optional[Unfamiliar]:
     method = u.get("method")
     if not isinstance(method, str) or not method:
         _fail("unfamiliar.method", method, "must name the score")
+    statistics = dict(_mapping("unfamiliar.statistics", u.get("statistics", {})))
+    components = statistics.get("components")
+    if not isinstance(components, list) or not components:
+        _fail("unfamiliar.statistics.components", components, "must be a non-empty list of fitted sources")
+    for i, comp in enumerate(components):
+        mean, inverse = _mapping(f"unfamiliar.statistics.components[{i}]", comp).get("mean"), comp.get(
+            "inverse_covariance")
+        try:
+            mean_arr, inv_arr = np.asarray(mean, dtype=float), np.asarray(inverse, dtype=float)
+        except (TypeError, ValueError):
+            _fail(f"unfamiliar.statistics.components[{i}]", comp.get("source"), "mean/inverse_covariance not numeric")
+        if mean_arr.ndim != 1 or inv_arr.shape != (len(mean_arr), len(mean_arr)) or not (
+                np.isfinite(mean_arr).all() and np.isfinite(inv_arr).all()):
+            _fail(f"unfamiliar.statistics.components[{i}]", comp.get("source"),
+                  "needs a finite mean vector and a matching square inverse covariance")
     return Unfamiliar(method=method,
-                      threshold=_number("unfamiliar.threshold", u.get("threshold"), -1e12, 1e12),
+                      threshold=_number("unfamiliar.threshold", u.get("threshold"), 0.0, 1e12, open_low=True),
                       warn_fraction=_number("unfamiliar.warn_fraction", u.get("warn_fraction"), 0.0, 1.0,
                                             open_low=True),
-                      statistics=dict(_mapping("unfamiliar.statistics", u.get("statistics", {}))))
+                      statistics=statistics)
 
 
 def parse_card(card: Any) -> ModelCard:

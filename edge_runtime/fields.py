@@ -157,8 +157,10 @@ def classify_field(classifier, rgb: np.ndarray, source: str = "<field>", keep_im
     if regions:
         pixels = np.stack([classifier.prepare_crop(cut_cell(rgb, r)) for r in regions])
         probs, _ = classifier.probabilities(pixels)
+        unfamiliar = classifier.unfamiliar_scores(pixels)
         for index, (region, prob) in enumerate(zip(regions, probs), start=1):
-            cells.append(FieldCell(index, region.box, classifier.decide(float(prob)), float(prob), None, region))
+            score = None if unfamiliar is None else float(unfamiliar[index - 1])
+            cells.append(FieldCell(index, region.box, classifier.decide(float(prob)), float(prob), score, region))
     seconds_classify = time.perf_counter() - start
     return FieldResult(source, int(rgb.shape[1]), int(rgb.shape[0]), cells, found_diameter, seconds_segment,
                        seconds_classify, rgb if keep_image else None)

@@ -66,8 +66,7 @@ def prepare_main(data, out, seed, test_fraction, val_fraction, download, fields)
     for source, info in report["sources"].items():
         if info["unit"] == "fields":
             click.echo(f"\n{source} cells (group = field; split by blocks of consecutive fields):")
-            click.echo(format_counts(info["counts"]).replace("patients", "  fields").replace(
-                "infected", "w/ para.").replace(" healthy", "  w/o pa."))
+            click.echo(format_counts(info["counts"], unit="fields"))
     click.echo(f"manifest: {report['manifest']}  (sha256 {report['manifest_sha256'][:16]}..., seed {seed}; "
                "no patient is in two splits)")
 
@@ -75,8 +74,9 @@ def prepare_main(data, out, seed, test_fraction, val_fraction, download, fields)
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--manifest", type=click.Path(path_type=Path), help="manifest.csv from edge-prepare.")
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder (model.keras, report, plot).")
-@click.option("--preset", type=click.Choice(["edge", "seed", "tiny"]), default="edge", show_default=True,
-              help="edge: our compact ResNet; seed: the tutorial's ResNet and recipe; tiny: a smoke test.")
+@click.option("--preset", type=click.Choice(["edge", "edge-nih", "seed", "tiny"]), default="edge", show_default=True,
+              help="edge: our compact multi-lab ResNet; edge-nih: the first NIH-only recipe; seed: the tutorial's "
+                   "ResNet and recipe; tiny: a smoke test.")
 @click.option("--epochs", type=int, help="Override the preset's epochs.")
 @click.option("--batch-size", type=int, help="Override the preset's batch size.")
 @click.option("--input-size", type=int, help="Override the preset's input size (pixels a side).")

@@ -206,9 +206,11 @@ def split_counts(cells: Iterable[Cell], source: Optional[str] = NIH) -> Dict[str
     return counts
 
 
-def format_counts(counts: Dict[str, Dict]) -> str:
-    """The human table printed by edge-prepare."""
-    lines = [f"{'split':<6} {'patients':>8} {'infected':>8} {'healthy':>8} {'cells':>7} {'parasitized':>11} "
+def format_counts(counts: Dict[str, Dict], unit: str = "patients") -> str:
+    """The human table printed by edge-prepare; ``unit`` names the groups (patients, or fields for field data,
+    where a field "with parasites" is one holding at least one parasitized cell)."""
+    infected, healthy = ("infected", "healthy") if unit == "patients" else ("w/ para.", "without")
+    lines = [f"{'split':<6} {unit:>8} {infected:>8} {healthy:>8} {'cells':>7} {'parasitized':>11} "
              f"{'uninfected':>10}"]
     total = Counter()
     for split, c in counts.items():

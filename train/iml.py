@@ -168,7 +168,7 @@ def cut_field_cells(field_dir: Path, out_dir: Path, log=print) -> Tuple[List[Cel
             folder = "Parasitized" if ann.label == PARASITIZED else "Uninfected"
             crop = out_dir / split / folder / f"{path.stem}_cell{index}.png"
             digest = _save(cut_cell(rgb, region), crop)
-            cells.append(Cell(str(crop), ann.label, path.stem, split, digest, SOURCE))
+            cells.append(Cell(str(crop.resolve()), ann.label, path.stem, split, digest, SOURCE))
         matched_ids = {id(a) for a in matches if a is not None}
         for j, ann in enumerate(anns):
             if ann.label != PARASITIZED:
@@ -181,8 +181,8 @@ def cut_field_cells(field_dir: Path, out_dir: Path, log=print) -> Tuple[List[Cel
             if region is None:
                 continue
             crop = out_dir / split / "Parasitized" / f"{path.stem}_box{j}.png"
-            cells.append(Cell(str(crop), PARASITIZED, path.stem, split, _save(cut_cell(crop_rgb, region), crop),
-                              SOURCE))
+            digest = _save(cut_cell(crop_rgb, region), crop)
+            cells.append(Cell(str(crop.resolve()), PARASITIZED, path.stem, split, digest, SOURCE))
             stats["parasites_by_box"] += 1
         if done % 20 == 0:
             log(f"  cut {done}/{len(images)} fields: {len(cells)} labelled cells")

@@ -252,6 +252,7 @@ def train(manifest: Path, out: Path, preset_name: str = "edge", epochs: Optional
         "validation": {k: v for k, v in val_eval.items() if k != "patient_counts"},
         "test": test_eval,
         "test_other_sources": other_sources,
+        "sources": sources,
     }
     write_json(out / "report.json", report)
     text = ("\n\n".join(format_evaluation(ev) for ev in [test_eval, *other_sources.values()]) + "\n\n" +
