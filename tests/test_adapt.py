@@ -57,7 +57,10 @@ def test_card_records_the_adaptation(adapted, tiny_bundle, samples):
     assert card["keras_model"]["sha256"] == sha256_file(result.keras_path)
     for name, info in card["files"].items():
         assert info["sha256"] == sha256_file(result.out / name)
-    assert "unfamiliar" in a
+    u = a["unfamiliar"]
+    assert u["refitted"] and u["clinic_cells"] == sum(a["cells"]["fine_tuned"].values())
+    sources = [c["source"] for c in card["unfamiliar"]["statistics"]["components"]]
+    assert sources[-1] == "clinic" and len(sources) >= 2
 
 
 def test_an_adapted_bundle_adapts_again_from_its_own_keras_weights(adapted, samples, tmp_path):

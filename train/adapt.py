@@ -357,15 +357,26 @@ def evaluate_on(split: str, source: str, y: np.ndarray, prob: np.ndarray, thresh
     return ev
 
 
-def refit_unfamiliar(card: Dict, keras_model, pixels: np.ndarray) -> str:
-    """Hook for the unfamiliar score: statistics fitted to the base model's features do not describe the adapted
-    model, so they are dropped here and refitted to the clinic's cells once the runtime carries the score (the
-    "Another clinic's slides" issue). Returns what was done, for the card."""
-    if "unfamiliar" in card:
-        card.pop("unfamiliar")
-        return ("dropped: the base card's unfamiliar-score statistics describe the base model's features; "
-                "refitting them to the clinic's cells is not implemented yet")
-    return "none: the base card carries no unfamiliar-score statistics"
+def refit_unfamiliar(card: Dict, fit_pixels: np.ndarray, held_pixels: np.ndarray) -> Dict:
+    """Refit the unfamiliar score to the clinic: the score is the colour statistics' distance to the nearest
+    training source (``edge_runtime.unfamiliar``), so the clinic's fine-tuning cells become one more source beside
+    the base's (the replayed old lab stays familiar) and the base's threshold is kept. Returns what was done and the
+    share of held-out clinic cells flagged before and after, for the card."""
+    from malaria_edge.edge_runtime import unfamiliar
+    block = card.get("unfamiliar")
+    if not block or block.get("method") != unfamiliar.METHOD:
+        card.pop("unfamiliar", None)
+        return {"refitted": False, "reason": "the base card carries no colour unfamiliar-score statistics"}
+    base_components = [c for c in block["statistics"]["components"] if c.get("source") != "clinic"]
+    held = unfamiliar.colour_features(held_pixels)
+    before = float(np.mean(unfamiliar.scores(held, base_components) > block["threshold"]))
+    clinic = unfamiliar.fit_components({"clinic": unfamiliar.colour_features(fit_pixels)})
+    block["statistics"] = {**block["statistics"], "components": base_components + clinic}
+    block["fitted_on"] = {**block.get("fitted_on", {}), "clinic_cells": int(len(fit_pixels))}
+    block.pop("test_flagged", None)
+    after = float(np.mean(unfamiliar.scores(held, block["statistics"]["components"]) > block["threshold"]))
+    return {"refitted": True, "method": unfamiliar.METHOD, "threshold": block["threshold"],
+            "clinic_cells": int(len(fit_pixels)), "held_out_flagged_before": before, "held_out_flagged_after": after}
 
 
 def _replay_and_old_test(manifest: Optional[Path], size: int, stain: Optional[Dict], count: int, seed: int):
@@ -498,7 +509,7 @@ def adapt(cells: os.PathLike, out: os.PathLike, model: Optional[os.PathLike] = N
         log(f"quantized in {time.time() - t0:.0f}s: {int8_path.name} {int8_path.stat().st_size / 1024:.0f} KiB")
 
         card = copy.deepcopy(base.card)
-        for stale in ("test", "sizes"):
+        for stale in ("test", "test_sources", "sizes"):
             card.pop(stale, None)
         card["name"] = name
         card["reference"] = fp32_path.name
@@ -531,7 +542,10 @@ def adapt(cells: os.PathLike, out: os.PathLike, model: Optional[os.PathLike] = N
             b, a = old_lab["before"]["metrics"], old_lab["after"]["metrics"]
             log(f"old lab test split ({old_lab['patients']} patients, {old_lab['cells']} cells): AUC "
                 f"{b['roc_auc']:.4f} -> {a['roc_auc']:.4f}, accuracy {pct(b['accuracy'])} -> {pct(a['accuracy'])}")
-        unfamiliar = refit_unfamiliar(card, keras_model, clinic.pixels[keep])
+        unfamiliar = refit_unfamiliar(card, clinic.pixels[keep], x_held)
+        if unfamiliar["refitted"]:
+            log(f"unfamiliar score refitted to the clinic: {100 * unfamiliar['held_out_flagged_before']:.1f}% of "
+                f"held-out clinic cells flagged before, {100 * unfamiliar['held_out_flagged_after']:.1f}% after")
 
         card["data"] = {**card.get("data", {}), "calibration": {
             "cells": int(len(calibration)), "clinic_cells": int(len(keep)),
