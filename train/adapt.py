@@ -16,7 +16,9 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -334,8 +336,29 @@ def fine_tune(model, x: np.ndarray, y: np.ndarray, replay: Optional[Tuple[np.nda
             log(f"epoch {epoch + 1}/{recipe.epochs}  loss {logs.get('loss', float('nan')):.4f}  "
                 f"acc {logs.get('accuracy', float('nan')):.4f}  {time.time() - self.started:.0f}s")
 
+    # Ctrl-C during fit: stop after the running batch instead of raising inside TensorFlow's threads (which can
+    # crash the process), then raise KeyboardInterrupt here, where the caller removes the unfinished bundle.
+    interrupted = []
+
+    def stop(signum, frame):
+        interrupted.append(signum)
+        model.stop_training = True
+
+    class StopOnInterrupt(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if interrupted:
+                self.model.stop_training = True
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, stop) if in_main else None
     started = time.time()
-    history = model.fit(dataset, epochs=recipe.epochs, callbacks=[EpochLine()], verbose=0)
+    try:
+        history = model.fit(dataset, epochs=recipe.epochs, callbacks=[EpochLine(), StopOnInterrupt()], verbose=0)
+    finally:
+        if in_main:
+            signal.signal(signal.SIGINT, previous)
+    if interrupted:
+        raise KeyboardInterrupt
     for layer in model.layers:
         layer.trainable = True
     return {"trainable_weights": trainable, "samples_per_epoch": int(len(train_x)),
