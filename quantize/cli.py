@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -80,6 +81,9 @@ def quantize(model_path: Path, manifest: Path, out: Path, name: str = "malaria",
         f"from {len({c.patient for c in calibration})} training patients")
 
     keras_bytes = Path(model_path).stat().st_size
+    # The Keras model travels in the bundle so edge-adapt can fine-tune a clinic's copy from it.
+    keras_copy = out / f"{name}.keras"
+    shutil.copyfile(model_path, keras_copy)
     card = {
         "schema": CARD_SCHEMA,
         "name": name,
@@ -113,7 +117,7 @@ def quantize(model_path: Path, manifest: Path, out: Path, name: str = "malaria",
                  "split_seed": data_info.get("seed"), "patients": data_info.get("patients"),
                  "calibration": {"cells": len(calibration), "split": "train",
                                  "patients": len({c.patient for c in calibration})}},
-        "keras_model": {"file": Path(model_path).name, "bytes": keras_bytes, "sha256": sha256_file(Path(model_path))},
+        "keras_model": {"file": keras_copy.name, "bytes": keras_bytes, "sha256": sha256_file(keras_copy)},
         "files": {},
         "commands": [c for c in (config.get("commands") or []) if c] + ([command] if command else []),
     }
@@ -317,7 +321,8 @@ def main(model_path, manifest, out, name, calibration_size, max_drop, threads):
         click.echo(f"edge-quantize: {exc}", err=True)
         sys.exit(1)
     click.echo(format_card_summary(card))
-    click.echo(f"bundle: {out / (name + '_int8.tflite')}, {out / (name + '_fp32.tflite')}, {out / (name + '.json')}")
+    click.echo(f"bundle: {out / (name + '_int8.tflite')}, {out / (name + '_fp32.tflite')}, {out / (name + '.json')}, "
+               f"{out / (name + '.keras')}")
     problem = check_card(card, max_drop)
     if problem:
         click.echo(f"edge-quantize: FAILED: {problem}", err=True)
