@@ -6,7 +6,7 @@
 #
 # Usage (as root; needs network to deb.debian.org and pypi.org):
 #   scripts/pi_check.sh [--root DIR] [--out DIR] [--field IMAGE]... [--cpus "cortex-a72 ..."] [--no-tflite-runtime]
-#                       [--rebuild-root] [--fresh-venvs]
+#                       [--rebuild-root] [--fresh-venvs] [--wheels-from host|pypi]
 #
 #   --root DIR           where the arm64 root and venvs are built once and reused (default /work/pi-root)
 #   --out DIR            where the report goes (default docs/pi_check in the repo)
@@ -18,6 +18,10 @@
 #   --no-tflite-runtime  skip the arm64 venv that has tflite-runtime instead of ai-edge-litert
 #   --rebuild-root       delete the cached root and build it again
 #   --fresh-venvs        recreate every venv (default: reuse one whose requirements did not change)
+#   --wheels-from WHERE  host (default): pip on this host downloads the aarch64 wheels from PyPI for the root's
+#                        Python and glibc, and pip in the root resolves and installs from them offline; pypi: pip
+#                        in the root downloads from PyPI itself, as a Pi does (slow TLS under emulation; this
+#                        sandbox's egress proxy resets such slow downloads under load)
 #
 # Slow (arm64 is emulated), so it is not part of every CI run: first run ~25 min (debootstrap ~12), a cached run
 # ~5 min on 2 shared cores; the report says how long this run took.
@@ -32,6 +36,7 @@ CPUS="cortex-a72 cortex-a76 cortex-a53"
 WITH_TFLITE_RUNTIME=1
 REBUILD_ROOT=0
 FRESH_VENVS=0
+WHEELS_FROM=host
 SUITE=bookworm
 MIRROR=http://deb.debian.org/debian
 IML=/work/shared/data/fields/iml_vivax/images
@@ -47,7 +52,8 @@ while [ $# -gt 0 ]; do
         --no-tflite-runtime) WITH_TFLITE_RUNTIME=0; shift ;;
         --rebuild-root) REBUILD_ROOT=1; shift ;;
         --fresh-venvs) FRESH_VENVS=1; shift ;;
-        -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --wheels-from) WHEELS_FROM=$2; shift 2 ;;
+        -h|--help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown option $1 (see --help)" ;;
     esac
 done
@@ -57,6 +63,7 @@ done
 ROOT=$(realpath -m "$ROOT")
 case "$ROOT" in /|/work|/home|/usr|/var|/tmp|"$REPO"|"$REPO"/*) die "--root $ROOT is not a safe place for a throwaway root" ;; esac
 for field in "${FIELDS[@]+"${FIELDS[@]}"}"; do [ -f "$field" ] || die "--field $field: no such file"; done
+case "$WHEELS_FROM" in host|pypi) ;; *) die "--wheels-from is host or pypi, not $WHEELS_FROM" ;; esac
 read -r -a CPU_LIST <<<"$CPUS"
 [ ${#CPU_LIST[@]} -gt 0 ] || die "--cpus needs at least one CPU (qemu-aarch64-static -cpu help lists them)"
 MAIN_CPU=${CPU_LIST[0]}
@@ -123,10 +130,12 @@ mountpoint -q "$ROOT/dev/pts" || mount --bind /dev/pts "$ROOT/dev/pts"
 # Run a command in the arm64 root, niced, with a clean environment (no host pip settings leak in), qemu emulating
 # the CPU named in $QEMU_CPU (each exec starts a new qemu, so the variable must survive env -i).
 QEMU_CPU=$MAIN_CPU
+PIP_SOURCE_ENV=()
+[ "$WHEELS_FROM" = host ] && PIP_SOURCE_ENV=(PIP_NO_INDEX=1 PIP_FIND_LINKS=/opt/pi-check/wheelhouse)
 in_root() {
     QEMU_CPU=$QEMU_CPU chroot "$ROOT" /usr/bin/env -i QEMU_CPU="$QEMU_CPU" HOME=/root LANG=C.UTF-8 \
         PATH=/usr/local/bin:/usr/bin:/bin PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_DEFAULT_TIMEOUT=120 \
-        PIP_CERT=/etc/ssl/certs/host-ca-bundle.crt PIP_ROOT_USER_ACTION=ignore \
+        PIP_CERT=/etc/ssl/certs/host-ca-bundle.crt PIP_ROOT_USER_ACTION=ignore "${PIP_SOURCE_ENV[@]}" \
         /bin/sh -c 'cd /opt/pi-check/inputs 2>/dev/null || cd /; exec nice -n 10 "$@"' sh "$@"
 }
 [ "$(in_root uname -m)" = aarch64 ] || die "the root does not run as aarch64 under qemu"
@@ -138,6 +147,7 @@ CHECK=$ROOT/opt/pi-check
 RUNS=$CHECK/runs
 rm -rf "$CHECK/dist" "$CHECK/inputs" "$RUNS"
 mkdir -p "$CHECK/dist" "$CHECK/inputs" "$RUNS" "$CHECK/tools"
+: >"$RUNS/notes.txt"
 cp "$REPO/scripts/pi_check_report.py" "$CHECK/tools/"
 HOST_PY=python3
 [ -x "$REPO/.venv/bin/python" ] && HOST_PY=$REPO/.venv/bin/python
@@ -153,6 +163,28 @@ WHEEL_NAME=$(basename "$WHEEL")
 HAS_FIELDS_EXTRA=$(python3 -c "import sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); m = [n for n in z.namelist() if n.endswith('.dist-info/METADATA')][0]; print(int('Provides-Extra: fields' in z.read(m).decode()))" "$WHEEL")
 REQS_KEY=$(python3 -c "import hashlib, sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); m = [n for n in z.namelist() if n.endswith('.dist-info/METADATA')][0]; print(hashlib.sha256(''.join(l for l in z.read(m).decode().splitlines(True) if l.startswith(('Requires-Dist', 'Provides-Extra'))).encode()).hexdigest()[:16])" "$WHEEL")
 phase_done wheel "$t"
+
+# The aarch64 wheels, fetched from PyPI by pip on this host for the root's Python and glibc (with --wheels-from host).
+PY_TAG=$(in_root python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+GLIBC_MINOR=$(in_root python3 -c 'import platform; print(platform.libc_ver()[1].split(".")[1])')
+if [ "$WHEELS_FROM" = host ]; then
+    t=$(date +%s.%N)
+    mkdir -p "$CHECK/wheelhouse"
+    platforms=(--platform manylinux2014_aarch64)
+    for minor in $(seq 17 "$GLIBC_MINOR"); do platforms+=(--platform "manylinux_2_${minor}_aarch64"); done
+    wanted=("$WHEEL")
+    [ "$HAS_FIELDS_EXTRA" = 1 ] && wanted=("$WHEEL[fields]")
+    [ "$WITH_TFLITE_RUNTIME" = 1 ] && wanted+=(tflite-runtime 'numpy<2')
+    for req in "${wanted[@]}"; do
+        "$HOST_PY" -m pip download --isolated --cert "${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}" \
+            --index-url https://pypi.org/simple --retries 5 -q --only-binary=:all: "${platforms[@]}" \
+            --python-version "$PY_TAG" --implementation cp -d "$CHECK/wheelhouse" "$req" >>"$RUNS/wheelhouse.log" 2>&1 \
+            || die "pip download of the aarch64 wheels for $req failed: $(tail -2 "$RUNS/wheelhouse.log")"
+    done
+    rm -f "$CHECK/wheelhouse/$WHEEL_NAME"
+    echo "The arm64 venvs were installed by pip inside the root (its own resolver and platform tags) from aarch64 wheels that pip on the x86_64 host downloaded from PyPI (--wheels-from host). pip in the root can reach PyPI itself (--wheels-from pypi; an earlier run installed the same versions that way), but on this loaded host its emulated downloads were reset by the sandbox's egress proxy." >>"$RUNS/notes.txt"
+    phase_done wheelhouse "$t"
+fi
 
 # The inputs, with the same relative paths inside the root and on the host, so rows match by path.
 mkdir -p "$CHECK/inputs/edge_runtime"
@@ -173,7 +205,6 @@ if [ ${#FIELDS[@]} -gt 0 ]; then
     mkdir -p "$CHECK/inputs/fields"
     for field in "${FIELDS[@]}"; do cp "$field" "$CHECK/inputs/fields/"; FIELD_INPUTS+=("fields/$(basename "$field")"); done
 fi
-: >"$RUNS/notes.txt"
 echo "pi_check: inputs ${INPUTS[*]} ${FIELD_INPUTS[*]+${FIELD_INPUTS[*]}}" >&2
 
 # 4. The venvs. Each is reused while its install commands and our wheel's requirements are unchanged (then only our
@@ -182,7 +213,7 @@ echo "pi_check: inputs ${INPUTS[*]} ${FIELD_INPUTS[*]+${FIELD_INPUTS[*]}}" >&2
 ensure_venv() {  # ensure_venv NAME MACHINE INSTALL_SPEC... (arm64 venvs live in /opt/pi-check inside the root)
     local name=$1 machine=$2; shift 2
     local dir=$CHECK/venvs/$name key runner=()
-    key="$REQS_KEY $*"
+    key="$REQS_KEY $WHEELS_FROM $*"
     [ "$machine" = arm64 ] && runner=(in_root)
     local py=/opt/pi-check/venvs/$name/bin/python
     [ "$machine" = x86_64 ] && py=$dir/bin/python
@@ -298,7 +329,6 @@ phase_done int8_kernels "$t"
 
 # 6. tflite-runtime, the interpreter some boards get: is there an aarch64 wheel for the root's Python, and do
 # we agree with it? Its venv has no ai-edge-litert, as on a board where that has no wheel.
-PY_TAG=$(in_root python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
 NEXT_PY=$(python3 -c "import sys; m, n = sys.argv[1].split('.'); print(f'{m}.{int(n) + 1}')" "$PY_TAG")
 probe_tflite_wheel() {  # probe_tflite_wheel PLATFORM PYTHON -> yes/no on stdout
     local tmp
