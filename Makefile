@@ -1,12 +1,14 @@
 # Two quick-start commands:
 #   make demo  - set up the device-side install and classify the sample cells with the bundled model
-#   make test  - set up the full install (training + tests) and run the test suite
+#   make test  - set up the full install (training + tests) and run the test suite, then the device layer again
+#                in a fresh base install (no TensorFlow, `pip install .` not editable)
 PYTHON ?= python3
 VENV ?= .venv
+DEVICE_VENV ?= .venv-device
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip --disable-pip-version-check -q
 
-.PHONY: demo test install install-dev bench clean
+.PHONY: demo test test-device install install-dev bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,9 +26,19 @@ demo: install
 
 test: install-dev
 	$(BIN)/python -m pytest -q
+	$(MAKE) test-device
+
+# The device layer as a field device gets it: a fresh venv, a real (non-editable) install of the base package plus
+# pytest, no TensorFlow; run from outside the source tree so nothing is imported from it by accident.
+test-device:
+	rm -rf $(DEVICE_VENV)
+	$(PYTHON) -m venv $(DEVICE_VENV)
+	$(DEVICE_VENV)/bin/pip --disable-pip-version-check -q install . pytest
+	cd $(DEVICE_VENV) && ./bin/python -c "import importlib.util as u; assert u.find_spec('tensorflow') is None"
+	cd $(DEVICE_VENV) && ./bin/python -m pytest -q -p no:cacheprovider -m "not train" $(CURDIR)/tests
 
 bench: install
 	$(BIN)/edge-bench --threads 1
 
 clean:
-	rm -rf $(VENV) build *.egg-info samples_results.csv samples_summary.json
+	rm -rf $(VENV) $(DEVICE_VENV) build *.egg-info samples_results.csv samples_summary.json

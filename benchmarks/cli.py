@@ -15,7 +15,7 @@ import click
 import numpy as np
 
 from malaria_edge.benchmarks.energy import PROFILES, active_watts, energy_report
-from malaria_edge.edge_runtime.bundle import DEFAULT_MODEL, ModelBundle, ModelError
+from malaria_edge.edge_runtime.bundle import DEFAULT_MODEL, ModelBundle, ModelError, sha256_file
 from malaria_edge.edge_runtime.cli import expand_inputs
 from malaria_edge.edge_runtime.images import ImageError, prepare_cell
 from malaria_edge.edge_runtime.machine import machine_info
@@ -33,10 +33,10 @@ def run_worker(spec: Dict) -> Dict:
     """Measure one model in a fresh Python process and return its raw figures."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
         json.dump(spec, fh)
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     try:
-        done = subprocess.run([sys.executable, "-m", "malaria_edge.benchmarks.worker", fh.name], capture_output=True, text=True,
-                              env=env, timeout=1800)
+        done = subprocess.run([sys.executable, "-m", "malaria_edge.benchmarks.worker", fh.name], capture_output=True,
+                              text=True, env=env, timeout=1800)
     finally:
         os.unlink(fh.name)
     if done.returncode != 0:
@@ -45,12 +45,23 @@ def run_worker(spec: Dict) -> Dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def portable_path(path) -> str:
+    """A path as it may be committed: relative to the current folder when inside it, else the file name only (a
+    report names files by name and SHA-256, never by this machine's absolute layout)."""
+    resolved = Path(path).resolve()
+    try:
+        return str(resolved.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return resolved.name
+
+
 def summarize(name: str, role: str, path: Optional[str], raw: Dict) -> Dict:
     """Raw worker figures -> the report's figures, each with its unit."""
     lat = np.array(raw["latencies_ms"])
     size = Path(path).stat().st_size if path else None
     return {
-        "name": name, "role": role, "file": path, "kind": raw["kind"], "backend": raw["backend"],
+        "name": name, "role": role, "file": portable_path(path) if path else None,
+        "sha256": sha256_file(Path(path)) if path and Path(path).is_file() else None, "kind": raw["kind"], "backend": raw["backend"],
         "backend_version": raw["backend_version"], "input_dtype": raw["input_dtype"],
         "figures": {
             "file_size": _figure(size / 1e6 if size else None, "MB"),
@@ -270,7 +281,7 @@ def main(model_path, reference, keras_path, no_tutorial, images, threads, runs, 
     report = {
         "machine": machine_info(),
         "settings": {"threads": threads, "runs": runs, "warmup": warmup, "batch": batch, "images": cell_counts[0],
-                     "images_folder": str(images), "cells_per_slide": cells_per_slide, "battery_wh": battery_wh},
+                     "images_folder": portable_path(images), "cells_per_slide": cells_per_slide, "battery_wh": battery_wh},
         "reference": reference_model["name"],
         "models": models,
         "energy": {"basis": basis, "profile": device_profile if watts_active is None else "command line",

@@ -7,7 +7,6 @@ whose hash differs is refused: on a field device a half-copied model must not gi
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from .backend import find_interpreter
+from .card import CardError, ModelCard, read_card
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "models"
 DEFAULT_MODEL = DEFAULT_MODEL_DIR / "malaria_int8.tflite"
@@ -66,10 +66,10 @@ class ModelBundle:
         check_flatbuffer(self.path)
         self.card_path = find_card(self.path)
         try:
-            self.card = json.loads(self.card_path.read_text())
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"{self.card_path}: unreadable model card ({exc})") from None
-        self.file_info = self.card.get("files", {}).get(self.path.name)
+            self.card: ModelCard = read_card(self.card_path)
+        except CardError as exc:
+            raise ModelError(f"{self.card_path}: {exc}; use the card written with this model") from None
+        self.file_info = self.card.files.get(self.path.name)
         if self.file_info is None:
             raise ModelError(f"{self.card_path}: the card does not describe {self.path.name}; use the card written "
                              "with this model")
@@ -91,22 +91,22 @@ class ModelBundle:
         self._input = self.interpreter.get_input_details()[0]
         self._output = self.interpreter.get_output_details()[0]
         self._batch = 1
-        self.size = int(self.card["input"]["size"])
+        self.size = self.card.input_size
         if tuple(self._input["shape"][1:]) != (self.size, self.size, 3):
             raise ModelError(f"{self.path}: input shape {tuple(self._input['shape'])} disagrees with the card's "
                              f"{self.size}x{self.size}x3")
 
     @property
     def head(self) -> str:
-        return self.card["head"]
+        return self.card.head
 
     @property
     def stain(self) -> Optional[Dict]:
-        return self.card.get("preprocessing", {}).get("stain")
+        return self.card.stain
 
     @property
     def threshold(self) -> float:
-        return float(self.card.get("threshold", 0.5))
+        return self.card.threshold
 
     @property
     def kind(self) -> str:
@@ -122,7 +122,7 @@ class ModelBundle:
 
     def reference_path(self) -> Optional[Path]:
         """The full (float32) model this file was made from, when the card names one beside it."""
-        name = self.card.get("reference")
+        name = self.card.reference
         if name and name != self.path.name and (self.path.parent / name).is_file():
             return self.path.parent / name
         return None

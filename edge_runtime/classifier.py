@@ -10,22 +10,26 @@ import numpy as np
 from PIL import Image
 
 from .bundle import DEFAULT_MODEL, ModelBundle
-from .images import ImageError, ImageInput, prepare_cell
+from .images import ImageError, ImageInput, load_image, prepare_cell
 from .labels import PARASITIZED, REVIEW, UNINFECTED, label_from_folder, patient_id
 from .outputs import parasitized_probability
-from .patients import DEFAULT_RULE, summarize_groups
+from .patients import summarize_groups
+from .unfamiliar import cell_scores
 
 
 @dataclass
 class Prediction:
     """One cell's result. ``latency_ms`` is the interpreter's time for this cell (its batch's time divided by the
-    batch size); decoding is not included. ``error`` is set, and the rest empty, when the image failed."""
+    batch size); decoding is not included. ``error`` is set, and the rest empty, when the image failed.
+    ``unfamiliar`` is the cell's distance from the training data when the card carries the statistics (see
+    :meth:`Classifier.is_unfamiliar`)."""
     source: str
     prediction: Optional[str] = None
     prob_parasitized: Optional[float] = None
     latency_ms: Optional[float] = None
     true_label: Optional[str] = None
     error: Optional[str] = None
+    unfamiliar: Optional[float] = None
 
     def to_dict(self) -> Dict:
         return asdict(self)
@@ -63,8 +67,10 @@ class Classifier:
         return cls(ModelBundle(model or DEFAULT_MODEL, threads=threads, backend=backend), threshold, min_confidence)
 
     @property
-    def rule(self) -> Dict:
-        return self.bundle.card.get("patient_rule", DEFAULT_RULE)
+    def rule(self) -> Optional[Dict]:
+        """The card's patient-level rule, or None when the card has none (then no group gets a call)."""
+        rule = self.bundle.card.patient_rule
+        return rule.as_dict() if rule else None
 
     def decide(self, prob: float) -> str:
         """parasitized / uninfected, or review when the confidence is below ``min_confidence``."""
@@ -73,7 +79,31 @@ class Classifier:
         return PARASITIZED if prob >= self.threshold else UNINFECTED
 
     def preprocess(self, item: ImageInput) -> np.ndarray:
+        """A single-cell image as model input: its central cell cut and masked like a field's cell."""
         return prepare_cell(item, self.bundle.size, self.bundle.stain)
+
+    def prepare_crop(self, crop: np.ndarray) -> np.ndarray:
+        """A cell already cut by ``segment.cut_cell`` as model input."""
+        return prepare_cell(crop, self.bundle.size, self.bundle.stain, central=False)
+
+    def classify_field(self, image: ImageInput, source: Optional[str] = None) -> "FieldResult":
+        """Find every red cell of a microscope field (path, PIL image or HxWx3 array), classify each, and return
+        a :class:`~malaria_edge.edge_runtime.fields.FieldResult` (cells with boxes and calls, counts,
+        parasitemia with its interval, ``plot()``, ``save_crops(dir)``)."""
+        from .fields import classify_field
+        rgb = np.asarray(load_image(image), dtype=np.uint8)
+        if source is None:
+            source = str(image) if isinstance(image, (str, os.PathLike)) else "<field>"
+        return classify_field(self, rgb, source)
+
+    def unfamiliar_scores(self, pixels: np.ndarray) -> Optional[np.ndarray]:
+        """How unlike the training data each cell of a uint8 batch looks (None when the card has no statistics)."""
+        spec = self.bundle.card.unfamiliar
+        return cell_scores(pixels, spec.statistics) if spec else None
+
+    def is_unfamiliar(self, score: Optional[float]) -> bool:
+        spec = self.bundle.card.unfamiliar
+        return bool(spec and score is not None and score > spec.threshold)
 
     def probabilities(self, pixels: np.ndarray) -> tuple:
         """Probabilities for a uint8 batch, and the inference seconds of the batch."""
@@ -90,11 +120,14 @@ class Classifier:
                 return
             pixels = np.stack([p[1] for p in pending])
             probs, seconds = self.probabilities(pixels)
+            unfamiliar = self.unfamiliar_scores(pixels)
             per_cell_ms = 1000.0 * seconds / len(pending)
-            for (result, _), prob in zip(pending, probs):
+            for i, ((result, _), prob) in enumerate(zip(pending, probs)):
                 result.prob_parasitized = float(prob)
                 result.prediction = self.decide(float(prob))
                 result.latency_ms = per_cell_ms
+                if unfamiliar is not None:
+                    result.unfamiliar = float(unfamiliar[i])
             done = [p[0] for p in pending]
             pending.clear()
             yield from done
@@ -133,7 +166,13 @@ class Classifier:
             row = r.to_dict() if isinstance(r, Prediction) else dict(r)
             row["group"] = keyer(row.get("source") or row.get("path") or "")
             rows.append(row)
-        return summarize_groups(rows, self.rule)
+        return summarize_groups(rows, self.rule, unfamiliar=self.unfamiliar_limits)
+
+    @property
+    def unfamiliar_limits(self) -> Optional[tuple]:
+        """(score threshold, share of unfamiliar cells above which results are unreliable), or None."""
+        spec = self.bundle.card.unfamiliar
+        return (spec.threshold, spec.warn_fraction) if spec else None
 
 
 def group_key(group: Union[str, Callable[[str], str]]) -> Callable[[str], str]:

@@ -181,6 +181,8 @@ def format_summary(summary: Dict) -> str:
             lines.append(f"{name[-28:]:<28} {g['call']:<13} {g['cells']:>6} {g['parasitized']:>8} {g['review']:>6} "
                          f"{frac:>9} {ci:>15} {g.get('true_status', ''):>8}"
                          + (f"  ({g['reason']})" if g["call"] == "indeterminate" else ""))
+        if summary.get("patient_rule") is None:
+            lines.append("  no calls: the model card has no patient rule (re-quantize with edge-quantize to get one)")
         if summary.get("patient_level"):
             pl = summary["patient_level"]
             lines.append(f"  {pl['text']} (sensitivity {pct(pl['sensitivity'])}, specificity "

@@ -126,19 +126,41 @@ def normalize_stain(arr: np.ndarray, target_mean: tuple, target_std: tuple) -> n
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
-def prepare_cell(source: ImageInput, size: int, stain: dict | None = None) -> np.ndarray:
+def prepare_cell(source: ImageInput, size: int, stain: dict | None = None, central: bool = True) -> np.ndarray:
     """Decode ``source`` and return the model input: a ``size`` x ``size`` x 3 uint8 array.
 
+    ``central``: first cut the crop's central cell as a field's cell is cut (tight box, masked on black; see
+    ``segment.central_cell``), so a crop made by another tool, with glass and neighbours' edges, looks like an NIH
+    crop; an NIH crop comes out essentially unchanged. Pass False for a cell already cut by ``segment.cut_cell``.
     ``stain`` is the card's stain-normalisation block (``{"mean": [r, g, b], "std": [r, g, b]}``) or None.
     Resizing is Pillow's antialiased bilinear, identical on every platform Pillow runs on.
     """
     img = load_image(source)
+    if central:
+        img = cut_central_cell(img)
     if img.size != (size, size):
         img = img.resize((size, size), Image.BILINEAR)
     arr = np.asarray(img, dtype=np.uint8)
     if stain:
         arr = normalize_stain(arr, stain["mean"], stain["std"])
     return arr
+
+
+def cut_central_cell(img: Image.Image) -> Image.Image:
+    """The crop's central cell on black in its tight box. Without OpenCV, a crop already on black passes as it is
+    (segmenting it would change next to nothing); one with natural background is refused with the install hint."""
+    from . import segment
+    arr = np.asarray(img, dtype=np.uint8)
+    if min(arr.shape[:2]) < 8:
+        raise ImageError(f"image is {arr.shape[1]}x{arr.shape[0]} px, too small to show a cell")
+    if segment.cv2 is None:
+        if segment.is_on_black(arr):
+            return img
+        raise ImageError(segment.OPENCV_HINT)
+    region = segment.central_cell(arr)
+    if region is None:
+        raise ImageError("no cell found in the image (blank, all black or not a blood smear)")
+    return Image.fromarray(segment.cut_cell(arr, region))
 
 
 def is_image_path(path: Union[str, os.PathLike]) -> bool:

@@ -6,26 +6,35 @@ a minimum fraction. The rule is chosen on the validation patients only and store
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Mapping, Sequence
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .labels import PARASITIZED, REVIEW
 from .metrics import wilson_interval
 
-POSITIVE, NEGATIVE, INDETERMINATE = "positive", "negative", "indeterminate"
+POSITIVE, NEGATIVE, INDETERMINATE, NO_CALL = "positive", "negative", "indeterminate", "no call"
+NO_RULE_REASON = "the model card has no patient rule"
 
 DEFAULT_RULE = {"min_cells": 20, "min_parasitized": 3, "min_fraction": 0.1, "max_review_fraction": 0.5}
 
 
-def call_group(cells: int, parasitized: int, review: int, rule: Mapping, failed: int = 0) -> Dict:
+def call_group(cells: int, parasitized: int, review: int, rule: Optional[Mapping], failed: int = 0,
+               unfamiliar: int = 0, warn_fraction: Optional[float] = None) -> Dict:
     """Summarise one slide or patient: counts, parasitized fraction (of confidently classified cells) with its
-    95% Wilson interval, and the call with its reason."""
+    95% Wilson interval, and the call with its reason. Without a rule there is no call (never a default rule).
+    When more than ``warn_fraction`` of the cells look unlike the training data (``unfamiliar``), the call is
+    indeterminate whatever the counts say: the model is out of its depth on these images."""
     classified = cells - review
     fraction = parasitized / classified if classified else None
     low, high = wilson_interval(parasitized, classified)
-    if cells == 0:
+    if rule is None:
+        call, reason = NO_CALL, NO_RULE_REASON
+    elif cells == 0:
         call, reason = INDETERMINATE, "no readable cell images" + (f" ({failed} failed)" if failed else "")
+    elif warn_fraction is not None and cells and unfamiliar / cells > warn_fraction:
+        call, reason = INDETERMINATE, (f"unfamiliar images: {unfamiliar}/{cells} cells look unlike the training "
+                                       f"data (> {warn_fraction:.0%}); adapt the model with edge-adapt")
     elif cells < rule["min_cells"]:
         call, reason = INDETERMINATE, f"too few cells ({cells} < {rule['min_cells']})"
     elif review / cells > rule["max_review_fraction"]:
@@ -43,6 +52,7 @@ def call_group(cells: int, parasitized: int, review: int, rule: Mapping, failed:
         "parasitized": int(parasitized),
         "review": int(review),
         "failed": int(failed),
+        "unfamiliar": int(unfamiliar),
         "parasitized_fraction": fraction,
         "fraction_ci95": [low, high] if classified else None,
         "call": call,
@@ -50,25 +60,31 @@ def call_group(cells: int, parasitized: int, review: int, rule: Mapping, failed:
     }
 
 
-def summarize_groups(rows: Iterable[Mapping], rule: Mapping, key: str = "group") -> Dict[str, Dict]:
+def summarize_groups(rows: Iterable[Mapping], rule: Optional[Mapping], key: str = "group",
+                     unfamiliar: Optional[Tuple[float, float]] = None) -> Dict[str, Dict]:
     """Group result rows (each with ``prediction`` and ``key``; failed rows carry ``error``) into per-group calls.
-    When rows carry a ``true_label``, each group also gets its true status (infected if any cell is parasitized)."""
+    When rows carry a ``true_label``, each group also gets its true status (infected if any cell is parasitized).
+    ``unfamiliar``: (score threshold, warn fraction) from the card; rows carry their ``unfamiliar`` score."""
     groups: Dict[str, Dict] = {}
     for row in rows:
         g = groups.setdefault(str(row.get(key)), {"cells": 0, "parasitized": 0, "review": 0, "failed": 0,
-                                                   "labelled_parasitized": 0, "labelled": 0})
+                                                   "labelled_parasitized": 0, "labelled": 0, "unfamiliar": 0})
         if row.get("error"):
             g["failed"] += 1
             continue
         g["cells"] += 1
         g["parasitized"] += row["prediction"] == PARASITIZED
         g["review"] += row["prediction"] == REVIEW
+        score = row.get("unfamiliar")
+        if unfamiliar is not None and score not in (None, "") and float(score) > unfamiliar[0]:
+            g["unfamiliar"] += 1
         if row.get("true_label"):
             g["labelled"] += 1
             g["labelled_parasitized"] += row["true_label"] == PARASITIZED
     out = {}
     for name, g in sorted(groups.items(), key=lambda kv: (len(kv[0]), kv[0])):
-        summary = call_group(g["cells"], g["parasitized"], g["review"], rule, g["failed"])
+        summary = call_group(g["cells"], g["parasitized"], g["review"], rule, g["failed"], g["unfamiliar"],
+                             unfamiliar[1] if unfamiliar else None)
         if g["labelled"]:
             summary["true_status"] = "infected" if g["labelled_parasitized"] else "healthy"
         out[name] = summary

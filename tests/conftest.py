@@ -71,9 +71,28 @@ def tiny_bundle(tiny_run, sample_manifest, tmp_path_factory) -> Path:
     return out / "tiny_int8.tflite"
 
 
+@pytest.fixture(scope="session")
+def bundled_model() -> Path:
+    """The default int8 model shipped inside the package (device layer: no TensorFlow needed)."""
+    from malaria_edge.edge_runtime.bundle import DEFAULT_MODEL
+    return DEFAULT_MODEL
+
+
 @pytest.fixture()
-def bundle_copy(tiny_bundle, tmp_path) -> Path:
-    """A private copy of the tiny bundle that a test may damage."""
-    for f in tiny_bundle.parent.iterdir():
-        shutil.copy(f, tmp_path / f.name)
-    return tmp_path / tiny_bundle.name
+def bundle_copy(bundled_model, tmp_path) -> Path:
+    """A private copy of the bundled model (its tflite files and card) that a test may damage."""
+    for f in bundled_model.parent.iterdir():
+        if f.is_file():
+            shutil.copy(f, tmp_path / f.name)
+    return tmp_path / bundled_model.name
+
+
+# Tests that train or quantize need TensorFlow: they are the `train` layer. A device-only install runs
+# `pytest -m "not train"`. Marked by module (pytestmark) or, here, by the fixtures that need TensorFlow.
+TRAIN_FIXTURES = {"tiny_run", "tiny_bundle"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if TRAIN_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.train)

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from malaria_edge.benchmarks.energy import PROFILES, active_watts, energy_report
-from tests.conftest import cli
+from conftest import cli
 
 
 @pytest.fixture(scope="module")

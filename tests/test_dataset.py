@@ -7,7 +7,7 @@ from collections import defaultdict
 import pytest
 
 from malaria_edge.edge_runtime.labels import patient_id
-from tests.conftest import SAMPLES, cli
+from conftest import SAMPLES, cli
 from malaria_edge.train.dataset import (DatasetError, download_zip, manifest_hash, prepare, read_manifest, split_patients,
                            scan)
 

@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 from malaria_edge.edge_runtime.images import MAX_PIXELS, ImageError, normalize_stain, open_image, prepare_cell
-from tests.conftest import SAMPLES
+from conftest import SAMPLES
 
 CELL = next((SAMPLES / "Parasitized").glob("*.webp"))
 

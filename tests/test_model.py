@@ -1,4 +1,9 @@
 """The ResNet presets: the tutorial's parameter count, and our compact one's budget."""
+import pytest
+
+pytest.importorskip("keras", reason="training layer: needs the [train] extra")
+pytestmark = pytest.mark.train
+
 from malaria_edge.train.model import PRESETS, build_resnet, count_macs
 
 

@@ -8,7 +8,7 @@ import pytest
 from malaria_edge.edge_runtime import Classifier
 from malaria_edge.edge_runtime.patients import (DEFAULT_RULE, call_group, choose_rule, evaluate_rule, patient_level_metrics,
                                    summarize_groups)
-from tests.conftest import cli
+from conftest import cli
 
 RULE = {"min_cells": 20, "min_parasitized": 3, "min_fraction": 0.1, "max_review_fraction": 0.5}
 
@@ -48,7 +48,7 @@ def test_failed_only_group_is_indeterminate_not_a_crash():
 
 
 def test_rule_is_read_from_the_card(bundle_copy):
-    card_path = bundle_copy.parent / "tiny.json"
+    card_path = bundle_copy.parent / "malaria.json"
     card = json.loads(card_path.read_text())
     card["patient_rule"] = {**DEFAULT_RULE, "min_cells": 1234}
     card_path.write_text(json.dumps(card))
@@ -90,10 +90,10 @@ def test_tiny_model_calls_follow_the_card_rule(tiny_bundle, samples, tmp_path):
         assert g["call"] == call_group(g["cells"], g["parasitized"], g["review"], clf.rule)["call"]
 
 
-def test_group_by_patient_cli_writes_group_rows(tiny_bundle, samples, tmp_path):
+def test_group_by_patient_cli_writes_group_rows(bundled_model, samples, tmp_path):
     groups = tmp_path / "groups.csv"
     summary = tmp_path / "summary.json"
-    cli("edge-classify", samples, "--model", tiny_bundle, "--group-by", "patient", "--groups-output", groups,
+    cli("edge-classify", samples, "--model", bundled_model, "--group-by", "patient", "--groups-output", groups,
         "--summary-json", summary, check=True)
     with open(groups, newline="") as fh:
         rows = list(csv.DictReader(fh))

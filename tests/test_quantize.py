@@ -6,7 +6,9 @@ import pytest
 
 from malaria_edge.edge_runtime.backend import find_interpreter
 from malaria_edge.edge_runtime.bundle import sha256_file
-from tests.conftest import cli
+from conftest import cli
+
+pytestmark = pytest.mark.train
 
 
 def test_int8_file_is_really_integer(tiny_bundle):
@@ -36,7 +38,8 @@ def test_card_hashes_sizes_and_metrics(tiny_bundle):
     assert 0.0 <= test["agreement_int8_fp32"] <= 1.0
     assert test["max_abs_prob_diff_fp32_keras"] < 1e-3  # the fp32 file is the same network
     for kind in ("int8", "fp32", "keras"):
-        assert {"accuracy", "sensitivity", "specificity", "f1", "mcc", "roc_auc"} <= set(test[kind])
+        assert {"accuracy", "sensitivity", "specificity", "f1", "mcc", "roc_auc"} <= set(test[kind]["metrics"])
+        assert test[kind]["unit"] == "patients" and test[kind]["patient_level"]["metrics"]["patients"] >= 1
     assert card["patient_rule"]["min_fraction"] > 0 and "validation" in card["patient_rule"]["chosen_on"]
 
 

@@ -7,7 +7,11 @@ import sys
 import textwrap
 import time
 
-from tests.conftest import BIN, REPO
+import pytest
+
+from conftest import BIN, REPO
+
+pytestmark = pytest.mark.train
 
 
 def test_training_writes_model_history_plot_and_report(tiny_run):

@@ -1,6 +1,7 @@
 """Console entry points ``edge-prepare`` and ``edge-train``."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import shlex
 import sys
@@ -9,6 +10,19 @@ from pathlib import Path
 import click
 
 from malaria_edge.train.dataset import DatasetError, NIH_ZIP_URL, describe_bad, download_zip, format_counts, prepare
+
+
+def require_tensorflow(command: str) -> None:
+    """Training and quantizing need TensorFlow, which the device install leaves out on purpose: say which extra to
+    install, in one line, and exit 2 (a usage problem, not a failed run)."""
+    try:
+        present = importlib.util.find_spec("tensorflow") is not None
+    except (ImportError, ValueError):
+        present = False
+    if not present:
+        click.echo(f"{command}: needs TensorFlow, which this device install does not have; install the training "
+                   "extra: pip install 'malaria-edge[train]'", err=True)
+        sys.exit(2)
 
 
 def command_line(name: str) -> str:
@@ -23,7 +37,10 @@ def command_line(name: str) -> str:
 @click.option("--test-fraction", default=0.2, show_default=True, help="Share of patients held out for test.")
 @click.option("--val-fraction", default=0.1, show_default=True, help="Share of training patients for validation.")
 @click.option("--download", is_flag=True, help=f"Fetch the official zip ({NIH_ZIP_URL}) into --out, resuming.")
-def prepare_main(data, out, seed, test_fraction, val_fraction, download):
+@click.option("--fields", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Annotated whole fields (images/ + annotations.json, IML-Malaria layout) to add as a second "
+                   "source: their red cells are cut by the runtime's segmentation, split by blocks of fields.")
+def prepare_main(data, out, seed, test_fraction, val_fraction, download, fields):
     """Split the NIH malaria cells by patient into train/val/test and write a manifest (no images are copied).
 
     \b
@@ -31,13 +48,14 @@ def prepare_main(data, out, seed, test_fraction, val_fraction, download):
       edge-prepare --data ../shared/data/cell_images --out runs/data
       edge-prepare --data cell_images.zip --out runs/data
       edge-prepare --download --out runs/data
+      edge-prepare --data ../shared/data/cell_images --fields ../shared/data/fields/iml_vivax --out runs/data2
     """
     if not data and not download:
         raise click.UsageError("give --data DIR|ZIP or --download")
     try:
         if download:
             data = download_zip(out / "cell_images.zip")
-        report = prepare(data, out, seed, test_fraction, val_fraction, command_line("edge-prepare"))
+        report = prepare(data, out, seed, test_fraction, val_fraction, command_line("edge-prepare"), fields=fields)
     except DatasetError as exc:
         click.echo(f"edge-prepare: {exc}", err=True)
         sys.exit(1)
@@ -45,6 +63,10 @@ def prepare_main(data, out, seed, test_fraction, val_fraction, download):
         click.echo(describe_bad(report["bad_files"]), err=True, nl=False)
         click.echo(f"{len(report['bad_files'])} files skipped (listed in {out / 'prepare.json'})", err=True)
     click.echo(format_counts(report["counts"]))
+    for source, info in report["sources"].items():
+        if info["unit"] == "fields":
+            click.echo(f"\n{source} cells (group = field; split by blocks of consecutive fields):")
+            click.echo(format_counts(info["counts"], unit="fields"))
     click.echo(f"manifest: {report['manifest']}  (sha256 {report['manifest_sha256'][:16]}..., seed {seed}; "
                "no patient is in two splits)")
 
@@ -52,8 +74,9 @@ def prepare_main(data, out, seed, test_fraction, val_fraction, download):
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--manifest", type=click.Path(path_type=Path), help="manifest.csv from edge-prepare.")
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder (model.keras, report, plot).")
-@click.option("--preset", type=click.Choice(["edge", "seed", "tiny"]), default="edge", show_default=True,
-              help="edge: our compact ResNet; seed: the tutorial's ResNet and recipe; tiny: a smoke test.")
+@click.option("--preset", type=click.Choice(["edge", "edge-nih", "seed", "tiny"]), default="edge", show_default=True,
+              help="edge: our compact multi-lab ResNet; edge-nih: the first NIH-only recipe; seed: the tutorial's "
+                   "ResNet and recipe; tiny: a smoke test.")
 @click.option("--epochs", type=int, help="Override the preset's epochs.")
 @click.option("--batch-size", type=int, help="Override the preset's batch size.")
 @click.option("--input-size", type=int, help="Override the preset's input size (pixels a side).")
@@ -75,6 +98,7 @@ def train_main(manifest, out, preset, epochs, batch_size, input_size, learning_r
       edge-train --manifest runs/data/manifest.csv --out runs/seed --preset seed --epochs 5
       edge-train --resume runs/edge
     """
+    require_tensorflow("edge-train")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if resume:
         out = resume

@@ -29,7 +29,8 @@ NIH_ZIP_URL = "https://data.lhncbc.nlm.nih.gov/public/Malaria/cell_images.zip"
 NIH_ZIP_BYTES = 353_452_851
 FOLDERS = {"Parasitized": PARASITIZED, "Uninfected": "uninfected"}
 SPLITS = ("train", "val", "test")
-MANIFEST_FIELDS = ("path", "label", "patient", "split", "sha256")
+MANIFEST_FIELDS = ("path", "label", "patient", "split", "sha256", "source")
+NIH = "NIH"
 
 
 class DatasetError(RuntimeError):
@@ -43,12 +44,20 @@ class Cell:
     patient: str
     split: str = ""
     sha256: str = ""
+    source: str = NIH         # which lab the cell comes from; ``patient`` is then a patient (NIH) or a field (IML)
 
     @property
     def nih_name(self) -> str:
-        """``Parasitized/C100P61ThinF_..._cell_162`` without the extension: the same on every machine and format."""
+        """``Parasitized/C100P61ThinF_..._cell_162`` without the extension (other sources prefixed with their name):
+        the same on every machine and format."""
         folder = "Parasitized" if self.label == PARASITIZED else "Uninfected"
-        return f"{folder}/{Path(self.path).stem}"
+        prefix = "" if self.source == NIH else f"{self.source}/"
+        return f"{prefix}{folder}/{Path(self.path).stem}"
+
+
+def group_order(name: str):
+    """Patients numerically (NIH ids), then any other group names (fields) alphabetically."""
+    return (0, int(name), "") if name.isdigit() else (1, 0, name)
 
 
 def find_class_folders(root: Path) -> Dict[str, Path]:
@@ -137,7 +146,8 @@ def manifest_hash(cells: Iterable[Cell]) -> str:
     """SHA-256 over (NIH name, label, patient, split, image sha256): independent of where the data lives."""
     digest = hashlib.sha256()
     for cell in sorted(cells, key=lambda c: c.nih_name):
-        digest.update(f"{cell.nih_name},{cell.label},{cell.patient},{cell.split},{cell.sha256}\n".encode())
+        extra = "" if cell.source == NIH else f",{cell.source}"
+        digest.update(f"{cell.nih_name},{cell.label},{cell.patient},{cell.split},{cell.sha256}{extra}\n".encode())
     return digest.hexdigest()
 
 
@@ -147,8 +157,9 @@ def write_manifest(cells: List[Cell], path: Path) -> None:
     with open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(MANIFEST_FIELDS)
-        for c in sorted(cells, key=lambda c: (SPLITS.index(c.split), int(c.patient), c.path)):
-            writer.writerow([c.path, c.label, c.patient, c.split, c.sha256])
+        for c in sorted(cells, key=lambda c: (SPLITS.index(c.split), c.source != NIH, group_order(c.patient),
+                                              c.path)):
+            writer.writerow([c.path, c.label, c.patient, c.split, c.sha256, c.source])
     os.replace(tmp, path)
 
 
@@ -159,7 +170,7 @@ def read_manifest(path) -> List[Cell]:
         raise DatasetError(f"{path}: manifest not found; run edge-prepare --data DIR --out DIR first")
     with open(path, newline="") as fh:
         reader = csv.DictReader(fh)
-        missing = set(MANIFEST_FIELDS) - set(reader.fieldnames or ())
+        missing = set(MANIFEST_FIELDS) - {"source"} - set(reader.fieldnames or ())
         if missing:
             raise DatasetError(f"{path}: not a manifest (missing columns {sorted(missing)}); run edge-prepare")
         cells = []
@@ -167,16 +178,19 @@ def read_manifest(path) -> List[Cell]:
             p = Path(row["path"])
             if not p.is_absolute():
                 p = path.parent / p
-            cells.append(Cell(str(p), row["label"], row["patient"], row["split"], row["sha256"]))
+            cells.append(Cell(str(p), row["label"], row["patient"], row["split"], row["sha256"],
+                              row.get("source") or NIH))
     return cells
 
 
-def split_counts(cells: Iterable[Cell]) -> Dict[str, Dict]:
-    """Patients and cells per split and label, as stored in reports and model cards."""
+def split_counts(cells: Iterable[Cell], source: Optional[str] = NIH) -> Dict[str, Dict]:
+    """Patients (fields, for field sources) and cells per split and label of one source, as stored in reports and
+    model cards."""
     counts: Dict[str, Dict] = {}
     by_split = defaultdict(list)
     for c in cells:
-        by_split[c.split].append(c)
+        if source is None or c.source == source:
+            by_split[c.split].append(c)
     for split in SPLITS:
         group = by_split.get(split, [])
         labels = Counter(c.label for c in group)
@@ -192,9 +206,11 @@ def split_counts(cells: Iterable[Cell]) -> Dict[str, Dict]:
     return counts
 
 
-def format_counts(counts: Dict[str, Dict]) -> str:
-    """The human table printed by edge-prepare."""
-    lines = [f"{'split':<6} {'patients':>8} {'infected':>8} {'healthy':>8} {'cells':>7} {'parasitized':>11} "
+def format_counts(counts: Dict[str, Dict], unit: str = "patients") -> str:
+    """The human table printed by edge-prepare; ``unit`` names the groups (patients, or fields for field data,
+    where a field "with parasites" is one holding at least one parasitized cell)."""
+    infected, healthy = ("infected", "healthy") if unit == "patients" else ("w/ para.", "without")
+    lines = [f"{'split':<6} {unit:>8} {infected:>8} {healthy:>8} {'cells':>7} {'parasitized':>11} "
              f"{'uninfected':>10}"]
     total = Counter()
     for split, c in counts.items():
@@ -261,8 +277,11 @@ def download_zip(dest: Path, url: str = NIH_ZIP_URL, expected_bytes: int = NIH_Z
 
 
 def prepare(data: Path, out: Path, seed: int = 42, test_fraction: float = 0.2, val_fraction: float = 0.1,
-            command: str = "", log=lambda msg: print(msg, file=sys.stderr)) -> Dict:
-    """Scan ``data`` (folder or zip), split by patient, write ``manifest.csv`` and ``prepare.json`` to ``out``."""
+            command: str = "", log=lambda msg: print(msg, file=sys.stderr), fields: Optional[Path] = None) -> Dict:
+    """Scan ``data`` (folder or zip), split by patient, write ``manifest.csv`` and ``prepare.json`` to ``out``.
+
+    ``fields``: a folder of annotated whole fields (IML-Malaria layout); their red cells are cut by the runtime's
+    segmentation into ``out/field_cells`` and added as a second source, split by blocks of fields."""
     data = Path(data)
     if not data.exists():
         raise DatasetError(f"{data}: no such file or folder")
@@ -275,10 +294,17 @@ def prepare(data: Path, out: Path, seed: int = 42, test_fraction: float = 0.2, v
     assignment = split_patients(cells, seed, test_fraction, val_fraction)
     for cell in cells:
         cell.split = assignment[cell.patient]
+    field_stats = None
+    if fields is not None:
+        from malaria_edge.train.iml import SOURCE, cut_field_cells
+        log(f"cutting the red cells of {fields} with the runtime's segmentation")
+        field_cells, field_stats = cut_field_cells(Path(fields), out / "field_cells", log)
+        cells += field_cells
     manifest = out / "manifest.csv"
     write_manifest(cells, manifest)
     counts = split_counts(cells)
     report = {
+        "sources": {NIH: {"unit": "patients", "counts": counts}},
         "data": str(data.resolve()),
         "manifest": str(manifest.resolve()),
         "manifest_sha256": manifest_hash(cells),
@@ -286,9 +312,13 @@ def prepare(data: Path, out: Path, seed: int = 42, test_fraction: float = 0.2, v
         "command": command,
         "fractions": {"test_of_patients": test_fraction, "val_of_train_patients": val_fraction},
         "counts": counts,
-        "patients": {s: sorted({c.patient for c in cells if c.split == s}, key=int) for s in SPLITS},
+        "patients": {s: sorted({c.patient for c in cells if c.split == s and c.source == NIH}, key=int)
+                     for s in SPLITS},
         "bad_files": [{"path": p, "reason": r} for p, r in bad],
     }
+    if field_stats is not None:
+        report["sources"][SOURCE] = {"unit": "fields", "counts": split_counts(cells, SOURCE),
+                                     "segmentation": field_stats}
     (out / "prepare.json").write_text(json.dumps(report, indent=2))
     return report
 
@@ -300,6 +330,8 @@ def load_prepare_report(manifest: Path) -> Dict:
     info = json.loads(side.read_text()) if side.is_file() else {}
     info["manifest_sha256"] = manifest_hash(cells)
     info["counts"] = split_counts(cells)
+    for source in sorted({c.source for c in cells} - {NIH}):
+        info.setdefault("sources", {})[source] = {"unit": "fields", "counts": split_counts(cells, source)}
     return info
 
 

@@ -16,13 +16,17 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import tensorflow as tf
 
-from malaria_edge.edge_runtime.images import prepare_cell
+from malaria_edge.edge_runtime.images import ImageError, prepare_cell
 from malaria_edge.edge_runtime.labels import PARASITIZED
-from malaria_edge.train.dataset import Cell
+from malaria_edge.train.dataset import NIH, Cell
+
+
+# Bump when prepare_cell's output changes, so no stale cache is trained on.
+PREPROCESSING_VERSION = 2  # 2: single cells cut to their central cell; field cells kept as the segmentation cut them
 
 
 def cache_key(cells: List[Cell], size: int, stain: Optional[Dict]) -> str:
-    digest = hashlib.sha256(json.dumps([size, stain], sort_keys=True).encode())
+    digest = hashlib.sha256(json.dumps([size, stain, PREPROCESSING_VERSION], sort_keys=True).encode())
     for c in cells:
         digest.update(f"{c.path},{c.sha256}\n".encode())
     return digest.hexdigest()[:16]
@@ -30,15 +34,25 @@ def cache_key(cells: List[Cell], size: int, stain: Optional[Dict]) -> str:
 
 def load_arrays(cells: List[Cell], size: int, stain: Optional[Dict] = None, cache_dir: Optional[Path] = None,
                 workers: int = 4) -> Tuple[np.ndarray, np.ndarray]:
-    """Return (pixels uint8 [N, size, size, 3], labels int [N], 1 = parasitized), cached as .npy when asked."""
+    """Return (pixels uint8 [N, size, size, 3], labels int [N], 1 = parasitized), cached as .npz when asked.
+
+    Cells of a field source were cut by the runtime's segmentation (``segment.cut_cell``) and go in as they are,
+    exactly as the field path feeds them to the model; single-cell crops (NIH) are cut to their central cell, as
+    the runtime does for any single-cell image."""
     cache_file = None
     if cache_dir is not None:
         cache_file = Path(cache_dir) / f"cells_{size}_{cache_key(cells, size, stain)}.npz"
         if cache_file.is_file():
             with np.load(cache_file) as data:
                 return data["x"], data["y"]
+    def prepare(cell: Cell) -> np.ndarray:
+        try:
+            return prepare_cell(cell.path, size, stain, central=cell.source == NIH)
+        except ImageError as exc:
+            raise ImageError(f"{cell.path}: {exc}; run edge-prepare again if the data moved") from None
+
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        pixels = list(pool.map(lambda c: prepare_cell(c.path, size, stain), cells))
+        pixels = list(pool.map(prepare, cells))
     x = np.stack(pixels).astype(np.uint8) if pixels else np.zeros((0, size, size, 3), np.uint8)
     y = np.array([1 if c.label == PARASITIZED else 0 for c in cells], dtype=np.int64)
     if cache_file is not None:
@@ -76,6 +90,27 @@ def _dihedral_color(images: tf.Tensor, seed_stream) -> tf.Tensor:
     return tf.clip_by_value(images, 0.0, 255.0)
 
 
+def _lab_shift(images: tf.Tensor) -> tf.Tensor:
+    """What differs between labs, on top of the dihedral/colour jitter: stain hue and saturation, white balance
+    and brightness, focus and camera resolution (blur, or down- and up-sampling: cell diameter in pixels differs by
+    camera and magnification). Per cell, on a float batch in [0, 255] of cells masked on black; the background
+    stays black."""
+    n = tf.shape(images)[0]
+    size = tf.shape(images)[1]
+    foreground = tf.cast(tf.reduce_sum(images, axis=3, keepdims=True) > 30.0, images.dtype)
+    hsv = tf.image.rgb_to_hsv(images / 255.0)
+    hue = tf.math.floormod(hsv[..., 0:1] + tf.random.uniform([n, 1, 1, 1], -0.08, 0.08), 1.0)
+    saturation = tf.clip_by_value(hsv[..., 1:2] * tf.random.uniform([n, 1, 1, 1], 0.6, 1.5), 0.0, 1.0)
+    value = tf.clip_by_value(hsv[..., 2:3] * tf.random.uniform([n, 1, 1, 1], 0.8, 1.2), 0.0, 1.0)
+    images = tf.image.hsv_to_rgb(tf.concat([hue, saturation, value], axis=3)) * 255.0
+    images = images * tf.random.uniform([n, 1, 1, 3], 0.88, 1.12)
+    low = tf.random.uniform([], 0.45, 1.0)
+    small = tf.maximum(8, tf.cast(tf.cast(size, tf.float32) * low, tf.int32))
+    resampled = tf.image.resize(tf.image.resize(images, [small, small], antialias=True), [size, size])
+    images = tf.where(tf.random.uniform([n, 1, 1, 1]) < 0.5, resampled, images)
+    return tf.clip_by_value(images * foreground, 0.0, 255.0)
+
+
 def _tutorial_augmenter(size: int):
     """The tutorial's ImageDataGenerator settings as Keras 3 layers: rotation 20 degrees, zoom, shift and shear 0.05,
     horizontal flip, nearest fill."""
@@ -102,8 +137,10 @@ def make_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, training: bool, 
 
     def to_model(images, labels):
         images = tf.cast(images, tf.float32)
-        if training and augment == "dihedral_color":
+        if training and augment in ("dihedral_color", "multilab"):
             images = _dihedral_color(images, seed)
+        if training and augment == "multilab":
+            images = _lab_shift(images)
         elif augmenter is not None:
             images = augmenter(images, training=True)
         if head == "softmax2":

@@ -16,9 +16,11 @@ import numpy as np
 from malaria_edge.edge_runtime.machine import machine_info
 from malaria_edge.edge_runtime.outputs import parasitized_probability
 from malaria_edge.edge_runtime.patients import choose_rule
-from malaria_edge.train.dataset import load_prepare_report, read_manifest
+from malaria_edge.edge_runtime.labels import PARASITIZED
+from malaria_edge.train.dataset import NIH, load_prepare_report, read_manifest
 from malaria_edge.train.model import PRESETS, Preset, build_resnet, count_macs
-from malaria_edge.train.report import evaluate_split, format_evaluation, plot_history, write_json
+from malaria_edge.edge_runtime.evaluation import evaluate, format_evaluation
+from malaria_edge.train.report import plot_history, write_json
 
 BEST = "model.keras"
 LAST = "checkpoint_last.keras"
@@ -94,6 +96,24 @@ def _cpu_seconds() -> float:
     return t.user + t.system
 
 
+def balance_sources(cells, x: np.ndarray, y: np.ndarray, log) -> tuple:
+    """Repeat the rare cells of a second source so it is learned, not drowned: field sources have a few hundred
+    parasites among tens of thousands of red cells. Parasitized cells of each non-NIH source are repeated until
+    they are about 15% of that source's cells (at most 10x). NIH (balanced by design) is left as it is."""
+    repeats = np.ones(len(cells), dtype=np.int64)
+    for source in sorted({c.source for c in cells} - {NIH}):
+        positive = np.array([c.source == source and c.label == PARASITIZED for c in cells])
+        negative = np.array([c.source == source and c.label != PARASITIZED for c in cells])
+        if positive.any():
+            factor = int(min(10, max(1, round(0.15 * negative.sum() / (0.85 * positive.sum())))))
+            repeats[positive] = factor
+            log(f"balance: {source} parasitized cells x{factor} ({positive.sum()} -> {factor * positive.sum()}; "
+                f"{negative.sum()} uninfected)")
+    if (repeats == 1).all():
+        return x, y
+    return np.repeat(x, repeats, axis=0), np.repeat(y, repeats, axis=0)
+
+
 def train(manifest: Path, out: Path, preset_name: str = "edge", epochs: Optional[int] = None,
           batch_size: Optional[int] = None, input_size: Optional[int] = None, learning_rate: Optional[float] = None,
           seed: int = 42, resume: bool = False, strategy_name: Optional[str] = None, cache_dir: Optional[Path] = None,
@@ -141,6 +161,7 @@ def train(manifest: Path, out: Path, preset_name: str = "edge", epochs: Optional
         config["commands"] = json.loads((out / "config.json").read_text()).get("commands", []) + [command]
     write_json(out / "config.json", config)
 
+    arrays["train"] = balance_sources(by_split["train"], *arrays["train"], log)
     strategy = make_strategy(strategy_name)
     steps = steps_per_epoch(len(arrays["train"][0]), preset.batch_size)
     replicas = strategy.num_replicas_in_sync
@@ -188,7 +209,9 @@ def train(manifest: Path, out: Path, preset_name: str = "edge", epochs: Optional
     wall = time.time() - started + history.pop("_resumed_wall", 0)
     cpu = _cpu_seconds() - start_cpu + history.pop("_resumed_cpu", 0)
     write_json(out / "history.json", history)
-    plot_history(history, out / "plot.png", f"ResNet '{preset.name}' on the NIH malaria cells (patient split)")
+    sources = sorted({c.source for c in cells})
+    plot_history(history, out / "plot.png", f"ResNet '{preset.name}' on {' + '.join(sources)} cells "
+                                             "(split by patient / field block)")
 
     best = keras.models.load_model(out / BEST)
     evaluations = {}
@@ -196,14 +219,20 @@ def train(manifest: Path, out: Path, preset_name: str = "edge", epochs: Optional
         x, y = arrays[split]
         raw = best.predict(x.astype(np.float32), batch_size=256, verbose=0)
         prob = parasitized_probability(raw, preset.head)
-        patients = [c.patient for c in by_split[split]]
-        evaluations[split] = (y, prob, patients)
+        for source in sources:
+            keep = np.array([c.source == source for c in by_split[split]])
+            if keep.any():
+                groups = [c.patient for c in by_split[split] if c.source == source]
+                evaluations[(split, source)] = (y[keep], prob[keep], groups)
     threshold = 0.5
-    val_eval = evaluate_split("val", *evaluations["val"], threshold)
+    val_eval = evaluate("val", *evaluations[("val", NIH)], threshold)
     rule = choose_rule(val_eval["patient_counts"])
-    test_eval = evaluate_split("test", *evaluations["test"], threshold, rule=rule)
+    test_eval = evaluate("test", *evaluations[("test", NIH)], threshold, rule=rule)
+    other_sources = {source: evaluate("test", *evaluations[("test", source)], threshold, unit="fields",
+                                      source=source)
+                     for source in sources if source != NIH and ("test", source) in evaluations}
     report = {
-        "model": str((out / BEST).resolve()),
+        "model": BEST,
         "preset": preset.to_dict(),
         "parameters": int(best.count_params()),
         "macs_per_cell": count_macs(best),
@@ -222,9 +251,11 @@ def train(manifest: Path, out: Path, preset_name: str = "edge", epochs: Optional
         "patient_rule": rule,
         "validation": {k: v for k, v in val_eval.items() if k != "patient_counts"},
         "test": test_eval,
+        "test_other_sources": other_sources,
+        "sources": sources,
     }
     write_json(out / "report.json", report)
-    text = (format_evaluation(test_eval) + "\n\n" +
+    text = ("\n\n".join(format_evaluation(ev) for ev in [test_eval, *other_sources.values()]) + "\n\n" +
             f"trained {report['epochs_run']} epochs in {wall / 60:.1f} min wall, {cpu / 60:.1f} min CPU on "
             f"{report['machine']['cpu']} ({report['machine']['cores']} cores); best epoch {report['best_epoch']}; "
             f"{report['parameters']:,} parameters\n")

@@ -1,0 +1,166 @@
+"""Whole microscope fields: every red cell found, classified, counted, drawn and saved.
+
+``Classifier.classify_field(image)`` returns a :class:`FieldResult`: its ``cells`` (each a :class:`FieldCell` with
+its box in the field's pixels, call and probability), the counts, the parasitemia with its Wilson 95% interval,
+``plot()`` for the overlay a clinician looks at and ``save_crops(dir)`` for the crops a microscopist sorts.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+from .labels import PARASITIZED, REVIEW, UNINFECTED
+from .metrics import wilson_interval
+from .segment import CellRegion, cut_cell, draw_outlines, segment_field
+
+# Overlay colours (RGB): parasitized red, uninfected green, review amber.
+CALL_COLOURS = {PARASITIZED: (230, 30, 30), UNINFECTED: (40, 200, 60), REVIEW: (255, 170, 0)}
+
+
+@dataclass
+class FieldCell:
+    """One red cell of a field. ``index`` counts from 1 in reading order; ``box`` is (x, y, w, h) in the field's
+    own pixels; ``unfamiliar`` is the out-of-distribution score when the model card has one (else None)."""
+    index: int
+    box: Tuple[int, int, int, int]
+    prediction: str
+    prob_parasitized: float
+    unfamiliar: Optional[float] = None
+    region: Optional[CellRegion] = field(default=None, repr=False)
+
+
+@dataclass
+class FieldResult:
+    """A classified field. ``parasitemia`` is parasitized / decided cells (cells sent to review are left out of
+    both), with its Wilson 95% interval; None when no cell was decided."""
+    source: str
+    width: int
+    height: int
+    cells: List[FieldCell]
+    diameter: Optional[float]
+    seconds_segment: float
+    seconds_classify: float
+    image: Optional[np.ndarray] = field(default=None, repr=False)
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.cells)
+
+    def count(self, call: str) -> int:
+        return sum(1 for c in self.cells if c.prediction == call)
+
+    @property
+    def n_parasitized(self) -> int:
+        return self.count(PARASITIZED)
+
+    @property
+    def n_review(self) -> int:
+        return self.count(REVIEW)
+
+    @property
+    def n_uninfected(self) -> int:
+        return self.count(UNINFECTED)
+
+    @property
+    def parasitemia(self) -> Optional[float]:
+        decided = self.n_parasitized + self.n_uninfected
+        return self.n_parasitized / decided if decided else None
+
+    @property
+    def parasitemia_ci(self) -> Optional[Tuple[float, float]]:
+        decided = self.n_parasitized + self.n_uninfected
+        return wilson_interval(self.n_parasitized, decided) if decided else None
+
+    def caption(self) -> str:
+        """One line: cells, parasitized, review and parasitemia with its interval."""
+        text = f"{self.n_cells} cells, {self.n_parasitized} parasitized"
+        if self.n_review:
+            text += f", {self.n_review} review"
+        if self.parasitemia is not None:
+            lo, hi = self.parasitemia_ci
+            text += f", parasitemia {100 * self.parasitemia:.1f}% (95% CI {100 * lo:.1f}-{100 * hi:.1f}%)"
+        return text
+
+    def summary(self) -> dict:
+        """The per-field figures as a plain dict (for summaries and --groups-output)."""
+        ci = self.parasitemia_ci
+        return {"source": self.source, "cells": self.n_cells, "parasitized": self.n_parasitized,
+                "uninfected": self.n_uninfected, "review": self.n_review,
+                "parasitemia": self.parasitemia, "parasitemia_low": ci[0] if ci else None,
+                "parasitemia_high": ci[1] if ci else None}
+
+    def plot(self, image: Optional[np.ndarray] = None) -> np.ndarray:
+        """The overlay as an RGB array: every cell outlined in the colour of its call, and a caption band."""
+        import cv2
+        base = self.image if image is None else image
+        if base is None:
+            raise ValueError("this result keeps no image; pass the field to plot(image)")
+        colours = [CALL_COLOURS.get(c.prediction, (255, 255, 255)) for c in self.cells]
+        thickness = max(2, int(round(max(self.width, self.height) / 640)))
+        drawn = draw_outlines(base, [c.region for c in self.cells], colours, thickness)
+        scale = max(0.6, self.width / 1600.0)
+        band = int(36 * scale)
+        out = np.zeros((drawn.shape[0] + band, drawn.shape[1], 3), np.uint8)
+        out[band:] = drawn
+        cv2.putText(out, self.caption(), (int(8 * scale), int(band * 0.7)), cv2.FONT_HERSHEY_SIMPLEX, 0.7 * scale,
+                    (255, 255, 255), max(1, int(round(1.5 * scale))), cv2.LINE_AA)
+        x = out.shape[1]
+        for call in (REVIEW, UNINFECTED, PARASITIZED):
+            label = call
+            (tw, _), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, 0.6 * scale, 1)
+            x -= tw + int(14 * scale)
+            cv2.putText(out, label, (x, int(band * 0.7)), cv2.FONT_HERSHEY_SIMPLEX, 0.6 * scale,
+                        CALL_COLOURS[call], max(1, int(round(1.5 * scale))), cv2.LINE_AA)
+        return out
+
+    def save_plot(self, path, image: Optional[np.ndarray] = None) -> Path:
+        """Write the overlay as an image file (PNG or JPEG by suffix)."""
+        from PIL import Image
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(self.plot(image)).save(path)
+        return path
+
+    def crop_name(self, cell: FieldCell) -> str:
+        return f"{Path(self.source).stem}_cell{cell.index}.png"
+
+    def save_crops(self, directory, image: Optional[np.ndarray] = None) -> List[Path]:
+        """Write each cell as the model sees it before resizing (tight box, masked on black) as
+        ``<field stem>_cell<index>.png``, ready to be sorted into Parasitized/ and Uninfected/."""
+        from PIL import Image
+        base = self.image if image is None else image
+        if base is None:
+            raise ValueError("this result keeps no image; pass the field to save_crops(dir, image)")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        written = []
+        for cell in self.cells:
+            path = directory / self.crop_name(cell)
+            Image.fromarray(cut_cell(base, cell.region)).save(path)
+            written.append(path)
+        return written
+
+
+def classify_field(classifier, rgb: np.ndarray, source: str = "<field>", keep_image: bool = True,
+                   diameter: Optional[float] = None) -> FieldResult:
+    """Segment ``rgb`` (HxWx3 uint8), cut every cell, classify them in one batch."""
+    start = time.perf_counter()
+    regions = segment_field(rgb, diameter=diameter)
+    found_diameter = float(np.median([r.diameter for r in regions])) if regions else None
+    seconds_segment = time.perf_counter() - start
+    start = time.perf_counter()
+    cells: List[FieldCell] = []
+    if regions:
+        pixels = np.stack([classifier.prepare_crop(cut_cell(rgb, r)) for r in regions])
+        probs, _ = classifier.probabilities(pixels)
+        unfamiliar = classifier.unfamiliar_scores(pixels)
+        for index, (region, prob) in enumerate(zip(regions, probs), start=1):
+            score = None if unfamiliar is None else float(unfamiliar[index - 1])
+            cells.append(FieldCell(index, region.box, classifier.decide(float(prob)), float(prob), score, region))
+    seconds_classify = time.perf_counter() - start
+    return FieldResult(source, int(rgb.shape[1]), int(rgb.shape[0]), cells, found_diameter, seconds_segment,
+                       seconds_classify, rgb if keep_image else None)

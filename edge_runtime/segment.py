@@ -1,0 +1,451 @@
+"""Find the red cells of a thin-smear microscope field and cut each one the way the training cells look.
+
+One small function per picture step, each taking and returning plain arrays, with every size derived from the cell
+diameter measured on the field itself (never a fixed pixel count, since magnification differs between labs):
+
+    stain density -> foreground -> clean -> fill holes -> estimate diameter -> distance -> markers -> split
+    -> regions -> filter (size, shape, colour, border) -> cut
+
+The NIH training crops are single cells masked on black in a tight box; :func:`cut_cell` makes the same picture
+from a field, and :func:`central_cell` finds the one cell of a crop made by another tool, so the model sees one kind
+of input whoever cut the cell. Uses OpenCV (``opencv-python-headless``); ``segment_field(rgb, debug_dir=...)``
+writes every step's picture for tuning.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+try:
+    import cv2
+except ImportError:  # the hint is raised where segmentation is first needed
+    cv2 = None
+
+OPENCV_HINT = "whole-field images need OpenCV: pip install 'malaria-edge[fields]' (or opencv-python-headless)"
+
+# Steps run on a copy scaled so that a red cell is about this many pixels across: enough to split touching cells,
+# small enough that a 12 MP phone photo segments in well under a second.
+WORK_DIAMETER = 40.0
+
+# Below this optical density (stain absorbance relative to the local background) a pixel is background whatever
+# Otsu says: guards a field with almost no cells, where Otsu would split the background's own noise.
+MIN_DENSITY = 0.06
+
+# Pixels this dark in every channel are not stain but a black mask, vignette or burned-in scale bar.
+BLACK_LEVEL = 40
+
+
+# A blob more than this fraction deep purple is a white cell's nucleus (or a stain blob), not a red cell.
+NUCLEUS_FRACTION = 0.5
+NUCLEUS_DENSITY_RATIO = 2.0
+
+
+class SegmentationUnavailable(RuntimeError):
+    """OpenCV is not installed; the message says how to install it."""
+
+
+def _require_cv2():
+    if cv2 is None:
+        raise SegmentationUnavailable(OPENCV_HINT)
+
+
+@dataclass
+class CellRegion:
+    """One red cell found in an image. ``box`` is (x, y, w, h) in the image's own pixels; ``mask`` is a bool array
+    of the box's shape, True on the cell; ``area`` its pixel count; ``centre`` (x, y) its centroid."""
+    box: Tuple[int, int, int, int]
+    mask: np.ndarray = field(repr=False)
+    area: int = 0
+    centre: Tuple[float, float] = (0.0, 0.0)
+    touches_border: bool = False
+
+    @property
+    def diameter(self) -> float:
+        """Equivalent-circle diameter in pixels."""
+        return math.sqrt(4.0 * self.area / math.pi)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Picture steps
+
+
+def stain_density(rgb: np.ndarray) -> np.ndarray:
+    """Optical density of the stain, float32 >= 0: -log(pixel / local background) on the green channel, where
+    haemoglobin and Giemsa absorb most. Dividing by a smooth background estimate (the brightest level in coarse
+    tiles, i.e. the glass between cells) removes uneven illumination and vignetting before any threshold."""
+    green = rgb[:, :, 1].astype(np.float32) + 1.0
+    h, w = green.shape
+    tile = max(8, int(round(max(h, w) / 24)))
+    small = cv2.resize(green, (max(1, w // tile), max(1, h // tile)), interpolation=cv2.INTER_AREA)
+    # The glass is the bright part: a max filter over 3x3 tiles skips cells up to ~2 tiles across.
+    background = cv2.dilate(small, np.ones((3, 3), np.uint8))
+    background = cv2.GaussianBlur(background, (0, 0), 1.5)
+    background = cv2.resize(background, (w, h), interpolation=cv2.INTER_LINEAR)
+    density = np.log(np.maximum(background, green) / green)
+    return density.astype(np.float32)
+
+
+def foreground_mask(density: np.ndarray, rgb: np.ndarray) -> np.ndarray:
+    """Cells vs glass: Otsu's threshold on the stain density (not below MIN_DENSITY); black pixels (mask, vignette,
+    scale bar) are never foreground."""
+    scaled = np.clip(density * (255.0 / 1.0), 0, 255).astype(np.uint8)
+    otsu, _ = cv2.threshold(scaled, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    level = max(otsu / 255.0, MIN_DENSITY)
+    mask = density > level
+    mask &= rgb.max(axis=2) > BLACK_LEVEL
+    return mask
+
+
+def disk(radius: float) -> np.ndarray:
+    """A round structuring element of the given radius in pixels (at least 3x3)."""
+    r = max(1, int(round(radius)))
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+
+
+def clean(mask: np.ndarray, radius: float) -> np.ndarray:
+    """Opening by a disk of ``radius``: removes speckle, fibrin threads, the scale bar's thin line and the thin
+    bridges where two cells barely touch, without eroding whole cells."""
+    return cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN, disk(radius)).astype(bool)
+
+
+def fill_holes(mask: np.ndarray, max_area: float) -> np.ndarray:
+    """Fill enclosed background smaller than ``max_area``: a red cell's pale centre is below the stain threshold,
+    but glass ringed by several touching cells (bigger than a cell) must stay background."""
+    inverse = (~mask).astype(np.uint8)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(inverse, connectivity=4)
+    h, w = mask.shape
+    x, y, bw, bh, area = (stats[:, i] for i in range(5))
+    touches = (x == 0) | (y == 0) | (x + bw == w) | (y + bh == h)
+    fill = (~touches) & (area <= max_area)
+    fill[0] = False
+    return mask | fill[labels]
+
+
+def estimate_diameter(mask: np.ndarray) -> Optional[float]:
+    """The typical red-cell diameter in pixels, measured on the field: the median equivalent diameter of the compact,
+    round blobs (lone cells; clumps are less solid and are left out). None when nothing cell-like is found."""
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    h, w = mask.shape
+    singles, all_blobs = [], []
+    for contour in contours:
+        area = cv2.contourArea(contour)
+        if area < 30:
+            continue
+        x, y, bw, bh = cv2.boundingRect(contour)
+        if x == 0 or y == 0 or x + bw == w or y + bh == h:
+            continue
+        diameter = math.sqrt(4.0 * area / math.pi)
+        all_blobs.append(diameter)
+        hull = cv2.contourArea(cv2.convexHull(contour))
+        if hull > 0 and area / hull > 0.93 and max(bw, bh) <= 1.3 * min(bw, bh):
+            singles.append(diameter)
+    if len(singles) >= 3:
+        return float(np.median(singles))
+    if all_blobs:
+        return float(np.median(all_blobs))
+    return None
+
+
+def distance_map(mask: np.ndarray) -> np.ndarray:
+    """Distance from each cell pixel to the nearest background pixel: peaks at cell centres."""
+    return cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 5)
+
+
+def markers(distance: np.ndarray, diameter: float) -> Tuple[np.ndarray, int]:
+    """One seed per cell: local maxima of the distance map within a neighbourhood of about half a diameter that
+    lie deeper than a third of a radius (so the ridge between two overlapping cells seeds neither)."""
+    radius = diameter / 2.0
+    smooth = cv2.GaussianBlur(distance, (0, 0), max(1.0, radius / 8.0))
+    peaks = smooth >= cv2.dilate(smooth, disk(radius * 0.55))
+    peaks &= smooth > radius * 0.35
+    # Plateaus and near-ties within a cell merge into one seed.
+    peaks = cv2.dilate(peaks.astype(np.uint8), disk(max(1.0, radius * 0.2)))
+    count, labels = cv2.connectedComponents(peaks, connectivity=8)
+    return labels.astype(np.int32), count - 1
+
+
+def split_touching(mask: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+    """Split touching cells: within each blob, every pixel goes to its nearest seed (a watershed on the distance
+    to the seeds, which for overlapping round cells cuts along the line between their centres). Blobs with one
+    seed stay whole; blobs with none stay as one region for the filters to judge. Returns int32 labels (0
+    background, 1..n regions)."""
+    count, blobs, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    labels = np.zeros(mask.shape, np.int32)
+    seed_blob = blobs[seeds > 0]
+    seed_ids = seeds[seeds > 0]
+    seeds_per_blob = np.bincount(seed_blob, minlength=count)
+    next_label = 1
+    for b in range(1, count):
+        x, y, w, h, _ = stats[b]
+        window = blobs[y:y + h, x:x + w] == b
+        if seeds_per_blob[b] <= 1:
+            labels[y:y + h, x:x + w][window] = next_label
+            next_label += 1
+            continue
+        local_seeds = np.where(window, seeds[y:y + h, x:x + w], 0)
+        # Label each pixel by its nearest seed pixel; seeds are the zeros of the input.
+        _, nearest = cv2.distanceTransformWithLabels((local_seeds == 0).astype(np.uint8), cv2.DIST_L2, 5,
+                                                     labelType=cv2.DIST_LABEL_PIXEL)
+        seed_of_pixel_label = np.zeros(int(nearest.max()) + 1, np.int32)
+        sy, sx = np.nonzero(local_seeds)
+        seed_of_pixel_label[nearest[sy, sx]] = local_seeds[sy, sx]
+        owner = seed_of_pixel_label[nearest]
+        unique = np.unique(owner[window])
+        remap = np.zeros(int(owner.max()) + 1, np.int32)
+        remap[unique] = np.arange(next_label, next_label + len(unique))
+        labels[y:y + h, x:x + w][window] = remap[owner[window]]
+        next_label += len(unique)
+    return labels
+
+
+@dataclass
+class _Blob:
+    """A labelled region at working scale, before filtering."""
+    label: int
+    x: int
+    y: int
+    w: int
+    h: int
+    area: int
+
+
+def regions_of(labels: np.ndarray) -> List[_Blob]:
+    """Bounding box and area of every label (one pass over the pixels)."""
+    flat = labels.ravel()
+    on = np.flatnonzero(flat)
+    if on.size == 0:
+        return []
+    ids = flat[on]
+    order = np.argsort(ids, kind="stable")
+    ids, on = ids[order], on[order]
+    ys, xs = np.divmod(on, labels.shape[1])
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+    ends = np.r_[starts[1:], len(ids)]
+    blobs = []
+    for s, e in zip(starts, ends):
+        x0, x1 = int(xs[s:e].min()), int(xs[s:e].max())
+        y0, y1 = int(ys[s:e].min()), int(ys[s:e].max())
+        blobs.append(_Blob(int(ids[s]), x0, y0, x1 - x0 + 1, y1 - y0 + 1, int(e - s)))
+    return blobs
+
+
+def nucleus_mask(density: np.ndarray, foreground: np.ndarray) -> np.ndarray:
+    """Dense stain, as in white-cell nuclei: more than NUCLEUS_DENSITY_RATIO times the field's typical red-cell
+    density (relative, because one lab's red cells are pale pink and another's deep magenta). Parasite chromatin is
+    as dense but covers a small part of its cell."""
+    cells = density[foreground]
+    typical = float(np.median(cells)) if cells.size else 0.0
+    return density > max(NUCLEUS_DENSITY_RATIO * typical, 4 * MIN_DENSITY)
+
+
+def keep_cell(blob: _Blob, labels: np.ndarray, nucleus: np.ndarray, diameter: float,
+              drop_border: bool) -> bool:
+    """Is this blob a whole red cell? Size between a third and 2.2 cell areas (platelets, debris and merged clumps
+    go); reasonably round and solid; not a white cell (a nucleus bigger than a large parasite); not cut by the
+    image border (half a cell seen is not a cell to classify or count)."""
+    cell_area = math.pi * diameter * diameter / 4.0
+    if not 0.3 * cell_area <= blob.area <= 2.2 * cell_area:
+        return False
+    if max(blob.w, blob.h) > 2.2 * diameter or min(blob.w, blob.h) < 0.4 * diameter:
+        return False
+    h, w = labels.shape
+    if drop_border and (blob.x <= 0 or blob.y <= 0 or blob.x + blob.w >= w or blob.y + blob.h >= h):
+        return False
+    window = labels[blob.y:blob.y + blob.h, blob.x:blob.x + blob.w] == blob.label
+    if blob.area / float(blob.w * blob.h) < 0.45:
+        return False
+    dark = int(np.count_nonzero(nucleus[blob.y:blob.y + blob.h, blob.x:blob.x + blob.w] & window))
+    if dark > NUCLEUS_FRACTION * blob.area:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public API
+
+
+def work_scale(rgb: np.ndarray, diameter: Optional[float] = None) -> float:
+    """The factor that brings a cell to about WORK_DIAMETER pixels (never above 1: no upscaling)."""
+    if diameter:
+        return min(1.0, WORK_DIAMETER / diameter)
+    return min(1.0, 640.0 / max(rgb.shape[:2]))
+
+
+def _resize(rgb: np.ndarray, scale: float) -> np.ndarray:
+    if scale >= 1.0:
+        return rgb
+    h, w = rgb.shape[:2]
+    return cv2.resize(rgb, (max(1, int(round(w * scale))), max(1, int(round(h * scale)))),
+                      interpolation=cv2.INTER_AREA)
+
+
+def _write_debug(debug_dir, name: str, picture: np.ndarray) -> None:
+    if debug_dir is None:
+        return
+    Path(debug_dir).mkdir(parents=True, exist_ok=True)
+    pic = picture
+    if pic.dtype == bool:
+        pic = pic.astype(np.uint8) * 255
+    elif pic.dtype != np.uint8:
+        top = float(pic.max()) or 1.0
+        pic = np.clip(pic * (255.0 / top), 0, 255).astype(np.uint8)
+    if pic.ndim == 3:
+        pic = cv2.cvtColor(pic, cv2.COLOR_RGB2BGR)
+    cv2.imwrite(str(Path(debug_dir) / f"{name}.png"), pic)
+
+
+def field_diameter(rgb: np.ndarray) -> Optional[float]:
+    """The red-cell diameter of a field in its own pixels, from a quick pass on a copy at most 640 px wide."""
+    _require_cv2()
+    scale = work_scale(rgb)
+    small = _resize(rgb, scale)
+    density = stain_density(small)
+    mask = foreground_mask(density, small)
+    mask = clean(mask, 1.5)
+    mask = fill_holes(mask, max_area=0.02 * mask.size)
+    d = estimate_diameter(mask)
+    return None if d is None else d / scale
+
+
+def label_cells(rgb: np.ndarray, diameter: float, debug_dir=None) -> np.ndarray:
+    """The watershed labels of ``rgb`` (already at working scale) for cells of ``diameter`` pixels."""
+    density = stain_density(rgb)
+    mask = foreground_mask(density, rgb)
+    _write_debug(debug_dir, "1_foreground", mask)
+    mask = clean(mask, diameter / 14.0)
+    _write_debug(debug_dir, "2_clean", mask)
+    mask = fill_holes(mask, max_area=0.6 * math.pi * diameter ** 2 / 4.0)
+    _write_debug(debug_dir, "3_filled", mask)
+    distance = distance_map(mask)
+    _write_debug(debug_dir, "4_distance", distance)
+    seeds, _ = markers(distance, diameter)
+    _write_debug(debug_dir, "5_markers", seeds > 0)
+    labels = split_touching(mask, seeds)
+    if debug_dir is not None:
+        rng = np.random.default_rng(0)
+        palette = rng.integers(60, 255, size=(int(labels.max()) + 1, 3), dtype=np.uint8)
+        palette[0] = 0
+        _write_debug(debug_dir, "6_split", palette[labels])
+    return labels, density
+
+
+def segment_field(rgb: np.ndarray, diameter: Optional[float] = None, drop_border: bool = True,
+                  debug_dir=None) -> List[CellRegion]:
+    """Every whole red cell of a brightfield field image (HxWx3 uint8 RGB), in reading order (top to bottom, left
+    to right). ``diameter``: the red-cell diameter in pixels when known; measured on the field otherwise.
+    ``debug_dir``: write each step's picture there."""
+    _require_cv2()
+    rgb = np.ascontiguousarray(rgb[:, :, :3], dtype=np.uint8)
+    if diameter is None:
+        diameter = field_diameter(rgb)
+    if diameter is None or diameter < 6:
+        return []
+    scale = work_scale(rgb, diameter)
+    small = _resize(rgb, scale)
+    d_small = diameter * scale
+    labels, density = label_cells(small, d_small, debug_dir)
+    nucleus = nucleus_mask(density, labels > 0)
+    full_h, full_w = rgb.shape[:2]
+    cells = []
+    for blob in regions_of(labels):
+        if not keep_cell(blob, labels, nucleus, d_small, drop_border):
+            continue
+        cells.append(_to_full_scale(blob, labels, scale, full_w, full_h))
+    cells.sort(key=lambda c: (c.box[1] // max(1, int(diameter)), c.box[0]))
+    if debug_dir is not None:
+        _write_debug(debug_dir, "7_cells", draw_outlines(rgb, cells))
+    return cells
+
+
+def _to_full_scale(blob: _Blob, labels: np.ndarray, scale: float, full_w: int, full_h: int) -> CellRegion:
+    """Map a working-scale blob to the image's pixels: the box scaled, the mask resized smoothly and re-thresholded
+    so its edge is not blocky."""
+    window = (labels[blob.y:blob.y + blob.h, blob.x:blob.x + blob.w] == blob.label).astype(np.float32)
+    x0 = int(math.floor(blob.x / scale))
+    y0 = int(math.floor(blob.y / scale))
+    x1 = min(full_w, int(math.ceil((blob.x + blob.w) / scale)))
+    y1 = min(full_h, int(math.ceil((blob.y + blob.h) / scale)))
+    w, h = max(1, x1 - x0), max(1, y1 - y0)
+    if scale < 1.0:
+        mask = cv2.resize(window, (w, h), interpolation=cv2.INTER_LINEAR) >= 0.5
+    else:
+        mask = window.astype(bool)
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        mask = np.ones((h, w), bool)
+        ys, xs = np.nonzero(mask)
+    # Tighten the box to the mask.
+    mx0, mx1, my0, my1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
+    mask = mask[my0:my1, mx0:mx1]
+    bx, by = x0 + int(mx0), y0 + int(my0)
+    area = int(mask.sum())
+    cy, cx = (float(v.mean()) for v in np.nonzero(mask))
+    touches = bx <= 0 or by <= 0 or bx + mask.shape[1] >= full_w or by + mask.shape[0] >= full_h
+    return CellRegion((bx, by, int(mask.shape[1]), int(mask.shape[0])), mask, area, (bx + cx, by + cy), touches)
+
+
+def cut_cell(rgb: np.ndarray, region: CellRegion, size: Optional[int] = None) -> np.ndarray:
+    """The cell as the NIH crops show it: its tight bounding box, pixels outside its mask black (uint8 HxWx3).
+    ``size``: also stretch it to ``size`` x ``size`` (NIH stretched its crops to squares); model input is made by
+    ``images.prepare_cell``, so leave it None on the classification path."""
+    x, y, w, h = region.box
+    crop = np.array(rgb[y:y + h, x:x + w, :3], dtype=np.uint8, copy=True)
+    crop[~region.mask[:crop.shape[0], :crop.shape[1]]] = 0
+    if size is not None:
+        _require_cv2()
+        crop = cv2.resize(crop, (int(size), int(size)), interpolation=cv2.INTER_AREA)
+    return crop
+
+
+def is_on_black(rgb: np.ndarray) -> bool:
+    """True for a crop already masked on black (the NIH look): most of its border pixels are black."""
+    border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]]).astype(np.int32)
+    return float(np.mean(border.sum(axis=1) <= 30)) > 0.5
+
+
+def central_cell(rgb: np.ndarray) -> Optional[CellRegion]:
+    """The one cell of a single-cell crop cut by any tool: the region nearest the image centre. A crop on black is
+    its non-black blob; a crop with natural background (glass, neighbours' edges) is segmented like a field whose
+    cell fills most of the picture, and cells touching the crop's edge are allowed."""
+    _require_cv2()
+    rgb = np.ascontiguousarray(rgb[:, :, :3], dtype=np.uint8)
+    h, w = rgb.shape[:2]
+    if is_on_black(rgb):
+        mask = rgb.astype(np.int32).sum(axis=2) > 30
+        # Closing first joins a dithered or speckled cell into one blob; the largest blob is the cell.
+        joined = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_CLOSE, disk(1))
+        count, labels = cv2.connectedComponents(joined, connectivity=8)
+        if count <= 1:
+            return None
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        keep = fill_holes(labels == int(np.argmax(sizes)), max_area=mask.size)
+        ys, xs = np.nonzero(keep)
+        x0, y0 = int(xs.min()), int(ys.min())
+        box_mask = keep[y0:ys.max() + 1, x0:xs.max() + 1]
+        return CellRegion((x0, y0, box_mask.shape[1], box_mask.shape[0]), box_mask, int(box_mask.sum()),
+                          (float(xs.mean()), float(ys.mean())), False)
+    # A single-cell crop is about one to one and a half cells across; its own blobs mostly touch its edges, so
+    # the field estimate does not apply.
+    cells = segment_field(rgb, diameter=0.75 * min(h, w), drop_border=False)
+    if not cells:
+        return None
+    centre = np.array([w / 2.0, h / 2.0])
+    return min(cells, key=lambda c: float(np.hypot(*(np.array(c.centre) - centre))))
+
+
+def draw_outlines(rgb: np.ndarray, cells: List[CellRegion], colours: Optional[List[Tuple[int, int, int]]] = None,
+                  thickness: int = 2) -> np.ndarray:
+    """A copy of ``rgb`` with each cell's mask outline drawn (default colour yellow)."""
+    _require_cv2()
+    out = np.ascontiguousarray(rgb[:, :, :3], dtype=np.uint8).copy()
+    for i, cell in enumerate(cells):
+        colour = colours[i] if colours else (255, 220, 0)
+        contours, _ = cv2.findContours(cell.mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        x, y = cell.box[:2]
+        cv2.drawContours(out, contours, -1, colour, thickness, offset=(x, y))
+    return out

@@ -1,0 +1,189 @@
+"""Red cells of annotated whole fields (IML-Malaria layout) as training and evaluation cells, cut by the device's own
+segmentation so the model learns exactly the crops the field path will feed it.
+
+Layout: ``DIR/images/*.JPG`` and ``DIR/annotations.json`` (``[{"image_name", "objects": [{"type", "bbox": {x, y, w,
+h}}]}]``; ``red blood cell`` is uninfected, a life-cycle stage is parasitized, ``difficult`` is left out).
+Fields are split in blocks of consecutive captures (neighbouring shots are likely one slide), so no slide's
+neighbouring fields sit on both sides of a split.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+
+from malaria_edge.edge_runtime.images import ImageError, open_image
+from malaria_edge.edge_runtime.labels import PARASITIZED, UNINFECTED
+from malaria_edge.train.dataset import Cell, DatasetError
+
+UNINFECTED_TYPES = ("red blood cell",)
+PARASITE_TYPES = ("ring", "trophozoite", "schizont", "gametocyte")
+SKIP_TYPES = ("difficult",)
+BLOCK = 8                 # consecutive captures per block
+MATCH_IOU = 0.5           # a segmented cell is an annotated cell when their boxes overlap this much
+BOX_MARGIN = 0.15         # context around an annotated box when a parasite the segmentation missed is cut by box
+SOURCE = "IML"
+
+Box = Tuple[int, int, int, int]
+
+
+class FieldDataError(DatasetError):
+    """Annotated fields that cannot be used; one line saying what to fix."""
+
+
+@dataclass
+class Annotation:
+    kind: str
+    box: Box
+
+    @property
+    def label(self) -> Optional[str]:
+        if self.kind in UNINFECTED_TYPES:
+            return UNINFECTED
+        if self.kind in PARASITE_TYPES:
+            return PARASITIZED
+        return None
+
+
+def read_annotations(path: Path) -> Dict[str, List[Annotation]]:
+    """annotations.json -> {image name: [Annotation]}; unknown object types are refused, not guessed."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise FieldDataError(f"{path}: unreadable annotations ({exc})") from None
+    out: Dict[str, List[Annotation]] = {}
+    for entry in data:
+        objects = []
+        for obj in entry.get("objects", []):
+            kind = obj["type"]
+            if kind not in UNINFECTED_TYPES + PARASITE_TYPES + SKIP_TYPES:
+                raise FieldDataError(f"{path}: unknown object type {kind!r} in {entry['image_name']}")
+            b = obj["bbox"]
+            objects.append(Annotation(kind, (int(b["x"]), int(b["y"]), int(b["w"]), int(b["h"]))))
+        out[entry["image_name"]] = objects
+    return out
+
+
+def capture_number(name: str) -> int:
+    """The sequential capture number in a camera file name (``PA171690.JPG`` -> 171690)."""
+    digits = re.findall(r"\d+", Path(name).stem)
+    if not digits:
+        raise FieldDataError(f"{name}: no capture number in the file name; fields are split by capture order")
+    return int(digits[-1])
+
+
+def field_split(name: str, first_capture: int) -> str:
+    """train / val / test for a field by its block of 8 consecutive captures: block % 4 == 3 -> test,
+    block % 8 == 1 -> val, else train (about 60/15/25 of blocks)."""
+    block = (capture_number(name) - first_capture) // BLOCK
+    if block % 4 == 3:
+        return "test"
+    if block % 8 == 1:
+        return "val"
+    return "train"
+
+
+def iou(a: Box, b: Box) -> float:
+    ax, ay, aw, ah = a
+    bx, by, bw, bh = b
+    ix = max(0, min(ax + aw, bx + bw) - max(ax, bx))
+    iy = max(0, min(ay + ah, by + bh) - max(ay, by))
+    inter = ix * iy
+    union = aw * ah + bw * bh - inter
+    return inter / union if union else 0.0
+
+
+def match_regions(regions: Sequence, annotations: Sequence[Annotation]) -> List[Optional[Annotation]]:
+    """For each segmented region, the annotation it matches at IoU >= 0.5 (greedy, best pairs first), else None."""
+    pairs = []
+    for i, region in enumerate(regions):
+        for j, ann in enumerate(annotations):
+            score = iou(region.box, ann.box)
+            if score >= MATCH_IOU:
+                pairs.append((score, i, j))
+    matched: List[Optional[Annotation]] = [None] * len(regions)
+    used = set()
+    for score, i, j in sorted(pairs, reverse=True):
+        if matched[i] is None and j not in used:
+            matched[i] = annotations[j]
+            used.add(j)
+    return matched
+
+
+def _box_crop(rgb: np.ndarray, box: Box) -> np.ndarray:
+    x, y, w, h = box
+    mx, my = int(w * BOX_MARGIN), int(h * BOX_MARGIN)
+    return rgb[max(0, y - my):y + h + my, max(0, x - mx):x + w + mx]
+
+
+def _save(pixels: np.ndarray, path: Path) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, format="PNG")
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def cut_field_cells(field_dir: Path, out_dir: Path, log=print) -> Tuple[List[Cell], Dict]:
+    """Segment every annotated field with the runtime's segmentation, label each cut cell by the annotated box it
+    matches, and save the crops (PNG, lossless) under ``out_dir``. Parasites the segmentation missed are cut by
+    their box through the same central-cell masking, in training fields only (more of the rare class to learn
+    from); evaluation fields keep exactly what the field path produces."""
+    from malaria_edge.edge_runtime.segment import central_cell, cut_cell, segment_field
+
+    field_dir, out_dir = Path(field_dir), Path(out_dir)
+    annotations = read_annotations(field_dir / "annotations.json")
+    images = sorted(p for p in (field_dir / "images").iterdir() if p.name in annotations)
+    if not images:
+        raise FieldDataError(f"{field_dir}: no annotated images in images/; expected the IML-Malaria layout")
+    first = min(capture_number(p.name) for p in images)
+    cells: List[Cell] = []
+    stats = {"fields": 0, "segmented": 0, "matched": 0, "unmatched": 0, "difficult": 0,
+             "parasites_annotated": 0, "parasites_segmented": 0, "parasites_by_box": 0, "bad_fields": []}
+    for done, path in enumerate(images, 1):
+        try:
+            rgb = np.asarray(open_image(path))
+        except ImageError as exc:
+            stats["bad_fields"].append({"path": path.name, "reason": str(exc)})
+            continue
+        split = field_split(path.name, first)
+        anns = annotations[path.name]
+        regions = segment_field(rgb)
+        matches = match_regions(regions, anns)
+        stats["fields"] += 1
+        stats["segmented"] += len(regions)
+        for index, (region, ann) in enumerate(zip(regions, matches)):
+            if ann is None:
+                stats["unmatched"] += 1
+                continue
+            if ann.label is None:
+                stats["difficult"] += 1
+                continue
+            stats["matched"] += 1
+            stats["parasites_segmented"] += ann.label == PARASITIZED
+            folder = "Parasitized" if ann.label == PARASITIZED else "Uninfected"
+            crop = out_dir / split / folder / f"{path.stem}_cell{index}.png"
+            digest = _save(cut_cell(rgb, region), crop)
+            cells.append(Cell(str(crop.resolve()), ann.label, path.stem, split, digest, SOURCE))
+        matched_ids = {id(a) for a in matches if a is not None}
+        for j, ann in enumerate(anns):
+            if ann.label != PARASITIZED:
+                continue
+            stats["parasites_annotated"] += 1
+            if id(ann) in matched_ids or split != "train":
+                continue
+            crop_rgb = _box_crop(rgb, ann.box)
+            region = central_cell(crop_rgb)
+            if region is None:
+                continue
+            crop = out_dir / split / "Parasitized" / f"{path.stem}_box{j}.png"
+            digest = _save(cut_cell(crop_rgb, region), crop)
+            cells.append(Cell(str(crop.resolve()), PARASITIZED, path.stem, split, digest, SOURCE))
+            stats["parasites_by_box"] += 1
+        if done % 20 == 0:
+            log(f"  cut {done}/{len(images)} fields: {len(cells)} labelled cells")
+    return cells, stats
