@@ -212,13 +212,14 @@ echo "pi_check: inputs ${INPUTS[*]} ${FIELD_INPUTS[*]+${FIELD_INPUTS[*]}}" >&2
 # host's usual indexes (x86_64).
 ensure_venv() {  # ensure_venv NAME MACHINE INSTALL_SPEC... (arm64 venvs live in /opt/pi-check inside the root)
     local name=$1 machine=$2; shift 2
-    local dir=$CHECK/venvs/$name key runner=()
+    local dir=$CHECK/venvs/$name key runner=() compile=()
     key="$REQS_KEY $WHEELS_FROM $*"
-    [ "$machine" = arm64 ] && runner=(in_root)
+    # Byte-compiling every installed file is most of an emulated install; Python compiles what it imports anyway.
+    [ "$machine" = arm64 ] && runner=(in_root) && compile=(--no-compile)
     local py=/opt/pi-check/venvs/$name/bin/python
     [ "$machine" = x86_64 ] && py=$dir/bin/python
     if [ "$FRESH_VENVS" = 0 ] && [ -f "$dir/.pi-check-key" ] && [ "$(cat "$dir/.pi-check-key")" = "$key" ]; then
-        "${runner[@]}" "$py" -m pip install -q --no-deps --force-reinstall "${WHEEL_PATH[$machine]}" >>"$RUNS/pip-$name.log" 2>&1 \
+        "${runner[@]}" "$py" -m pip install -q "${compile[@]}" --no-deps --force-reinstall "${WHEEL_PATH[$machine]}" >>"$RUNS/pip-$name.log" 2>&1 \
             || die "reinstalling our wheel in venv $name failed: $(tail -3 "$RUNS/pip-$name.log")"
         echo "pi_check: venv $name reused (requirements unchanged)" >&2
         return
@@ -229,7 +230,7 @@ ensure_venv() {  # ensure_venv NAME MACHINE INSTALL_SPEC... (arm64 venvs live in
     local spec
     for spec in "$@"; do
         # shellcheck disable=SC2086
-        "${runner[@]}" "$py" -m pip install -q ${spec//@WHEEL@/${WHEEL_PATH[$machine]}} >>"$RUNS/pip-$name.log" 2>&1 \
+        "${runner[@]}" "$py" -m pip install -q "${compile[@]}" ${spec//@WHEEL@/${WHEEL_PATH[$machine]}} >>"$RUNS/pip-$name.log" 2>&1 \
             || die "pip install ${spec//@WHEEL@/our wheel} in venv $name failed: $(tail -3 "$RUNS/pip-$name.log")"
     done
     echo "$key" >"$dir/.pi-check-key"
@@ -355,7 +356,7 @@ if [ "$WITH_TFLITE_RUNTIME" = 1 ]; then
             numpy_version=$(in_root /opt/pi-check/venvs/arm64-tflite-runtime/bin/python -c 'import numpy; print(numpy.__version__)')
             echo "tflite-runtime cannot load a model with numpy $numpy_version (\"$(grep -m1 -o 'A module that was compiled using NumPy 1.x[^.]*\|_ARRAY_API not found' "$RUNS/tflite_runtime_probe.txt" || tail -1 "$RUNS/tflite_runtime_probe.txt")\"), so numpy<2 was pinned in this venv." \
                 >"$RUNS/tflite_runtime_numpy_pin.txt"
-            in_root /opt/pi-check/venvs/arm64-tflite-runtime/bin/python -m pip install -q 'numpy<2' >>"$RUNS/pip-arm64-tflite-runtime.log" 2>&1
+            in_root /opt/pi-check/venvs/arm64-tflite-runtime/bin/python -m pip install -q --no-compile 'numpy<2' >>"$RUNS/pip-arm64-tflite-runtime.log" 2>&1
             cat "$RUNS/tflite_runtime_numpy_pin.txt" >"$CHECK/venvs/arm64-tflite-runtime/.pi-check-numpy-pin"
         elif [ -f "$CHECK/venvs/arm64-tflite-runtime/.pi-check-numpy-pin" ]; then
             cp "$CHECK/venvs/arm64-tflite-runtime/.pi-check-numpy-pin" "$RUNS/tflite_runtime_numpy_pin.txt"
