@@ -61,6 +61,8 @@ done
 [ "$(id -u)" = 0 ] || die "needs root (debootstrap, mount, chroot); run it with sudo"
 [ "$(uname -m)" = x86_64 ] || die "meant for an x86_64 host (found $(uname -m)); on an arm64 board just pip install the wheel"
 ROOT=$(realpath -m "$ROOT")
+CHECK=$ROOT/opt/pi-check
+RUNS=$CHECK/runs
 case "$ROOT" in /|/work|/home|/usr|/var|/tmp|"$REPO"|"$REPO"/*) die "--root $ROOT is not a safe place for a throwaway root" ;; esac
 for field in "${FIELDS[@]+"${FIELDS[@]}"}"; do [ -f "$field" ] || die "--field $field: no such file"; done
 case "$WHEELS_FROM" in host|pypi) ;; *) die "--wheels-from is host or pypi, not $WHEELS_FROM" ;; esac
@@ -98,7 +100,9 @@ phase_done tools "$t"
 
 # 2. The arm64 root, built once and reused. A root without the stamp is a half-built one: start it again.
 STAMP=$ROOT/.pi-check-root
-unmount_root() { for m in dev/pts dev proc; do ! mountpoint -q "$ROOT/$m" || umount -l "$ROOT/$m" || true; done; }
+unmount_root() {
+    for m in proc/cpuinfo sys dev/pts dev proc; do ! mountpoint -q "$ROOT/$m" || umount -l "$ROOT/$m" || true; done
+}
 if [ "$REBUILD_ROOT" = 1 ] || { [ -e "$ROOT" ] && [ ! -f "$STAMP" ]; }; then
     [ ! -e "$ROOT" ] || [ -d "$ROOT/debootstrap" ] || [ -f "$STAMP" ] || [ -z "$(ls -A "$ROOT")" ] \
         || die "$ROOT exists and is not a root this script built; pass another --root"
@@ -126,6 +130,30 @@ trap unmount_root EXIT
 mountpoint -q "$ROOT/proc" || mount -t proc proc "$ROOT/proc"
 mountpoint -q "$ROOT/dev" || mount --bind /dev "$ROOT/dev"
 mountpoint -q "$ROOT/dev/pts" || mount --bind /dev/pts "$ROOT/dev/pts"
+mountpoint -q "$ROOT/sys" || mount -t sysfs sysfs "$ROOT/sys"
+
+# qemu-user shows the guest this host's /proc/cpuinfo (x86). cpuinfo, which XNNPACK uses to pick its kernels, then
+# finds no ARM core: without /sys it fails and the interpreter silently falls back to TFLite's built-in kernels; with
+# /sys it crashes. So each emulated CPU gets the /proc/cpuinfo of that Pi's core (part number and features as its
+# 64-bit kernel reports them), bound over the root's /proc/cpuinfo; the features qemu emulates match them.
+declare -A CPU_PART=([cortex-a53]="0x0 0xd03 4" [cortex-a72]="0x0 0xd08 3" [cortex-a76]="0x4 0xd0b 1")
+declare -A CPU_FEATURES=([cortex-a53]="fp asimd evtstrm crc32 cpuid" [cortex-a72]="fp asimd evtstrm crc32 cpuid"
+    [cortex-a76]="fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp")
+N_CORES=$(python3 -c "import sys; a, _, b = open('/sys/devices/system/cpu/possible').read().strip().split(',')[0].partition('-'); print(int(b or a) + 1)")
+mkdir -p "$CHECK/cpuinfo"
+for cpu in "${CPU_LIST[@]}"; do
+    [ -n "${CPU_PART[$cpu]:-}" ] || die "--cpus: no Pi core profile for $cpu (known: ${!CPU_PART[*]})"
+    read -r variant part revision <<<"${CPU_PART[$cpu]}"
+    for ((i = 0; i < N_CORES; i++)); do
+        printf 'processor\t: %d\nBogoMIPS\t: 108.00\nFeatures\t: %s\nCPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: %s\nCPU part\t: %s\nCPU revision\t: %s\n\n' \
+            "$i" "${CPU_FEATURES[$cpu]}" "$variant" "$part" "$revision"
+    done >"$CHECK/cpuinfo/$cpu"
+done
+bind_cpuinfo() {  # bind_cpuinfo CPU: the root's /proc/cpuinfo becomes that core's
+    cmp -s "$ROOT/proc/cpuinfo" "$CHECK/cpuinfo/$1" && return
+    ! mountpoint -q "$ROOT/proc/cpuinfo" || umount "$ROOT/proc/cpuinfo"
+    mount --bind "$CHECK/cpuinfo/$1" "$ROOT/proc/cpuinfo"
+}
 
 # Run a command in the arm64 root, niced, with a clean environment (no host pip settings leak in), qemu emulating
 # the CPU named in $QEMU_CPU (each exec starts a new qemu, so the variable must survive env -i).
@@ -133,6 +161,7 @@ QEMU_CPU=$MAIN_CPU
 PIP_SOURCE_ENV=()
 [ "$WHEELS_FROM" = host ] && PIP_SOURCE_ENV=(PIP_NO_INDEX=1 PIP_FIND_LINKS=/opt/pi-check/wheelhouse)
 in_root() {
+    bind_cpuinfo "$QEMU_CPU"
     QEMU_CPU=$QEMU_CPU chroot "$ROOT" /usr/bin/env -i QEMU_CPU="$QEMU_CPU" HOME=/root LANG=C.UTF-8 \
         PATH=/usr/local/bin:/usr/bin:/bin PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_DEFAULT_TIMEOUT=120 \
         PIP_CERT=/etc/ssl/certs/host-ca-bundle.crt PIP_ROOT_USER_ACTION=ignore "${PIP_SOURCE_ENV[@]}" \
@@ -143,11 +172,10 @@ in_root() {
 # 3. Our wheel, built on the host from a copy of the files git knows (tracked or not ignored), so the repo gets
 # no build/ or egg-info.
 t=$(date +%s.%N)
-CHECK=$ROOT/opt/pi-check
-RUNS=$CHECK/runs
 rm -rf "$CHECK/dist" "$CHECK/inputs" "$RUNS"
 mkdir -p "$CHECK/dist" "$CHECK/inputs" "$RUNS" "$CHECK/tools"
 : >"$RUNS/notes.txt"
+echo "Under qemu-user the guest reads this host's /proc/cpuinfo (x86), and a bare chroot has no /sys: XNNPACK's CPU detection then fails and the interpreter silently falls back to TFLite's built-in kernels (int8 P(parasitized) then differs from x86_64 by up to 0.037 on the samples, calls unchanged), or, with /sys, crashes. The script mounts sysfs and binds the /proc/cpuinfo of each emulated Pi core, so XNNPACK starts as on the Pi ('+ XNNPACK' in the table means the run logged its delegate)." >>"$RUNS/notes.txt"
 cp "$REPO/scripts/pi_check_report.py" "$CHECK/tools/"
 HOST_PY=python3
 [ -x "$REPO/.venv/bin/python" ] && HOST_PY=$REPO/.venv/bin/python

@@ -237,6 +237,7 @@ def report(args) -> int:
         csv_path = runs_dir / f"{label}.csv"
         meta["summary"] = load_json(runs_dir / f"{label}.summary.json") or {}
         meta["stderr_tail"] = note(f"{label}.stderr").splitlines()[-2:]
+        meta["xnnpack"] = "XNNPACK delegate" in note(f"{label}.stderr")
         meta["rows"] = read_rows(csv_path) if csv_path.exists() else {}
         runs[label] = meta
     for meta in runs.values():
@@ -336,7 +337,8 @@ def render_markdown(r: dict) -> str:
     for label, m in runs.items():
         s, d = m.get("summary") or {}, m.get("diff")
         model = s.get("model") or {}
-        backend = f"{model.get('backend')} {model.get('backend_version')}" if model else f"did not run (exit {m['exit_code']})"
+        backend = (f"{model.get('backend')} {model.get('backend_version')}"
+                   + (" + XNNPACK" if m.get("xnnpack") else " (no XNNPACK)")) if model else f"did not run (exit {m['exit_code']})"
         cpu = m["cpu"] if m["cpu"] == "host" else f"{m['cpu']} ({BOARDS.get(m['cpu'], '')})"
         wall = f"{m['wall_seconds']:.1f} s" + (" emulated" if m["machine"] == "arm64" else "")
         same = "reference" if d is None else (f"{yes[d['predictions_identical']]} ({d['rows']}/{d['rows_reference']} rows"
