@@ -376,24 +376,31 @@ if [ "$WITH_TFLITE_RUNTIME" = 1 ]; then
         rm -rf "$ROOT/tmp/tflrt"
         BASE_DEPS=$("$CHECK/venvs/x86_64-base/bin/python" "$CHECK/tools/pi_check_report.py" base-deps "$WHEEL" \
                     --without ai-edge-litert | tr '\n' ' ')
-        ensure_venv arm64-tflite-runtime arm64 "--no-deps @WHEEL@" "$BASE_DEPS tflite-runtime"
-        # tflite-runtime 2.14 was built against numpy 1.x; if it cannot load a model with the numpy pip chose, pin
-        # numpy<2 and say so.
-        PROBE='import glob, os, numpy, tflite_runtime.interpreter as t, malaria_edge.edge_runtime as e; t.Interpreter(model_path=sorted(glob.glob(os.path.join(os.path.dirname(e.__file__), "models", "*.tflite")))[0])'
-        if ! in_root /opt/pi-check/venvs/arm64-tflite-runtime/bin/python -c "$PROBE" >"$RUNS/tflite_runtime_probe.txt" 2>&1; then
-            numpy_version=$(in_root /opt/pi-check/venvs/arm64-tflite-runtime/bin/python -c 'import numpy; print(numpy.__version__)')
-            echo "tflite-runtime cannot load a model with numpy $numpy_version (\"$(grep -m1 -o 'A module that was compiled using NumPy 1.x[^.]*\|_ARRAY_API not found' "$RUNS/tflite_runtime_probe.txt" || tail -1 "$RUNS/tflite_runtime_probe.txt")\"), so numpy<2 was pinned in this venv." \
-                >"$RUNS/tflite_runtime_numpy_pin.txt"
-            in_root /opt/pi-check/venvs/arm64-tflite-runtime/bin/python -m pip install -q --no-compile 'numpy<2' >>"$RUNS/pip-arm64-tflite-runtime.log" 2>&1
-            cat "$RUNS/tflite_runtime_numpy_pin.txt" >"$CHECK/venvs/arm64-tflite-runtime/.pi-check-numpy-pin"
-        elif [ -f "$CHECK/venvs/arm64-tflite-runtime/.pi-check-numpy-pin" ]; then
-            cp "$CHECK/venvs/arm64-tflite-runtime/.pi-check-numpy-pin" "$RUNS/tflite_runtime_numpy_pin.txt"
-        fi
-        describe_venv arm64-tflite-runtime arm64
+        # tflite-runtime 2.14 was built against numpy 1.x; where it cannot load a model with the numpy pip chose, pin
+        # numpy<2 and say so. The same install on x86_64 is the reference for its rows.
+        tflite_venv() {  # tflite_venv MACHINE
+            local name=$1-tflite-runtime py pin_note
+            ensure_venv "$name" "$1" "--no-deps @WHEEL@" "$BASE_DEPS tflite-runtime"
+            local probe='import glob, os, numpy, tflite_runtime.interpreter as t, malaria_edge.edge_runtime as e; t.Interpreter(model_path=sorted(glob.glob(os.path.join(os.path.dirname(e.__file__), "models", "*.tflite")))[0])'
+            local runner=()
+            py=$CHECK/venvs/$name/bin/python
+            [ "$1" = arm64 ] && runner=(in_root) && py=/opt/pi-check/venvs/$name/bin/python
+            pin_note=$CHECK/venvs/$name/.pi-check-numpy-pin
+            if ! "${runner[@]}" "$py" -c "$probe" >"$RUNS/tflite_runtime_probe_$1.txt" 2>&1; then
+                echo "tflite-runtime cannot load a model with numpy $("${runner[@]}" "$py" -c 'import numpy; print(numpy.__version__)') (\"$(grep -m1 -o 'A module that was compiled using NumPy 1.x[^.]*\|_ARRAY_API not found' "$RUNS/tflite_runtime_probe_$1.txt" || tail -1 "$RUNS/tflite_runtime_probe_$1.txt")\"), so numpy<2 was pinned in this venv." >"$pin_note"
+                "${runner[@]}" "$py" -m pip install -q --no-compile 'numpy<2' >>"$RUNS/pip-$name.log" 2>&1
+            fi
+            [ -f "$pin_note" ] && cp "$pin_note" "$RUNS/tflite_runtime_numpy_pin.txt"
+            describe_venv "$name" "$1"
+        }
+        tflite_venv x86_64
+        tflite_venv arm64
         phase_done arm64_venv_tflite_runtime "$t"
         t=$(date +%s.%N)
-        classify_cells "cells-arm64-$MAIN_CPU-tflite-runtime" arm64 "$MAIN_CPU" arm64-tflite-runtime cells-x86_64-base \
+        classify_cells cells-x86_64-tflite-runtime x86_64 host x86_64-tflite-runtime cells-x86_64-base \
             --backend tflite_runtime
+        classify_cells "cells-arm64-$MAIN_CPU-tflite-runtime" arm64 "$MAIN_CPU" arm64-tflite-runtime \
+            cells-x86_64-tflite-runtime --backend tflite_runtime
         phase_done arm64_cells_tflite_runtime "$t"
     else
         echo "pi_check: no tflite-runtime wheel for aarch64 Python $PY_TAG on PyPI" >&2
