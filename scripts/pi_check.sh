@@ -262,7 +262,9 @@ ensure_venv() {  # ensure_venv NAME MACHINE INSTALL_SPEC... (arm64 venvs live in
             || die "pip install ${spec//@WHEEL@/our wheel} in venv $name failed: $(tail -3 "$RUNS/pip-$name.log")"
     done
     echo "$key" >"$dir/.pi-check-key"
+    VENVS_BUILT=$((VENVS_BUILT + 1))
 }
+VENVS_BUILT=0
 declare -A WHEEL_PATH=([arm64]=/opt/pi-check/dist/$WHEEL_NAME [x86_64]=$WHEEL)
 describe_venv() {  # describe_venv NAME MACHINE
     if [ "$2" = arm64 ]; then
@@ -409,10 +411,10 @@ fi
 
 # 7. The report.
 TOTAL=$(seconds_since "$RUN_START")
-echo "$(date -u +%Y-%m-%dT%H:%M:%SZ) total_seconds=$TOTAL root_built=$ROOT_BUILT_NOW ${PHASES[*]}" >>"$CHECK/timings.log"
+echo "$(date -u +%Y-%m-%dT%H:%M:%SZ) total_seconds=$TOTAL root_built=$ROOT_BUILT_NOW venvs_built=$VENVS_BUILT venvs=$(ls "$CHECK/venvs" | wc -l) ${PHASES[*]}" >>"$CHECK/timings.log"
 mkdir -p "$OUT"
 python3 "$REPO/scripts/pi_check_report.py" report --check "$CHECK" --root "$ROOT" --out "$OUT" \
     --repo "$REPO" --wheel "$WHEEL_NAME" --inputs "${INPUTS[*]}" --field-inputs "${FIELD_INPUTS[*]+${FIELD_INPUTS[*]}}" \
-    --total-seconds "$TOTAL" --root-built "$ROOT_BUILT_NOW" --phases "${PHASES[*]}"
+    --total-seconds "$TOTAL" --root-built "$ROOT_BUILT_NOW" --venvs-built "$VENVS_BUILT" --phases "${PHASES[*]}"
 exit
 }

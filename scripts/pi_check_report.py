@@ -233,21 +233,26 @@ def mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
-def first_run_seconds(timings_log: Path, root_stamp: Path, this_total: float, root_built: bool) -> dict:
-    """The last run that built the root, from the timings log; else the root build plus this cached run."""
+def first_run_seconds(timings_log: Path, root_stamp: Path) -> dict:
+    """A first run's time: measured when a logged run built the root, else the root build plus the last logged run
+    that built every venv afresh (what a first run does after debootstrap)."""
     stamp = dict(kv.split("=", 1) for kv in root_stamp.read_text().split()) if root_stamp.exists() else {}
     build = float(stamp["built_seconds"]) if "built_seconds" in stamp else None
-    first = None
+    measured = venv_run = None
     if timings_log.exists():
         for line in timings_log.read_text().splitlines():
             fields = dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv)
-            if fields.get("root_built") == "1" and "total_seconds" in fields:
-                first = float(fields["total_seconds"])
-    estimated = first is None
-    if estimated and build is not None:
-        first = build + (0 if root_built else this_total)
-    return {"root_build_seconds": build, "root_built_at": stamp.get("built_at"), "first_run_seconds": first,
-            "first_run_estimated": estimated}
+            if "total_seconds" not in fields:
+                continue
+            if fields.get("root_built") == "1":
+                measured = float(fields["total_seconds"])
+            elif fields.get("venvs_built") and fields.get("venvs_built") == fields.get("venvs"):
+                venv_run = (line.split()[0], float(fields["total_seconds"]))
+    out = {"root_build_seconds": build, "root_built_at": stamp.get("built_at"), "first_run_seconds": measured,
+           "first_run_estimated": measured is None, "fresh_venvs_run": venv_run}
+    if measured is None and build is not None and venv_run:
+        out["first_run_seconds"] = build + venv_run[1]
+    return out
 
 
 def report(args) -> int:
@@ -287,9 +292,9 @@ def report(args) -> int:
               "next_python": note("tflite_runtime_next_python.txt")}
     phases = dict(p.split("=", 1) for p in args.phases.split()) if args.phases else {}
     timing = {"this_run_seconds": args.total_seconds, "root_built_this_run": args.root_built == "1",
+              "venvs_built_this_run": int(args.venvs_built or 0),
               "phases_seconds": {k: float(v) for k, v in phases.items()},
-              **first_run_seconds(check / "timings.log", Path(args.root) / ".pi-check-root",
-                                  args.total_seconds, args.root_built == "1")}
+              **first_run_seconds(check / "timings.log", Path(args.root) / ".pi-check-root")}
     compared = [m for m in runs.values() if "diff" in m and m["machine"] == "arm64"]
     verdict = {"runs_compared": len(compared),
                "all_ran": all(m["exit_code"] == 0 for m in runs.values()),
@@ -469,11 +474,17 @@ def render_markdown(r: dict) -> str:
     lines += ["", "## How long it takes", ""]
     phases = ", ".join(f"{k} {v:.0f} s" for k, v in t["phases_seconds"].items())
     lines.append(f"- This run: {t['this_run_seconds']:.0f} s "
-                 f"({'root built in this run' if t['root_built_this_run'] else 'cached root reused'}); {phases}.")
+                 f"({'root built in this run' if t['root_built_this_run'] else 'cached root reused'}, "
+                 f"{t['venvs_built_this_run']} of {len(r['venvs'])} venvs built afresh, the others reused); phases: "
+                 f"{phases}.")
     if t.get("first_run_seconds") is not None:
-        how = "the root build plus a cached run" if t["first_run_estimated"] else "measured"
-        lines.append(f"- First run (builds the root): {t['first_run_seconds']:.0f} s ({how}); debootstrap of the "
-                     f"arm64 root alone {t['root_build_seconds']:.0f} s (built {t['root_built_at']}).")
+        how = (f"the root build plus the run of {t['fresh_venvs_run'][0]} that built every venv afresh"
+               if t["first_run_estimated"] else "measured")
+        lines.append(f"- First run (builds the root and the venvs): {t['first_run_seconds']:.0f} s ({how}); debootstrap "
+                     f"of the arm64 root alone {t['root_build_seconds']:.0f} s (built {t['root_built_at']}).")
+    elif t.get("root_build_seconds") is not None:
+        lines.append(f"- First run: debootstrap of the arm64 root alone took {t['root_build_seconds']:.0f} s (built "
+                     f"{t['root_built_at']}), plus building the venvs (no run logged that built them all yet).")
     lines += ["- On 2 cores shared with other jobs, emulated steps under `nice -n 10`: expect variation with load.",
               "- Too slow for every CI run; run it before a release and after changing dependencies, the model or "
               "the runtime.", "",
@@ -499,8 +510,8 @@ def main() -> int:
     kern.add_argument("--output", type=Path, required=True)
     rep = sub.add_parser("report", help="diff the runs and write report.md and report.json")
     for name in ("--check", "--root", "--out", "--repo", "--wheel", "--inputs", "--field-inputs", "--phases",
-                 "--root-built"):
-        rep.add_argument(name, required=name not in ("--phases", "--field-inputs"), default="")
+                 "--root-built", "--venvs-built"):
+        rep.add_argument(name, required=name not in ("--phases", "--field-inputs", "--venvs-built"), default="")
     rep.add_argument("--total-seconds", type=float, required=True)
     args = parser.parse_args()
     if args.command == "describe":
