@@ -25,11 +25,13 @@ KEY_DISTRIBUTIONS = ("malaria-edge", "numpy", "pillow", "click", "ai-edge-litert
 
 
 def tree_bytes(path: Path) -> int:
-    """Bytes of the files under path (like du -sb, without following links)."""
+    """Bytes of the files under path (like du -sb, without following links), leaving out __pycache__ folders: the
+    emulated installs skip byte-compiling, so sizes compare only without them."""
     if path.is_file():
         return path.stat().st_size
     total = 0
-    for folder, _, files in os.walk(path):
+    for folder, subfolders, files in os.walk(path):
+        subfolders[:] = [d for d in subfolders if d != "__pycache__"]
         for name in files:
             full = os.path.join(folder, name)
             if not os.path.islink(full):
@@ -434,7 +436,7 @@ def render_markdown(r: dict) -> str:
                              f"{k['cells']} cells (at most {c['max_steps']} steps)." for m, c in against.items())
                   + " One output step moves P(parasitized) by up to a few thousandths, so a few steps exceed the "
                   "1e-3 tolerance without changing a call."]
-    lines += ["", "## Install size (site-packages of each venv)", "",
+    lines += ["", "## Install size (site-packages of each venv, without __pycache__)", "",
               "| venv | machine | site-packages | of which malaria_edge | largest entries |", "|---|---|---|---|---|"]
     for name, env in r["venvs"].items():
         if env:
