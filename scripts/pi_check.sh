@@ -23,8 +23,8 @@
 #                        in the root downloads from PyPI itself, as a Pi does (slow TLS under emulation; this
 #                        sandbox's egress proxy resets such slow downloads under load)
 #
-# Slow (arm64 is emulated), so it is not part of every CI run: first run ~25 min (debootstrap ~12), a cached run
-# ~5 min on 2 shared cores; the report says how long this run took.
+# Slow (arm64 is emulated), so it is not part of every CI run: on 2 shared cores a first run takes ~15-25 min
+# (debootstrap ~12), a cached run ~2-5 min, depending on load; the report says how long this run took.
 set -euo pipefail
 {  # the whole script is one block, so bash has read all of it before running any (safe to edit while it runs)
 
@@ -69,6 +69,13 @@ case "$WHEELS_FROM" in host|pypi) ;; *) die "--wheels-from is host or pypi, not 
 read -r -a CPU_LIST <<<"$CPUS"
 [ ${#CPU_LIST[@]} -gt 0 ] || die "--cpus needs at least one CPU (qemu-aarch64-static -cpu help lists them)"
 MAIN_CPU=${CPU_LIST[0]}
+# Each Pi core as its 64-bit kernel reports it in /proc/cpuinfo: variant, part number, revision; features.
+declare -A CPU_PART=([cortex-a53]="0x0 0xd03 4" [cortex-a72]="0x0 0xd08 3" [cortex-a76]="0x4 0xd0b 1")
+declare -A CPU_FEATURES=([cortex-a53]="fp asimd evtstrm crc32 cpuid" [cortex-a72]="fp asimd evtstrm crc32 cpuid"
+    [cortex-a76]="fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp")
+for cpu in "${CPU_LIST[@]}"; do
+    [ -n "${CPU_PART[$cpu]:-}" ] || die "--cpus: no Pi core profile for $cpu (known: ${!CPU_PART[*]})"
+done
 
 RUN_START=$(date +%s.%N)
 seconds_since() { python3 -c "import sys, time; print(f'{time.time() - float(sys.argv[1]):.1f}')" "$1"; }
@@ -136,13 +143,9 @@ mountpoint -q "$ROOT/sys" || mount -t sysfs sysfs "$ROOT/sys"
 # finds no ARM core: without /sys it fails and the interpreter silently falls back to TFLite's built-in kernels; with
 # /sys it crashes. So each emulated CPU gets the /proc/cpuinfo of that Pi's core (part number and features as its
 # 64-bit kernel reports them), bound over the root's /proc/cpuinfo; the features qemu emulates match them.
-declare -A CPU_PART=([cortex-a53]="0x0 0xd03 4" [cortex-a72]="0x0 0xd08 3" [cortex-a76]="0x4 0xd0b 1")
-declare -A CPU_FEATURES=([cortex-a53]="fp asimd evtstrm crc32 cpuid" [cortex-a72]="fp asimd evtstrm crc32 cpuid"
-    [cortex-a76]="fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp")
 N_CORES=$(python3 -c "import sys; a, _, b = open('/sys/devices/system/cpu/possible').read().strip().split(',')[0].partition('-'); print(int(b or a) + 1)")
 mkdir -p "$CHECK/cpuinfo"
 for cpu in "${CPU_LIST[@]}"; do
-    [ -n "${CPU_PART[$cpu]:-}" ] || die "--cpus: no Pi core profile for $cpu (known: ${!CPU_PART[*]})"
     read -r variant part revision <<<"${CPU_PART[$cpu]}"
     for ((i = 0; i < N_CORES; i++)); do
         printf 'processor\t: %d\nBogoMIPS\t: 108.00\nFeatures\t: %s\nCPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: %s\nCPU part\t: %s\nCPU revision\t: %s\n\n' \
