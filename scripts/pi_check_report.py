@@ -374,10 +374,11 @@ def render_markdown(r: dict) -> str:
         f"{identical_text}",
         "",
         "How: a Debian bookworm arm64 root (debootstrap, the base of 64-bit Raspberry Pi OS 12) runs under qemu-user "
-        "(`qemu-aarch64-static` registered with binfmt_misc, in a chroot), with qemu emulating the CPU of each Pi "
-        "(`QEMU_CPU`, so the interpreter picks the kernels that CPU's instruction set allows). Our wheel and its "
-        "dependencies are installed there by pip from PyPI, as on a Pi. Each arm64 run is diffed against the same "
-        "command on this x86_64 host in a venv with the same install.",
+        "(`qemu-aarch64-static` registered with binfmt_misc, in a chroot), with qemu emulating the core of each Pi "
+        "(`QEMU_CPU`) and the root showing that core's `/proc/cpuinfo`, so the interpreter picks the kernels it "
+        "would pick on the board. Our wheel and its dependencies (wheels from PyPI, see Notes) are installed there "
+        "by pip, as on a Pi. Each arm64 run is diffed against the same command on this x86_64 host in a venv with "
+        "the same install.",
         "",
         f"Inputs: cells {', '.join('`' + i + '`' for i in r['inputs'])} through `edge-classify <inputs> --threads 1 "
         f"--compare` (int8 model, and the fp32 model beside it){field_text}.",
