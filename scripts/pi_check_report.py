@@ -437,7 +437,7 @@ def render_markdown(r: dict) -> str:
                              f"{k['cells']} cells (at most {c['max_steps']} steps)." for m, c in against.items())
                   + " One output step moves P(parasitized) by up to a few thousandths, so a few steps exceed the "
                   "1e-3 tolerance without changing a call."]
-    lines += ["", "## Install size (site-packages of each venv, without __pycache__)", "",
+    lines += ["", "## Install size (site-packages of each venv, its pip and setuptools included, without __pycache__)", "",
               "| venv | machine | site-packages | of which malaria_edge | largest entries |", "|---|---|---|---|---|"]
     for name, env in r["venvs"].items():
         if env:
