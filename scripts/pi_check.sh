@@ -178,7 +178,7 @@ t=$(date +%s.%N)
 rm -rf "$CHECK/dist" "$CHECK/inputs" "$RUNS"
 mkdir -p "$CHECK/dist" "$CHECK/inputs" "$RUNS" "$CHECK/tools"
 : >"$RUNS/notes.txt"
-echo "Under qemu-user the guest reads this host's /proc/cpuinfo (x86), and a bare chroot has no /sys: XNNPACK's CPU detection then fails and the interpreter silently falls back to TFLite's built-in kernels (int8 P(parasitized) then differs from x86_64 by up to 0.037 on the samples, calls unchanged), or, with /sys, crashes. The script mounts sysfs and binds the /proc/cpuinfo of each emulated Pi core, so XNNPACK starts as on the Pi ('+ XNNPACK' in the table means the run logged its delegate)." >>"$RUNS/notes.txt"
+echo "Under qemu-user the guest reads this host's /proc/cpuinfo (x86), and a bare chroot has no /sys: XNNPACK's CPU detection then fails and the interpreter silently falls back to TFLite's built-in kernels, whose int8 outputs differ from x86_64 (BUILTIN_WITHOUT_DEFAULT_DELEGATES in the kernel table), or, with /sys, crashes. The script mounts sysfs and binds the /proc/cpuinfo of each emulated Pi core, so XNNPACK starts as on the Pi ('+ XNNPACK' in the table means the run logged its delegate)." >>"$RUNS/notes.txt"
 cp "$REPO/scripts/pi_check_report.py" "$CHECK/tools/"
 HOST_PY=python3
 [ -x "$REPO/.venv/bin/python" ] && HOST_PY=$REPO/.venv/bin/python
