@@ -1,5 +1,6 @@
 # Two quick-start commands:
-#   make demo  - set up the device-side install and classify the sample cells with the bundled model
+#   make demo  - set up the device-side install, classify the sample cells with the bundled model, then the sample
+#                fields (every red cell found and classified; overlays in demo_overlays/)
 #   make test  - set up the full install (training + tests) and run the test suite, then the device layer again
 #                in a fresh base install (no TensorFlow, `pip install .` not editable)
 PYTHON ?= python3
@@ -15,14 +16,16 @@ $(BIN)/python:
 	$(PIP) install --upgrade pip
 
 install: $(BIN)/python
-	$(PIP) install -e .
+	$(PIP) install -e '.[fields]'
 
 install-dev: $(BIN)/python
-	$(PIP) install -e '.[train,dev]'
+	$(PIP) install -e '.[train,dev,fields]'
 
 demo: install
 	$(BIN)/edge-classify edge_runtime/samples --compare --output samples_results.csv --overwrite \
 		--summary-json samples_summary.json --group-by patient
+	$(BIN)/edge-classify edge_runtime/sample_fields --output fields_results.csv --overwrite \
+		--overlays demo_overlays --group-by folder
 
 test: install-dev
 	$(BIN)/python -m pytest -q
@@ -41,4 +44,5 @@ bench: install
 	$(BIN)/edge-bench --threads 1
 
 clean:
-	rm -rf $(VENV) $(DEVICE_VENV) build *.egg-info samples_results.csv samples_summary.json
+	rm -rf $(VENV) $(DEVICE_VENV) build *.egg-info samples_results.csv samples_summary.json fields_results.csv \
+		demo_overlays

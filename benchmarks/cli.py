@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -14,9 +15,12 @@ from typing import Dict, List, Optional
 import click
 import numpy as np
 
+from malaria_edge.benchmarks.endtoend import end_to_end, format_end_to_end
 from malaria_edge.benchmarks.energy import PROFILES, active_watts, energy_report
+from malaria_edge.benchmarks.field_energy import field_energy, format_fields, time_fields
 from malaria_edge.edge_runtime.bundle import DEFAULT_MODEL, ModelBundle, ModelError, sha256_file
-from malaria_edge.edge_runtime.cli import expand_inputs
+from malaria_edge.edge_runtime.cli import MAX_BATCH, MAX_THREADS
+from malaria_edge.edge_runtime.results_io import expand_inputs
 from malaria_edge.edge_runtime.images import ImageError, prepare_cell
 from malaria_edge.edge_runtime.machine import machine_info
 
@@ -150,6 +154,32 @@ def plot_latencies(report: Dict, path: Path) -> None:
     plt.close(fig)
 
 
+def field_benchmark(model_path, fields_dir: Path, annotations: Path, split: str, threads: int,
+                    json_path: Optional[Path]) -> None:
+    """The field path on annotated fields: detection, counts, parasites, seconds per field, in this process."""
+    from malaria_edge.benchmarks.fields import evaluate_fields, format_report
+    from malaria_edge.edge_runtime.classifier import Classifier
+    from malaria_edge.edge_runtime.segment import OPENCV_HINT, cv2
+    if cv2 is None:
+        click.echo(f"edge-bench: {OPENCV_HINT}", err=True)
+        sys.exit(1)
+    cv2.setNumThreads(threads)
+    try:
+        classifier = Classifier.load(model_path, threads=threads)
+        report = evaluate_fields(classifier, fields_dir, annotations, split,
+                                 log=lambda m: click.echo(f"edge-bench: {m}", err=True))
+    except (ModelError, ValueError, FileNotFoundError) as exc:
+        click.echo(f"edge-bench: {exc}", err=True)
+        sys.exit(1)
+    machine = machine_info()
+    report["machine"] = machine
+    report["threads"] = threads
+    report["model"] = str(classifier.bundle.path)
+    click.echo(format_report(report, machine))
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=2))
+
+
 def load_cells(images: List[str], size: int, stain: Optional[Dict]) -> (np.ndarray, List[str]):
     cells, bad = [], []
     for p in images:
@@ -171,21 +201,41 @@ def load_cells(images: List[str], size: int, stain: Optional[Dict]) -> (np.ndarr
 @click.option("--no-tutorial", is_flag=True, help="Skip timing the tutorial's ResNet in Keras.")
 @click.option("--images", type=click.Path(exists=True, path_type=Path), default=SAMPLES, show_default=False,
               help="Folder of cell images (default: the bundled samples).")
-@click.option("--threads", type=int, default=1, show_default=True, help="Interpreter / TensorFlow threads.")
-@click.option("--runs", default=300, show_default=True, help="Timed batch-1 inferences per model.")
-@click.option("--warmup", default=20, show_default=True, help="Untimed inferences first.")
-@click.option("--batch", default=32, show_default=True, help="Batch size for the throughput figure.")
+@click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=1, show_default=True,
+              help="Interpreter / TensorFlow threads.")
+@click.option("--runs", type=click.IntRange(1), default=300, show_default=True,
+              help="Timed batch-1 inferences per model.")
+@click.option("--warmup", type=click.IntRange(0), default=20, show_default=True, help="Untimed inferences first.")
+@click.option("--batch", type=click.IntRange(1, MAX_BATCH), default=32, show_default=True,
+              help="Batch size for the throughput figure.")
 @click.option("--device-profile", type=click.Choice(sorted(PROFILES)), default="raspberry-pi-4", show_default=True,
               help="Power profile for the energy estimate when there is no meter.")
 @click.option("--watts-active", type=float, help="Board watts while inferring (instead of a profile).")
 @click.option("--watts-idle", type=float, help="Board watts idle (with --watts-active).")
 @click.option("--battery-wh", type=float, default=37.0, show_default=True,
               help="Battery capacity for slides per charge (37 Wh: a 10,000 mAh 3.7 V power bank).")
-@click.option("--cells-per-slide", default=5000, show_default=True, help="Cells counted per slide.")
+@click.option("--cells-per-slide", type=click.IntRange(1), default=5000, show_default=True, help="Cells counted per slide.")
+@click.option("--fields", "fields_dir", type=click.Path(exists=True, path_type=Path),
+              help="Whole microscope fields (a folder or one image): with --annotations, evaluate detection and "
+                   "parasites against the boxes; without, seconds per field on one core and energy per field and "
+                   "per slide.")
+@click.option("--annotations", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The fields' boxes (IML-Malaria annotations.json layout); with --fields.")
+@click.option("--split", type=click.Choice(["train", "val", "test", "all"]), default="test", show_default=True,
+              help="Which fields of the team's block split to evaluate (tune on train, report on test).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write every figure with its unit.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="PNG of each model's latency spread.")
+@click.option("--end-to-end", "end_to_end_mode", is_flag=True,
+              help="Files in -> rows on disk on one core: decode, preprocess, interpreter and write per cell, and "
+                   "edge-classify's own wall time, for each --e2e-batch.")
+@click.option("--limit", default=5000, show_default=True,
+              help="Cells for --end-to-end (a spread sample of --images, or its files repeated up to this many); "
+                   "fields for --fields.")
+@click.option("--e2e-batch", "e2e_batches", multiple=True, type=click.IntRange(1), default=(1, 32),
+              show_default=True, help="Batch sizes for --end-to-end (repeat the option).")
 def main(model_path, reference, keras_path, no_tutorial, images, threads, runs, warmup, batch, device_profile,
-         watts_active, watts_idle, battery_wh, cells_per_slide, json_path, plot_path):
+         watts_active, watts_idle, battery_wh, cells_per_slide, fields_dir, annotations, split, json_path, plot_path,
+         end_to_end_mode, limit, e2e_batches):
     """Benchmark the int8 model against the full fp32 model (and the tutorial's Keras ResNet when TensorFlow is
     installed): latency, throughput, CPU, memory, energy per cell and slides per battery charge.
 
@@ -195,7 +245,16 @@ def main(model_path, reference, keras_path, no_tutorial, images, threads, runs, 
       edge-bench --threads 1 --json bench.json --plot bench.png
       edge-bench --device-profile raspberry-pi-5 --battery-wh 20
       edge-bench --model my_int8.tflite --reference my_fp32.tflite --keras runs/edge/model.keras
+      edge-bench --fields ../shared/data/fields/iml_vivax/images \
+                 --annotations ../shared/data/fields/iml_vivax/annotations.json --split test --json fields.json
+      edge-bench --end-to-end --images ../shared/data/cell_images --limit 5000
+      edge-bench --fields ../shared/data/fields/iml_vivax/images --limit 40
     """
+    if annotations is not None:
+        if fields_dir is None:
+            raise click.UsageError("--annotations needs --fields DIR")
+        field_benchmark(model_path, fields_dir, annotations, split, threads, json_path)
+        return
     if (watts_active is None) != (watts_idle is None) and watts_active is None:
         raise click.UsageError("--watts-idle needs --watts-active")
     try:
@@ -205,10 +264,50 @@ def main(model_path, reference, keras_path, no_tutorial, images, threads, runs, 
     except ModelError as exc:
         click.echo(f"edge-bench: {exc}", err=True)
         sys.exit(1)
-    paths, problems = expand_inputs([str(images)])
-    for p in problems:
+    found = expand_inputs([str(images)])
+    paths = found.images
+    for p in found.problems:
         click.echo(f"edge-bench: {p}", err=True)
+    if fields_dir is not None:
+        field_found = expand_inputs([str(fields_dir)])
+        for p in field_found.problems:
+            click.echo(f"edge-bench: {p}", err=True)
+        field_paths = field_found.images
+        if not field_paths:
+            raise click.ClickException(f"{fields_dir}: no field images")
+        if watts_active is not None:
+            watts, profile_text = watts_active, f"--watts-active {watts_active} W"
+        else:
+            watts = active_watts(PROFILES[device_profile], 1)
+            profile_text = (f"profile {device_profile}: {watts:.2f} W with 1 busy core; latency measured on this "
+                            "machine")
+        report = time_fields(bundle.path, field_paths[:limit])
+        if not report["fields"]:
+            raise click.ClickException("no readable field images")
+        energy = field_energy(report, watts, cells_per_slide, battery_wh)
+        click.echo(format_fields(report, energy, machine_info(), profile_text))
+        if json_path:
+            json_path.write_text(json.dumps({"machine": machine_info(), **report, "energy": energy}, indent=2))
+        return
+    if end_to_end_mode:
+        if not paths:
+            raise click.ClickException(f"{images}: no images to run end to end")
+        report = end_to_end(bundle.path, paths, limit, list(e2e_batches))
+        click.echo(format_end_to_end(report, machine_info()))
+        if json_path:
+            json_path.write_text(json.dumps({"machine": machine_info(), **report}, indent=2))
+        return
     tmp = Path(tempfile.mkdtemp(prefix="edge-bench-"))
+    try:
+        _bench(bundle, ref_bundle, paths, tmp, images, keras_path, no_tutorial, threads, runs, warmup, batch,
+               device_profile, watts_active, watts_idle, battery_wh, cells_per_slide, json_path, plot_path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _bench(bundle, ref_bundle, paths, tmp, images, keras_path, no_tutorial, threads, runs, warmup, batch,
+           device_profile, watts_active, watts_idle, battery_wh, cells_per_slide, json_path, plot_path):
+    """Decode the cells once per input size into ``tmp``, measure each model in its own process, print the table."""
     cell_files: Dict[str, str] = {}
     cell_counts: List[int] = []
 
@@ -297,6 +396,3 @@ def main(model_path, reference, keras_path, no_tutorial, images, threads, runs, 
             plot_latencies(report, plot_path)
         except ImportError:
             click.echo("edge-bench: matplotlib is not installed; no plot (pip install matplotlib)", err=True)
-    for f in tmp.iterdir():
-        f.unlink()
-    tmp.rmdir()

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from .bundle import DEFAULT_MODEL, ModelBundle
-from .images import ImageError, ImageInput, load_image, prepare_cell
+from .images import ImageError, ImageInput, check_cell_plausible, load_image, prepare_cell
 from .labels import PARASITIZED, REVIEW, UNINFECTED, label_from_folder, patient_id
 from .outputs import parasitized_probability
 from .patients import summarize_groups
@@ -79,8 +79,11 @@ class Classifier:
         return PARASITIZED if prob >= self.threshold else UNINFECTED
 
     def preprocess(self, item: ImageInput) -> np.ndarray:
-        """A single-cell image as model input: its central cell cut and masked like a field's cell."""
-        return prepare_cell(item, self.bundle.size, self.bundle.stain)
+        """A single-cell image as model input: decoded (a large JPEG at a reduced scale), refused when it cannot be
+        a cell (see ``check_cell_plausible``), then its central cell cut and masked like a field's cell."""
+        img = load_image(item, draft_to=4 * self.bundle.size)
+        check_cell_plausible(img)
+        return prepare_cell(img, self.bundle.size, self.bundle.stain)
 
     def prepare_crop(self, crop: np.ndarray) -> np.ndarray:
         """A cell already cut by ``segment.cut_cell`` as model input."""
@@ -165,7 +168,8 @@ class Classifier:
         for r in results:
             row = r.to_dict() if isinstance(r, Prediction) else dict(r)
             row["group"] = keyer(row.get("source") or row.get("path") or "")
-            rows.append(row)
+            if row["group"] is not None:  # a cell with no patient id is in no patient's call
+                rows.append(row)
         return summarize_groups(rows, self.rule, unfamiliar=self.unfamiliar_limits)
 
     @property
@@ -175,14 +179,15 @@ class Classifier:
         return (spec.threshold, spec.warn_fraction) if spec else None
 
 
-def group_key(group: Union[str, Callable[[str], str]]) -> Callable[[str], str]:
-    """The function that names the group of a source path."""
+def group_key(group: Union[str, Callable[[str], str]]) -> Callable[[str], Optional[str]]:
+    """The function that names the group of a source path; None for a cell that belongs to no group (with
+    ``"patient"``: a file name that carries no NIH patient id)."""
     if callable(group):
         return group
     if group == "folder":
         return slide_folder
     if group == "patient":
-        return lambda path: patient_id(path) or "(no patient id)"
+        return patient_id
     raise ValueError(f"unknown grouping {group!r}; use 'folder' or 'patient'")
 
 

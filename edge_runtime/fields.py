@@ -164,3 +164,38 @@ def classify_field(classifier, rgb: np.ndarray, source: str = "<field>", keep_im
     seconds_classify = time.perf_counter() - start
     return FieldResult(source, int(rgb.shape[1]), int(rgb.shape[0]), cells, found_diameter, seconds_segment,
                        seconds_classify, rgb if keep_image else None)
+
+
+# An image this small on its longest side is a single-cell crop (NIH crops are 100-150 px; a field is ~1000+ px).
+CELL_MAX_SIDE = 400
+# A field must be at least a few cells across to be worth segmenting.
+FIELD_MIN_SIDE = 200
+INPUT_KINDS = ("auto", "cell", "field")
+
+
+def image_size(path) -> Tuple[int, int]:
+    """(width, height) from the file header, without decoding the pixels; ImageError when unreadable."""
+    from .images import open_image_size
+    return open_image_size(path)
+
+
+def field_or_cell(classifier, path, input_kind: str = "auto") -> Tuple[str, Optional[FieldResult]]:
+    """Decide what an image is and, for a field, classify it: ("cell", None) for a single-cell image (classify it
+    with ``classifier.predict``), ("field", result) for a field with cells. Raises ImageError with the reason for
+    an image that is neither (no cells found, too small to be a field)."""
+    from .images import ImageError, open_image
+    width, height = image_size(path)
+    if input_kind == "cell" or (input_kind == "auto" and max(width, height) <= CELL_MAX_SIDE):
+        return "cell", None
+    if min(width, height) < FIELD_MIN_SIDE and input_kind == "field":
+        raise ImageError(f"image is {width}x{height} px, too small to be a microscope field "
+                         f"(at least {FIELD_MIN_SIDE} px a side)")
+    rgb = np.asarray(open_image(path), dtype=np.uint8)
+    result = classifier.classify_field(rgb, source=str(path))
+    if result.n_cells == 0:
+        raise ImageError(f"no red cells found in this {width}x{height} image (not a thin-smear field, or far out "
+                         "of focus)")
+    if input_kind == "auto" and result.n_cells == 1:
+        # One cell filling a large photo: a close-up of a single cell, classified as a cell.
+        return "cell", None
+    return "field", result

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -23,6 +23,25 @@ MAX_PIXELS = 25_000_000
 # The foreground (the cell) is everything brighter than this on the sum of channels; NIH cells sit on black.
 FOREGROUND_MIN_SUM = 30
 
+# Peak memory one image may take while it is decoded and converted, on a device with 1-2 GB. 8-bit images need at
+# most ~8 bytes per pixel here (Pillow's 4-byte RGB plus one converted copy), so MAX_PIXELS keeps them under it;
+# 16-bit and float images need their own bytes per pixel plus the 8-bit result and its RGB copy (converted in row
+# blocks, never as one float64 copy), so their pixel limit is computed from this bound.
+IMAGE_MEMORY_BOUND = 256 * 1024 * 1024
+DEEP_MODE_BYTES = {"I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2, "I": 4, "F": 4}
+_ROW_BLOCK_PIXELS = 1 << 20
+# EXIF orientation -> the transpose that makes the picture upright (as ImageOps.exif_transpose does).
+_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
+                7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+
+# What a single-cell photo can look like (see check_cell_plausible). Every one of 3,000 NIH cells sampled has at
+# least 33% foreground and a per-channel spread of at least 6.9 grey levels on it.
+MIN_CELL_SIDE = 16
+MAX_CELL_ASPECT = 4.0
+MIN_FOREGROUND_FRACTION = 0.05
+MIN_FOREGROUND_SPREAD = 2.0
+
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
 
 
@@ -30,8 +49,17 @@ class ImageError(ValueError):
     """An input that cannot be turned into a cell image; the message says why in one line."""
 
 
-def open_image(path: Union[str, os.PathLike]) -> Image.Image:
-    """Open and fully decode an image file as 8-bit RGB, raising :class:`ImageError` with a one-line reason."""
+def max_pixels_for(mode: str) -> int:
+    """The largest image of this Pillow mode that decodes within :data:`IMAGE_MEMORY_BOUND`."""
+    depth = DEEP_MODE_BYTES.get(mode)
+    return MAX_PIXELS if depth is None else min(MAX_PIXELS, IMAGE_MEMORY_BOUND // (depth + 1 + 4))
+
+
+def open_image(path: Union[str, os.PathLike], draft_to: Optional[int] = None) -> Image.Image:
+    """Open and fully decode an image file as 8-bit RGB, raising :class:`ImageError` with a one-line reason.
+
+    ``draft_to``: a JPEG larger than needed is decoded at 1/2, 1/4 or 1/8 scale (never below ``draft_to`` px a
+    side) by the JPEG decoder itself, so a phone photo passed as a cell costs a fraction of its full memory."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -48,7 +76,21 @@ def open_image(path: Union[str, os.PathLike]) -> Image.Image:
                     raise ImageError(
                         f"image is {width}x{height} px, too large to be a cell photo (limit {MAX_PIXELS:,} px); "
                         "crop single cells first")
+                limit = max_pixels_for(img.mode)
+                if width * height > limit:
+                    raise ImageError(
+                        f"{img.mode} image is {width}x{height} px, too large to convert within "
+                        f"{IMAGE_MEMORY_BOUND // 2**20} MB (limit {limit:,} px for this bit depth); crop it first")
+                if draft_to and img.format == "JPEG":
+                    img.draft("RGB", (draft_to, draft_to))
                 img.load()
+                if img.mode in DEEP_MODE_BYTES:  # convert, then free the deep pixels before the RGB copy
+                    orientation = img.getexif().get(0x0112, 1)
+                    gray = _deep_to_gray(img)
+                    img.close()
+                    if orientation in _ORIENTATION:
+                        gray = gray.transpose(_ORIENTATION[orientation])
+                    return to_rgb(gray)
                 return to_rgb(img)
     except ImageError:
         raise
@@ -60,15 +102,33 @@ def open_image(path: Union[str, os.PathLike]) -> Image.Image:
         raise ImageError(f"corrupt or truncated image ({exc})") from None
 
 
+def open_image_size(path: Union[str, os.PathLike]) -> tuple:
+    """(width, height) read from the file header only; :class:`ImageError` with a one-line reason when the file
+    is missing, empty or not an image."""
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise ImageError("empty file (0 bytes)")
+        with Image.open(path) as img:
+            return img.size
+    except ImageError:
+        raise
+    except OSError as exc:
+        if isinstance(exc, UnidentifiedImageError):
+            raise ImageError("not an image Pillow can read (wrong or unknown format)") from None
+        raise ImageError(f"cannot read file: {exc.strerror or exc}") from None
+    except (SyntaxError, ValueError) as exc:
+        raise ImageError(f"corrupt or truncated image ({exc})") from None
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB: alpha is composited on black (the NIH background), 16-bit and float
-    images are scaled from their own range, palette and grayscale images are expanded."""
-    img = ImageOps.exif_transpose(img)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(np.min(arr)), float(np.max(arr))
-        scaled = np.zeros_like(arr) if hi <= lo else (arr - lo) * (255.0 / (hi - lo))
-        img = Image.fromarray(np.clip(scaled + 0.5, 0, 255).astype(np.uint8), "L")
+    images are scaled from their own range, palette and grayscale images are expanded. An upright RGB image is
+    returned as it is (no second copy of a large photo); callers never modify it."""
+    if img.getexif().get(0x0112, 1) != 1:
+        img = ImageOps.exif_transpose(img)
+    if img.mode in DEEP_MODE_BYTES:
+        img = _deep_to_gray(img)
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     if img.mode in ("LA", "PA"):
@@ -80,6 +140,59 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode != "RGB":
         img = img.convert("RGB")
     return img
+
+
+def _deep_to_gray(img: Image.Image) -> Image.Image:
+    """16-bit or float image -> 8-bit grayscale stretched over its own range, one block of rows at a time, so the
+    peak is the decoded image plus the 8-bit result (never a float64 copy of the whole picture)."""
+    width, height = img.size
+    rows = max(1, _ROW_BLOCK_PIXELS // max(1, width))
+
+    def blocks():
+        for top in range(0, height, rows):
+            block = np.asarray(img.crop((0, top, width, min(height, top + rows))), dtype=np.float32)
+            yield top, block
+
+    lo, hi = np.inf, -np.inf
+    for _, block in blocks():
+        finite = block[np.isfinite(block)]
+        if finite.size:
+            lo, hi = min(lo, float(finite.min())), max(hi, float(finite.max()))
+    out = np.zeros((height, width), np.uint8)
+    if np.isfinite(lo) and hi > lo:
+        scale = np.float32(255.0 / (hi - lo))
+        for top, block in blocks():
+            block = np.nan_to_num(block, nan=lo, posinf=hi, neginf=lo)
+            block -= np.float32(lo)
+            block *= scale
+            block += np.float32(0.5)
+            np.clip(block, 0, 255, out=block)
+            out[top:top + len(block)] = block
+    return Image.frombuffer("L", (width, height), out, "raw", "L", 0, 1)
+
+
+def check_cell_plausible(img: Image.Image) -> None:
+    """Raise :class:`ImageError` when a single-cell input cannot be a cell photo: smaller than 16 px a side, more
+    than 4:1 elongated, (nearly) all black, or one uniform colour. The model would otherwise give such an image a
+    confident call; a clinician needs "this is not a cell" instead."""
+    width, height = img.size
+    if min(width, height) < MIN_CELL_SIDE:
+        raise ImageError(f"image is {width}x{height} px, too small to be a cell photo (at least {MIN_CELL_SIDE} px "
+                         "a side)")
+    aspect = max(width, height) / min(width, height)
+    if aspect > MAX_CELL_ASPECT:
+        raise ImageError(f"image is {width}x{height} px, aspect ratio {aspect:.1f}:1: not a single cell (at most "
+                         f"{MAX_CELL_ASPECT:g}:1)")
+    small = img
+    if max(width, height) > 256:
+        factor = max(width, height) / 256
+        small = img.resize((max(1, round(width / factor)), max(1, round(height / factor))), Image.BOX)
+    arr = np.asarray(small.convert("RGB"), dtype=np.int16)
+    foreground = arr.sum(axis=2) > FOREGROUND_MIN_SUM
+    if foreground.mean() < MIN_FOREGROUND_FRACTION:
+        raise ImageError(f"no cell visible: the image is (nearly) all black ({foreground.mean():.1%} foreground)")
+    if float(arr[foreground].std(axis=0).max()) < MIN_FOREGROUND_SPREAD:
+        raise ImageError("the image is one uniform colour: no cell visible")
 
 
 def array_to_image(arr: np.ndarray) -> Image.Image:
@@ -98,13 +211,13 @@ def array_to_image(arr: np.ndarray) -> Image.Image:
     return to_rgb(Image.fromarray(arr))
 
 
-def load_image(source: ImageInput) -> Image.Image:
-    """Return an RGB Pillow image from a path, a Pillow image or an array."""
+def load_image(source: ImageInput, draft_to: Optional[int] = None) -> Image.Image:
+    """Return an RGB Pillow image from a path, a Pillow image or an array (``draft_to``: see :func:`open_image`)."""
     if isinstance(source, Image.Image):
         return to_rgb(source)
     if isinstance(source, np.ndarray):
         return array_to_image(source)
-    return open_image(source)
+    return open_image(source, draft_to)
 
 
 def normalize_stain(arr: np.ndarray, target_mean: tuple, target_std: tuple) -> np.ndarray:
@@ -135,7 +248,8 @@ def prepare_cell(source: ImageInput, size: int, stain: dict | None = None, centr
     ``stain`` is the card's stain-normalisation block (``{"mean": [r, g, b], "std": [r, g, b]}``) or None.
     Resizing is Pillow's antialiased bilinear, identical on every platform Pillow runs on.
     """
-    img = load_image(source)
+    # A large JPEG is decoded at reduced scale; with room for the central cell to be half the crop's width.
+    img = load_image(source, 2 * size if central else size)
     if central:
         img = cut_central_cell(img)
     if img.size != (size, size):
@@ -154,9 +268,11 @@ def cut_central_cell(img: Image.Image) -> Image.Image:
     if min(arr.shape[:2]) < 8:
         raise ImageError(f"image is {arr.shape[1]}x{arr.shape[0]} px, too small to show a cell")
     if segment.cv2 is None:
-        if segment.is_on_black(arr):
-            return img
-        raise ImageError(segment.OPENCV_HINT)
+        if not segment.is_on_black(arr):
+            raise ImageError(segment.OPENCV_HINT)
+        if np.mean(arr.astype(np.int32).sum(axis=2) > 30) < 0.05:
+            raise ImageError("no cell found in the image (blank, all black or not a blood smear)")
+        return img
     region = segment.central_cell(arr)
     if region is None:
         raise ImageError("no cell found in the image (blank, all black or not a blood smear)")

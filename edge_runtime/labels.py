@@ -10,11 +10,15 @@ UNINFECTED = "uninfected"
 REVIEW = "review"
 CLASSES = (PARASITIZED, UNINFECTED)
 
-_PATIENT_RE = re.compile(r"^C(\d+)", re.IGNORECASE)
+# NIH names: C<patient> then P<slide>, BP<slide>, or the smear type (ThinF/thinF, NThinF/NthinF, _thinF, ...):
+# C100P61ThinF_..., C37BP2_thinF_..., C7NthinF_..., C1_thinF_..., C59P20thinF_... (every name in the NIH set
+# matches). A camera's C0001.jpg or C0001_0002.jpg does not: it would read as "patient 1".
+_PATIENT_RE = re.compile(r"^C(\d+)(?:B?P\d|N?_?thin)", re.IGNORECASE)
 
 
 def patient_id(path) -> Optional[str]:
-    """The NIH patient id: the number after the leading ``C`` of the file name (``C100P61ThinF_...`` -> ``"100"``)."""
+    """The NIH patient id: the number after the leading ``C`` of an NIH cell file name (``C100P61ThinF_...`` ->
+    ``"100"``), or None for any other name."""
     match = _PATIENT_RE.match(Path(path).name)
     return str(int(match.group(1))) if match else None
 

@@ -4,7 +4,7 @@ One small function per picture step, each taking and returning plain arrays, wit
 diameter measured on the field itself (never a fixed pixel count, since magnification differs between labs):
 
     stain density -> foreground -> clean -> fill holes -> estimate diameter -> distance -> markers -> split
-    -> regions -> filter (size, shape, colour, border) -> cut
+    -> split clumps -> regions -> filter (size, shape, colour, border) -> cut
 
 The NIH training crops are single cells masked on black in a tight box; :func:`cut_cell` makes the same picture
 from a field, and :func:`central_cell` finds the one cell of a crop made by another tool, so the model sees one kind
@@ -41,6 +41,12 @@ BLACK_LEVEL = 40
 
 # A blob more than this fraction deep purple is a white cell's nucleus (or a stain blob), not a red cell.
 NUCLEUS_FRACTION = 0.5
+
+# A region this many cell areas or more is a clump of overlapping cells, split by k-means (see split_clumps).
+CLUMP_AREA = 1.9
+# A region bigger than this many cells is not a clump k-means can cut sensibly (a failed threshold, a smear too
+# thick to read): it stays whole and the size filter drops it.
+CLUMP_MAX_CELLS = 6
 NUCLEUS_DENSITY_RATIO = 2.0
 
 
@@ -73,19 +79,28 @@ class CellRegion:
 # Picture steps
 
 
-def stain_density(rgb: np.ndarray) -> np.ndarray:
-    """Optical density of the stain, float32 >= 0: -log(pixel / local background) on the green channel, where
-    haemoglobin and Giemsa absorb most. Dividing by a smooth background estimate (the brightest level in coarse
-    tiles, i.e. the glass between cells) removes uneven illumination and vignetting before any threshold."""
-    green = rgb[:, :, 1].astype(np.float32) + 1.0
-    h, w = green.shape
+def glass_level(channel: np.ndarray) -> np.ndarray:
+    """The brightness of bare glass at every pixel of one channel: the brightest level in coarse tiles (max over
+    3x3 tiles of 1/24 of the image, smoothed), which follows vignetting and uneven light."""
+    h, w = channel.shape
     tile = max(8, int(round(max(h, w) / 24)))
-    small = cv2.resize(green, (max(1, w // tile), max(1, h // tile)), interpolation=cv2.INTER_AREA)
+    small = cv2.resize(channel, (max(1, w // tile), max(1, h // tile)), interpolation=cv2.INTER_AREA)
     # The glass is the bright part: a max filter over 3x3 tiles skips cells up to ~2 tiles across.
     background = cv2.dilate(small, np.ones((3, 3), np.uint8))
     background = cv2.GaussianBlur(background, (0, 0), 1.5)
-    background = cv2.resize(background, (w, h), interpolation=cv2.INTER_LINEAR)
-    density = np.log(np.maximum(background, green) / green)
+    return cv2.resize(background, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def stain_density(rgb: np.ndarray) -> np.ndarray:
+    """Optical density of the stain, float32 >= 0: -log(pixel / glass) per channel, the largest of the three.
+    Dividing by the glass level removes uneven illumination before any threshold; taking the channel that absorbs
+    most keeps pink, magenta and blue-grey cells alike (Giemsa batches and cameras differ)."""
+    density = None
+    for c in range(3):
+        channel = rgb[:, :, c].astype(np.float32) + 1.0
+        background = glass_level(channel)
+        od = np.log(np.maximum(background, channel) / channel)
+        density = od if density is None else np.maximum(density, od)
     return density.astype(np.float32)
 
 
@@ -200,6 +215,30 @@ def split_touching(mask: np.ndarray, seeds: np.ndarray) -> np.ndarray:
         labels[y:y + h, x:x + w][window] = remap[owner[window]]
         next_label += len(unique)
     return labels
+
+
+def split_clumps(labels: np.ndarray, diameter: float) -> np.ndarray:
+    """Split what the seeds left whole but is too big for one cell (a clump of overlapping cells whose distance map
+    has one broad peak, up to CLUMP_MAX_CELLS cells): into round(area / cell area) parts by k-means on the pixel positions, i.e. the split of
+    equal round cells. Deterministic (OpenCV's generator is seeded)."""
+    cell_area = math.pi * diameter * diameter / 4.0
+    out = labels.copy()
+    next_label = int(labels.max()) + 1
+    for blob in regions_of(labels):
+        k = int(round(blob.area / cell_area))
+        if blob.area < CLUMP_AREA * cell_area or k < 2 or k > CLUMP_MAX_CELLS:
+            continue
+        window = labels[blob.y:blob.y + blob.h, blob.x:blob.x + blob.w] == blob.label
+        ys, xs = np.nonzero(window)
+        points = np.stack([xs, ys], axis=1).astype(np.float32)
+        cv2.setRNGSeed(0)
+        criteria = (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_MAX_ITER, 20, 0.5)
+        _, parts, _ = cv2.kmeans(points, k, None, criteria, 3, cv2.KMEANS_PP_CENTERS)
+        target = out[blob.y:blob.y + blob.h, blob.x:blob.x + blob.w]
+        for part in range(1, k):
+            target[ys[parts[:, 0] == part], xs[parts[:, 0] == part]] = next_label
+            next_label += 1
+    return out
 
 
 @dataclass
@@ -348,6 +387,7 @@ def segment_field(rgb: np.ndarray, diameter: Optional[float] = None, drop_border
     small = _resize(rgb, scale)
     d_small = diameter * scale
     labels, density = label_cells(small, d_small, debug_dir)
+    labels = split_clumps(labels, d_small)
     nucleus = nucleus_mask(density, labels > 0)
     full_h, full_w = rgb.shape[:2]
     cells = []

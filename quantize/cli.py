@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -22,6 +23,10 @@ from malaria_edge.edge_runtime.metrics import pct
 from malaria_edge.edge_runtime.outputs import parasitized_probability
 from malaria_edge.edge_runtime.patients import choose_rule, per_patient_counts
 
+PHONE_DESCRIPTION = ("Tells a parasitized from an uninfected red blood cell in a Giemsa-stained thin blood smear. "
+                     "A screening aid, not a diagnosis: see the model card (JSON beside this file) for its test "
+                     "patients and figures.")
+
 
 def run_bundle(bundle: ModelBundle, pixels: np.ndarray, batch: int = 64) -> np.ndarray:
     """P(parasitized) for uint8 cells through the runtime's interpreter wrapper."""
@@ -38,7 +43,8 @@ def quantize(model_path: Path, manifest: Path, out: Path, name: str = "malaria",
     """Convert, write the card, evaluate both files on the test split, and return the card."""
     import keras
 
-    from malaria_edge.quantize.convert import calibration_cells, convert
+    from malaria_edge.quantize.convert import OUTPUT_HEAD, calibration_cells, convert
+    from malaria_edge.quantize.metadata import write_metadata
     from malaria_edge.train.dataset import NIH, load_prepare_report, read_manifest
     from malaria_edge.train.pipeline import load_arrays
 
@@ -50,7 +56,9 @@ def quantize(model_path: Path, manifest: Path, out: Path, name: str = "malaria",
     preset = report.get("preset") or config.get("preset") or {}
     size = int(model.input_shape[1])
     stain = preset.get("stain")
-    head = "softmax2" if model.output_shape[-1] == 2 else "logit"
+    keras_head = "softmax2" if model.output_shape[-1] == 2 else "logit"
+    head = OUTPUT_HEAD
+    labels = ["parasitized", "uninfected"]
 
     all_cells = read_manifest(manifest)
     data_info = load_prepare_report(manifest)
@@ -62,18 +70,33 @@ def quantize(model_path: Path, manifest: Path, out: Path, name: str = "malaria",
     fp32_path, int8_path = out / f"{name}_fp32.tflite", out / f"{name}_int8.tflite"
     started = time.time()
     convert(model, cal_x, fp32_path, int8_path)
+    for path, float_input in ((int8_path, False), (fp32_path, True)):
+        write_metadata(path, labels, size, float_input, PHONE_DESCRIPTION)
+    if stain:
+        log("warning: this model was trained with per-cell stain normalisation, which edge_runtime does in numpy "
+            "and a phone's standard client cannot do, so MediaPipe would see cells the model was not trained on; "
+            "retrain with edge-train --no-stain-norm for a phone-ready bundle")
     log(f"converted in {time.time() - started:.0f}s: {fp32_path.name} {fp32_path.stat().st_size / 1024:.0f} KiB, "
         f"{int8_path.name} {int8_path.stat().st_size / 1024:.0f} KiB; calibrated on {len(calibration)} training cells "
         f"from {len({c.patient for c in calibration})} training patients")
 
     keras_bytes = Path(model_path).stat().st_size
+    # The Keras model travels in the bundle so edge-adapt can fine-tune a clinic's copy from it.
+    keras_copy = out / f"{name}.keras"
+    shutil.copyfile(model_path, keras_copy)
     card = {
         "schema": CARD_SCHEMA,
         "name": name,
-        "labels": ["parasitized", "uninfected"],
+        "labels": labels,
         "positive_label": "parasitized",
         "head": head,
-        "input": {"size": size, "channels": 3, "layout": "NHWC", "pixels": "RGB, 0-255"},
+        "input": {"size": size, "channels": 3, "layout": "NHWC", "pixels": "RGB, 0-255",
+                  "dtype": {"int8": "uint8", "fp32": "float32"},
+                  "in_graph": "scaling of the pixels; nothing else follows the resize"
+                              + ("" if not stain else " (except stain normalisation, done by the runtime)")},
+        "output": {"tensor": "scores", "dtype": {"int8": "uint8 (dequantize with the tensor's scale and zero point)",
+                             "fp32": "float32"},
+                   "meaning": "probabilities in label order [parasitized, uninfected], summing to 1"},
         "preprocessing": {
             "decode": "Pillow; EXIF orientation applied; alpha composited on black; 16-bit and float scaled from "
                       "their own range; palette and grayscale expanded to RGB",
@@ -94,7 +117,7 @@ def quantize(model_path: Path, manifest: Path, out: Path, name: str = "malaria",
                  "split_seed": data_info.get("seed"), "patients": data_info.get("patients"),
                  "calibration": {"cells": len(calibration), "split": "train",
                                  "patients": len({c.patient for c in calibration})}},
-        "keras_model": {"file": Path(model_path).name, "bytes": keras_bytes, "sha256": sha256_file(Path(model_path))},
+        "keras_model": {"file": keras_copy.name, "bytes": keras_bytes, "sha256": sha256_file(keras_copy)},
         "files": {},
         "commands": [c for c in (config.get("commands") or []) if c] + ([command] if command else []),
     }
@@ -115,7 +138,7 @@ def quantize(model_path: Path, manifest: Path, out: Path, name: str = "malaria",
         patients = [c.patient for c in group]
         probs[split] = {kind: run_bundle(b, x) for kind, b in bundles.items()}
         probs[split]["keras"] = parasitized_probability(model.predict(x.astype(np.float32), batch_size=256,
-                                                                      verbose=0), head)
+                                                                      verbose=0), keras_head)
         evaluation[split] = (y, patients)
         pixels[(split, NIH)] = x
     threshold = card["threshold"]
@@ -156,8 +179,11 @@ def quantize(model_path: Path, manifest: Path, out: Path, name: str = "malaria",
                                              "confusion_matrix")},
             "ci95": ev["ci95"], "patient_level": ev["patient_level"]["metrics"]}
     card["quantization"] = {"method": "post-training full-integer (int8 weights per channel, int8 activations)",
-                            "input": "uint8 raw pixels", "output": "int8 logit" if head == "logit" else "int8",
-                            "max_drop_points": max_drop_points}
+                            "input": "uint8 raw pixels", "output": "uint8 class scores [parasitized, uninfected]",
+                            "max_drop_points": max_drop_points,
+                            "metadata": "TFLite metadata in both files (MediaPipe metadata writer): labels, RGB image "
+                                        "input, normalisation mean 0 std 1 on the fp32 file's float input",
+                            "phone_ready": not stain}
     write_json_atomic(card_path, card)
     return card
 
@@ -295,7 +321,8 @@ def main(model_path, manifest, out, name, calibration_size, max_drop, threads):
         click.echo(f"edge-quantize: {exc}", err=True)
         sys.exit(1)
     click.echo(format_card_summary(card))
-    click.echo(f"bundle: {out / (name + '_int8.tflite')}, {out / (name + '_fp32.tflite')}, {out / (name + '.json')}")
+    click.echo(f"bundle: {out / (name + '_int8.tflite')}, {out / (name + '_fp32.tflite')}, {out / (name + '.json')}, "
+               f"{out / (name + '.keras')}")
     problem = check_card(card, max_drop)
     if problem:
         click.echo(f"edge-quantize: FAILED: {problem}", err=True)

@@ -1,10 +1,14 @@
 """edge-bench on a tiny model: structure and units, ratios, the energy arithmetic, the 'estimated' label."""
 import json
+import math
+from pathlib import Path
 
 import pytest
 
 from malaria_edge.benchmarks.energy import PROFILES, active_watts, energy_report
 from conftest import cli
+
+SHARED_FIELDS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "fields" / "iml_vivax" / "images"
 
 
 @pytest.fixture(scope="module")
@@ -69,3 +73,38 @@ def test_energy_arithmetic_by_hand():
     assert e["slides_per_charge"]["value"] == pytest.approx(900)
     measured = energy_report(0.002, 4.0, 5000, None, measured_joules_per_cell=0.004, label="measured")
     assert measured["energy_per_cell"]["value"] == pytest.approx(4.0) and measured["basis"] == "measured"
+
+
+def test_end_to_end_times_every_stage_on_one_core(tiny_bundle, samples, tmp_path):
+    """Files in -> rows on disk: the sample cells repeated to 60 distinct paths, each stage timed, and
+    edge-classify's own run timed on the same core."""
+    done = cli("edge-bench", "--end-to-end", "--model", tiny_bundle, "--images", samples, "--limit", 60,
+               "--e2e-batch", 1, "--e2e-batch", 8, "--json", tmp_path / "e2e.json", check=True)
+    report = json.loads((tmp_path / "e2e.json").read_text())
+    assert report["cells"] == 60 and report["distinct_files"] == 41 and report["threads"] == 1
+    assert [r["batch"] for r in report["runs"]] == [1, 8]
+    for run in report["runs"]:
+        assert run["failed"] == 0
+        assert all(run["seconds"][s] > 0 and run["cpu_seconds"][s] >= 0 for s in ("decode", "preprocess",
+                                                                                   "interpreter", "write"))
+        assert run["wall_seconds"] >= sum(run["seconds"].values())
+        assert run["edge_classify_wall_seconds"] > 0
+    assert "files -> rows" in done.stdout and "edge-classify" in done.stdout
+
+
+def test_fields_bench_reports_seconds_and_energy_per_field_and_slide(tiny_bundle, tmp_path):
+    fields = SHARED_FIELDS
+    if not fields.is_dir():
+        pytest.skip("../shared/data/fields is absent")
+    done = cli("edge-bench", "--fields", fields, "--limit", 1, "--model", tiny_bundle, "--json",
+               tmp_path / "fields.json", check=True)
+    report = json.loads((tmp_path / "fields.json").read_text())
+    row = report["fields"][0]
+    assert row["cells"] > 0 and row["total"] >= row["segment"] + row["classify"] > 0
+    energy = report["energy"]
+    assert energy["basis"] in ("estimated", "measured")
+    assert energy["fields_per_slide"] == math.ceil(5000 / energy["cells_per_field"])
+    if energy["basis"] == "estimated":
+        assert energy["joules_per_field"] == pytest.approx(energy["watts"] * energy["seconds_per_field"])
+    assert energy["slide_joules"] == pytest.approx(energy["joules_per_field"] * energy["fields_per_slide"])
+    assert "J per field" in done.stdout

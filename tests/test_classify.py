@@ -2,6 +2,7 @@
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -52,10 +53,12 @@ def test_classify_samples_against_the_full_model(bundled_model, samples, tmp_pat
 
 def test_jsonl_threshold_and_review(bundled_model, samples, tmp_path):
     out = tmp_path / "rows.jsonl"
-    cli("edge-classify", samples, "--model", bundled_model, "--format", "jsonl", "-o", out, "--threshold", "0.0",
+    cli("edge-classify", samples, "--model", bundled_model, "--format", "jsonl", "-o", out, "--threshold", "0.001",
         check=True)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert rows and all(r["prediction"] == "parasitized" for r in rows)
+    assert rows and all(r["prediction"] == ("parasitized" if r["prob_parasitized"] >= 0.001 else "uninfected")
+                        for r in rows)
+    assert sum(r["prediction"] == "parasitized" for r in rows) > len(rows) // 2
     done = cli("edge-classify", samples, "--model", bundled_model, "--min-confidence", "1.0", "--summary-json",
                tmp_path / "s.json", check=True)
     review = [r for r in csv.DictReader(done.stdout.splitlines())]
@@ -78,8 +81,12 @@ def test_bad_images_are_named_skipped_and_the_rest_written(bundled_model, sample
     # Flat colour and all-black pictures decode fine but show no cell: refused, never a prediction.
     for name in ("corrupt.jpg", "empty.png", "text.png", "rgba.png", "gray.tif", "palette.gif"):
         assert name in done.stderr
+    rows = rows_of(out)
     n_good = len(list(samples.rglob("*.webp")))
-    assert len(rows_of(out)) == n_good
+    assert len([r for r in rows if r["prediction"]]) == n_good
+    refused = {Path(r["path"]).name: r for r in rows if r["error"]}
+    assert set(refused) == {"corrupt.jpg", "empty.png", "text.png", "rgba.png", "gray.tif", "palette.gif"}
+    assert not any(r["prob_parasitized"] for r in refused.values())
     assert "6 of" in done.stderr
 
 

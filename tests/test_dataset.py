@@ -1,5 +1,6 @@
 """edge-prepare: patient ids, the patient-level split, the manifest, bad files, zip input, offline download."""
 import csv
+import hashlib
 import shutil
 import zipfile
 from collections import defaultdict
@@ -99,3 +100,55 @@ def test_download_offline_fails_with_a_clear_line(tmp_path):
 def test_scan_finds_every_sample():
     cells, bad = scan(SAMPLES)
     assert not bad and {c.label for c in cells} == {"parasitized", "uninfected"}
+
+
+def _zip_of_samples(path, extra=()):
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for f in sorted(SAMPLES.rglob("*.webp")):
+            zf.write(f, f"cell_images/{f.parent.name}/{f.name}")
+        for name, data in extra:
+            zf.writestr(name, data)
+    return path
+
+
+def test_a_zip_bomb_is_refused_before_it_fills_the_disk(tmp_path):
+    bomb = _zip_of_samples(tmp_path / "bomb.zip", [("cell_images/Uninfected/C1P1ThinF_zeros.png", b"\0" * 10_000_000)])
+    assert bomb.stat().st_size < 1_000_000
+    done = cli("edge-prepare", "--data", bomb, "--out", tmp_path / "out")
+    assert done.returncode == 1 and "compress" in done.stderr.strip().splitlines()[-1] and "Traceback" not in done.stderr
+    assert not any(p.is_file() for p in (tmp_path / "out").rglob("*")) if (tmp_path / "out").exists() else True
+
+
+def test_zip_size_limits_are_enforced(tmp_path):
+    from malaria_edge.train.dataset import extract_zip
+    archive = _zip_of_samples(tmp_path / "cells.zip")
+    with pytest.raises(DatasetError, match="member"):
+        extract_zip(archive, tmp_path / "a", max_member_bytes=1000)
+    with pytest.raises(DatasetError, match="in all"):
+        extract_zip(archive, tmp_path / "b", max_total_bytes=50_000)
+
+
+def test_another_zip_into_the_same_out_replaces_the_old_cells(tmp_path):
+    big = _zip_of_samples(tmp_path / "big.zip")
+    small = tmp_path / "small.zip"
+    with zipfile.ZipFile(small, "w") as zf:
+        for f in sorted(SAMPLES.rglob("*.webp"))[::4]:
+            zf.write(f, f"cell_images/{f.parent.name}/{f.name}")
+    first = prepare(big, tmp_path / "out", log=lambda m: None)
+    second = prepare(small, tmp_path / "out", log=lambda m: None)
+    n_small = len(sorted(SAMPLES.rglob("*.webp"))[::4])
+    assert sum(c["cells"] for c in second["counts"].values()) == n_small
+    assert sum(c["cells"] for c in first["counts"].values()) == len(list(SAMPLES.rglob("*.webp")))
+    # the marker holds the zip's SHA-256, not its size, so a same-size different zip is re-extracted too
+    marker = tmp_path / "out" / "cell_images" / ".extracted"
+    assert marker.read_text().strip() == hashlib.sha256(small.read_bytes()).hexdigest()
+
+
+def test_an_unrelated_folder_is_never_replaced_by_extraction(tmp_path):
+    archive = _zip_of_samples(tmp_path / "cells.zip")
+    mine = tmp_path / "out" / "cell_images"
+    mine.mkdir(parents=True)
+    (mine / "my_notes.txt").write_text("keep me")
+    with pytest.raises(DatasetError, match="not extracted by edge-prepare"):
+        prepare(archive, tmp_path / "out", log=lambda m: None)
+    assert (mine / "my_notes.txt").read_text() == "keep me"

@@ -97,3 +97,17 @@ def test_stain_normalisation_matches_the_targets_and_keeps_background_black():
     foreground = arr.astype(int).sum(axis=2) > 30
     assert np.allclose(out[foreground].mean(axis=0), target["mean"], atol=4)
     assert (out[~foreground] == 0).all()
+
+
+def test_a_large_jpeg_cell_is_decoded_at_reduced_scale_and_looks_the_same(samples, tmp_path):
+    """Decoding only what the resize keeps: a 512 px JPEG bound for 48 px is decoded at 1/4 or 1/8 scale, and
+    the model input differs from a full decode by less than a few grey levels."""
+    cell = Image.open(next(iter(sorted((samples / "Parasitized").iterdir())))).convert("RGB")
+    path = tmp_path / "big.jpg"
+    cell.resize((512, 512), Image.BICUBIC).save(path, quality=95)
+    assert max(open_image(path, 48).size) < 512
+    with Image.open(path) as full:
+        full.load()
+        reference = prepare_cell(full.convert("RGB"), 48, central=False).astype(int)
+    fast = prepare_cell(path, 48, central=False).astype(int)
+    assert np.abs(fast - reference).mean() < 3.0

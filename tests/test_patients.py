@@ -77,8 +77,10 @@ def test_bundled_model_calls_real_slides(samples, tmp_path):
     summary = clf.summarize(results, group="folder")
     assert summary[str(healthy)]["call"] == "negative", summary[str(healthy)]
     assert summary[str(infected)]["call"] == "positive", summary[str(infected)]
+    limits = clf.unfamiliar_limits
     for g in summary.values():
-        assert g["call"] == call_group(g["cells"], g["parasitized"], g["review"], clf.rule)["call"]
+        assert g["call"] == call_group(g["cells"], g["parasitized"], g["review"], clf.rule, 0, g["unfamiliar"],
+                                       limits[1] if limits else None)["call"]
 
 
 def test_tiny_model_calls_follow_the_card_rule(tiny_bundle, samples, tmp_path):
@@ -86,8 +88,10 @@ def test_tiny_model_calls_follow_the_card_rule(tiny_bundle, samples, tmp_path):
     clf = Classifier.load(tiny_bundle)
     summary = clf.summarize(clf.predict(sorted(healthy.iterdir()) + sorted(infected.iterdir())), group="folder")
     assert set(summary) == {str(healthy), str(infected)}
+    limits = clf.unfamiliar_limits
     for g in summary.values():
-        assert g["call"] == call_group(g["cells"], g["parasitized"], g["review"], clf.rule)["call"]
+        assert g["call"] == call_group(g["cells"], g["parasitized"], g["review"], clf.rule, 0, g["unfamiliar"],
+                                       limits[1] if limits else None)["call"]
 
 
 def test_group_by_patient_cli_writes_group_rows(bundled_model, samples, tmp_path):

@@ -16,7 +16,8 @@ def test_int8_file_is_really_integer(tiny_bundle):
     interp = interpreter_cls(model_path=str(tiny_bundle))
     interp.allocate_tensors()
     assert interp.get_input_details()[0]["dtype"] == np.uint8
-    assert interp.get_output_details()[0]["dtype"] == np.int8
+    assert interp.get_output_details()[0]["dtype"] == np.uint8  # class scores a phone client reads
+    assert interp.get_input_details()[0]["quantization"] == (1.0, 0)  # a raw pixel is the input value
     dtypes = {}
     for t in interp.get_tensor_details():
         dtypes.setdefault(np.dtype(t["dtype"]).name, 0)

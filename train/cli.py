@@ -116,3 +116,56 @@ def train_main(manifest, out, preset, epochs, batch_size, input_size, learning_r
         sys.exit(1)
     if report["interrupted"]:
         sys.exit(130)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--cells", "cells_dir", required=True, type=click.Path(path_type=Path),
+              help="The clinic's labelled cells: a folder holding Parasitized/ and Uninfected/ crops.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="New folder for the adapted bundle.")
+@click.option("--model", "model_path", type=click.Path(path_type=Path),
+              help="Bundle to start from: its folder, _int8.tflite or card (default: the bundled model). It must "
+                   "carry its Keras weights (<name>.keras).")
+@click.option("--replay", type=click.Path(path_type=Path),
+              help="edge-prepare manifest of the lab the model was trained on: its training cells are replayed so "
+                   "that lab is not forgotten, its test split measures what is.")
+@click.option("--name", help="File stem of the new bundle (default: <base name>_adapted).")
+@click.option("--strategy", type=click.Choice(["head", "last", "all"]), default="all", show_default=True,
+              help="What is fine-tuned: the dense head, the last stage and head, or every layer.")
+@click.option("--epochs", default=6, show_default=True)
+@click.option("--learning-rate", default=1e-3, show_default=True)
+@click.option("--replay-cells", default=2000, show_default=True, help="Old-lab cells mixed into every epoch.")
+@click.option("--holdout", default=0.3, show_default=True,
+              help="Share of each class held out to choose the threshold and measure before/after.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the held-out split, replay draw and training.")
+def adapt_main(cells_dir, out, model_path, replay, name, strategy, epochs, learning_rate, replay_cells, holdout, seed):
+    """Fine-tune a model bundle on a clinic's own labelled cells and write a new bundle for edge-classify.
+
+    \b
+    Examples:
+      edge-adapt --cells clinic_cells --out clinic_model
+      edge-adapt --cells clinic_cells --out clinic_model --model runs/bundle --replay runs/data/manifest.csv
+      edge-classify new_slide/ --model clinic_model/malaria_adapted_int8.tflite
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from malaria_edge.train.adapt import AdaptError, Recipe, adapt, format_adaptation
+    recipe = Recipe(strategy=strategy, epochs=epochs, learning_rate=learning_rate, replay_cells=replay_cells,
+                    seed=seed)
+    try:
+        result = adapt(cells_dir, out, model_path, replay, name, recipe, holdout, command=command_line("edge-adapt"))
+    except AdaptError as exc:
+        click.echo(f"edge-adapt: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo(f"edge-adapt: interrupted; nothing was written to {out}", err=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # TensorFlow's input-pipeline threads can hold a normal interpreter exit for minutes after an interrupted
+        # fit; the temporary folder is already removed, so leave at once.
+        os._exit(130)
+    click.echo(format_adaptation(result.card))
+    click.echo(f"bundle: {result.int8_path}, {result.fp32_path}, {result.card_path}, {result.keras_path}")
+    click.echo(f"use it: edge-classify CELLS --model {result.int8_path}")
+    if result.failed:
+        click.echo(f"edge-adapt: {len(result.failed)} unreadable images skipped (named above); the bundle is written "
+                   "from the others", err=True)
+        sys.exit(1)

@@ -11,6 +11,7 @@ import io
 import json
 import os
 import random
+import shutil
 import sys
 import urllib.error
 import urllib.request
@@ -27,6 +28,12 @@ from malaria_edge.edge_runtime.labels import CLASSES, PARASITIZED, patient_id
 NIH_ZIP_URL = "https://data.lhncbc.nlm.nih.gov/public/Malaria/cell_images.zip"
 # Size of the official archive as published by the NLM (337 MiB); used to resume and to check the download.
 NIH_ZIP_BYTES = 353_452_851
+# Limits on what a zip may unpack to: a cell image is tens of KB (16 MiB per member is generous), the NIH set is
+# about 350 MB unpacked (4 GiB in all is generous), and PNG/JPEG/WebP compress at most a few times (a member of more
+# than 1 MB compressed over 100:1 is a zip bomb: 1.5 MB of zip once wrote 1 GiB here).
+ZIP_MAX_MEMBER_BYTES = 16 * 2**20
+ZIP_MAX_TOTAL_BYTES = 4 * 2**30
+ZIP_MAX_RATIO = 100.0
 FOLDERS = {"Parasitized": PARASITIZED, "Uninfected": "uninfected"}
 SPLITS = ("train", "val", "test")
 MANIFEST_FIELDS = ("path", "label", "patient", "split", "sha256", "source")
@@ -222,20 +229,67 @@ def format_counts(counts: Dict[str, Dict], unit: str = "patients") -> str:
     return "\n".join(lines)
 
 
-def extract_zip(zip_path: Path, dest: Path) -> Path:
-    """Extract the official cell_images.zip once into ``dest`` (a manifest needs files it can point at)."""
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_zip_sizes(archive: zipfile.ZipFile, name: Path, max_member_bytes: int = ZIP_MAX_MEMBER_BYTES,
+                    max_total_bytes: int = ZIP_MAX_TOTAL_BYTES, max_ratio: float = ZIP_MAX_RATIO) -> None:
+    """Refuse a zip that would fill the disk before anything is written: members larger than a cell image can be,
+    more in all than the NIH set with a wide margin, or compressed more than images ever compress (a zip bomb).
+    The sizes checked are the declared ones; Python's zip reader never yields more than a member declares."""
+    total = 0
+    for info in archive.infolist():
+        if info.is_dir():
+            continue
+        if info.file_size > 1_000_000 and info.file_size > max_ratio * max(1, info.compress_size):
+            raise DatasetError(f"{name}: member {info.filename} is compressed {info.file_size / max(1, info.compress_size):,.0f}:1"
+                               f" (images compress at most {max_ratio:g}:1): a zip bomb, refused")
+        if info.file_size > max_member_bytes:
+            raise DatasetError(f"{name}: member {info.filename} unpacks to {info.file_size:,} bytes, more than a "
+                               f"cell image can be (limit {max_member_bytes:,}); not the NIH cell zip")
+        total += info.file_size
+        if total > max_total_bytes:
+            raise DatasetError(f"{name}: unpacks to more than {max_total_bytes:,} bytes in all; not the NIH cell "
+                               "zip (about 350 MB)")
+
+
+def extract_zip(zip_path: Path, dest: Path, max_member_bytes: int = ZIP_MAX_MEMBER_BYTES,
+                max_total_bytes: int = ZIP_MAX_TOTAL_BYTES, max_ratio: float = ZIP_MAX_RATIO) -> Path:
+    """Extract a cell_images.zip into ``dest`` once per zip: ``dest/.extracted`` holds the zip's SHA-256, so the
+    same zip is not unpacked again and another zip (even of the same size) replaces the old cells entirely. A
+    folder at ``dest`` that edge-prepare did not extract is never touched."""
     marker = dest / ".extracted"
-    if marker.exists() and marker.read_text() == str(zip_path.stat().st_size):
+    digest = _sha256_file(zip_path)
+    if marker.exists() and marker.read_text().strip() == digest:
         return dest
+    if dest.exists() and any(dest.iterdir()) and not marker.exists():
+        raise DatasetError(f"{dest} exists and was not extracted by edge-prepare; move it away or choose another "
+                           "--out")
+    partial = dest.with_name(dest.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
     try:
         with zipfile.ZipFile(zip_path) as archive:
+            check_zip_sizes(archive, zip_path, max_member_bytes, max_total_bytes, max_ratio)
             broken = archive.testzip()
             if broken:
                 raise DatasetError(f"{zip_path}: member {broken} fails its CRC check; download the zip again")
-            archive.extractall(dest)
+            archive.extractall(partial)
     except zipfile.BadZipFile:
+        shutil.rmtree(partial, ignore_errors=True)
         raise DatasetError(f"{zip_path}: not a zip archive or truncated; download it again (edge-prepare --download)")
-    marker.write_text(str(zip_path.stat().st_size))
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    (partial / ".extracted").write_text(digest + "\n")
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(partial, dest)
     return dest
 
 

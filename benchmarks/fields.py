@@ -1,0 +1,249 @@
+"""``edge-bench --fields DIR --annotations FILE``: how well the field path finds, counts and calls red cells on
+annotated microscope fields, and how long a field takes end to end on one core.
+
+Annotations are the IML-Malaria layout: a list of ``{"image_name", "objects": [{"type", "bbox": {x, y, w, h}}]}``
+with ``type`` one of ``red blood cell`` (uninfected), a parasite stage (``ring``, ``trophozoite``, ``schizont``,
+``gametocyte``: a parasitized cell) or ``difficult`` (left out of scoring).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import resource
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from malaria_edge.edge_runtime.fields import FieldResult
+from malaria_edge.edge_runtime.images import open_image
+from malaria_edge.edge_runtime.labels import PARASITIZED
+
+UNINFECTED_TYPE = "red blood cell"
+LEFT_OUT_TYPE = "difficult"
+MATCH_IOU = 0.5
+SPLITS = ("train", "val", "test", "all")
+
+Box = Tuple[int, int, int, int]
+
+
+def iml_split(index: int) -> str:
+    """The team's split of the sorted IML field names: blocks of 8 consecutive captures (likely one slide);
+    block % 4 == 3 -> test, block % 8 == 1 -> val, else train."""
+    block = index // 8
+    if block % 4 == 3:
+        return "test"
+    if block % 8 == 1:
+        return "val"
+    return "train"
+
+
+@dataclass
+class AnnotatedField:
+    name: str
+    cells: List[Box]          # every scored cell (uninfected and parasitized)
+    parasites: List[Box]      # the parasitized ones
+    left_out: List[Box]       # "difficult": neither counted nor held against a detection
+
+
+def load_annotations(path: Path, split: str = "test") -> List[AnnotatedField]:
+    """The annotated fields of one split (or all), sorted by image name."""
+    entries = sorted(json.loads(Path(path).read_text()), key=lambda e: e["image_name"])
+    fields = []
+    for index, entry in enumerate(entries):
+        if split != "all" and iml_split(index) != split:
+            continue
+        cells, parasites, left_out = [], [], []
+        for obj in entry["objects"]:
+            box = tuple(int(float(obj["bbox"][k])) for k in ("x", "y", "w", "h"))
+            if obj["type"] == LEFT_OUT_TYPE:
+                left_out.append(box)
+                continue
+            cells.append(box)
+            if obj["type"] != UNINFECTED_TYPE:
+                parasites.append(box)
+        fields.append(AnnotatedField(entry["image_name"], cells, parasites, left_out))
+    return fields
+
+
+def iou(a: Box, b: Box) -> float:
+    ix = max(0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+    iy = max(0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = a[2] * a[3] + b[2] * b[3] - inter
+    return inter / union if union else 0.0
+
+
+def match(detections: Sequence[Box], truths: Sequence[Box], threshold: float = MATCH_IOU) -> Dict[int, int]:
+    """Greedy one-to-one matching by descending IoU (pairs at or above ``threshold``): {detection: truth}."""
+    pairs = []
+    for i, d in enumerate(detections):
+        for j, t in enumerate(truths):
+            if abs(d[0] - t[0]) < d[2] + t[2] and abs(d[1] - t[1]) < d[3] + t[3]:
+                v = iou(d, t)
+                if v >= threshold:
+                    pairs.append((v, i, j))
+    pairs.sort(reverse=True)
+    used_d, used_t, out = set(), set(), {}
+    for _, i, j in pairs:
+        if i not in used_d and j not in used_t:
+            used_d.add(i)
+            used_t.add(j)
+            out[i] = j
+    return out
+
+
+def touches_border(box: Box, width: int, height: int) -> bool:
+    x, y, w, h = box
+    return x <= 0 or y <= 0 or x + w >= width or y + h >= height
+
+
+def score_field(result: FieldResult, truth: AnnotatedField) -> Dict:
+    """Detection, count and parasite figures of one field against its boxes."""
+    dets = [c.box for c in result.cells]
+    calls = [c.prediction for c in result.cells]
+    whole = [j for j, b in enumerate(truth.cells) if not touches_border(b, result.width, result.height)]
+    matched = match(dets, truth.cells)
+    left_out = {i for i, d in enumerate(dets) if i not in matched and any(iou(d, b) >= MATCH_IOU
+                                                                         for b in truth.left_out)}
+    parasite_index = {j for j, b in enumerate(truth.cells) if b in truth.parasites}
+    found_whole = len(set(matched.values()) & set(whole))
+    parasites_found = sum(1 for i, j in matched.items() if j in parasite_index and calls[i] == PARASITIZED)
+    false_parasitized = sum(1 for i, c in enumerate(calls) if c == PARASITIZED and i not in left_out
+                            and not (i in matched and matched[i] in parasite_index))
+    # Cell-level classification on the matched cells: annotated stage vs the model's call.
+    truth_pos = [matched[i] in parasite_index for i in matched]
+    called_pos = [calls[i] == PARASITIZED for i in matched]
+    return {
+        "field": truth.name, "detected": len(dets), "scored_detections": len(dets) - len(left_out),
+        "matched": len(matched), "annotated_whole": len(whole), "whole_found": found_whole,
+        "count_error": (len(dets) - len(whole)) / len(whole) if whole else None,
+        "parasites": len(truth.parasites), "parasites_found": parasites_found,
+        "false_parasitized": false_parasitized,
+        "tp": sum(t and c for t, c in zip(truth_pos, called_pos)),
+        "fn": sum(t and not c for t, c in zip(truth_pos, called_pos)),
+        "tn": sum((not t) and (not c) for t, c in zip(truth_pos, called_pos)),
+        "fp": sum((not t) and c for t, c in zip(truth_pos, called_pos)),
+        "seconds_segment": result.seconds_segment, "seconds_classify": result.seconds_classify,
+    }
+
+
+ROW_FIELDS = ("path", "cell", "x", "y", "w", "h", "prediction", "prob_parasitized")
+
+
+def run_field(classifier, path: Path, sink: io.TextIOBase) -> Tuple[FieldResult, float, float]:
+    """Decode, segment, cut, classify and write one row per cell, as edge-classify does; the wall seconds and the
+    process CPU seconds (the fair figure on a shared machine, where wall time includes waiting for a core)."""
+    start = time.perf_counter()
+    cpu = time.process_time()
+    rgb = np.asarray(open_image(path), dtype=np.uint8)
+    result = classifier.classify_field(rgb, source=str(path))
+    writer = csv.writer(sink)
+    for c in result.cells:
+        writer.writerow([str(path), c.index, *c.box, c.prediction, f"{c.prob_parasitized:.6f}"])
+    sink.flush()
+    return result, time.perf_counter() - start, time.process_time() - cpu
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def twelve_megapixel_seconds(classifier, field_path: Path, runs: int = 3) -> Dict:
+    """End-to-end seconds for a 12 MP photo (4000x3000 JPEG made by upscaling a field), median of ``runs``."""
+    from PIL import Image
+    with tempfile.TemporaryDirectory() as tmp:
+        big = Path(tmp) / f"{field_path.stem}_12mp.jpg"
+        Image.open(field_path).convert("RGB").resize((4000, 3000), Image.BICUBIC).save(big, quality=92)
+        times, cpu_times, cells = [], [], 0
+        with open(Path(tmp) / "rows.csv", "w", newline="") as sink:
+            for _ in range(runs):
+                result, seconds, cpu = run_field(classifier, big, sink)
+                times.append(seconds)
+                cpu_times.append(cpu)
+                cells = result.n_cells
+    return {"seconds": statistics.median(times), "cpu_seconds": statistics.median(cpu_times), "cells": cells,
+            "size": "4000x3000", "from": field_path.name}
+
+
+def evaluate_fields(classifier, folder: Path, annotations: Path, split: str = "test",
+                    log=lambda message: None) -> Dict:
+    """Every figure of the field path on the annotated fields of ``split``."""
+    fields = load_annotations(annotations, split)
+    if not fields:
+        raise ValueError(f"no annotated fields in split {split!r}")
+    missing = [f.name for f in fields if not (folder / f.name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} annotated fields are not in {folder} (first: {missing[0]})")
+    per_field, seconds, cpu_seconds = [], [], []
+    with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "rows.csv", "w", newline="") as sink:
+        run_field(classifier, folder / fields[0].name, sink)  # warm-up: first interpreter call and imports
+        for number, truth in enumerate(fields, start=1):
+            result, wall, cpu = run_field(classifier, folder / truth.name, sink)
+            scores = score_field(result, truth)
+            scores["seconds"] = wall
+            scores["cpu_seconds"] = cpu
+            per_field.append(scores)
+            seconds.append(wall)
+            cpu_seconds.append(cpu)
+            log(f"{number}/{len(fields)} {truth.name}: {result.n_cells} cells, {wall:.2f} s")
+    total = lambda key: sum(f[key] for f in per_field)
+    tp, fn, tn, fp = total("tp"), total("fn"), total("tn"), total("fp")
+    errors = [f["count_error"] for f in per_field if f["count_error"] is not None]
+    report = {
+        "split": split, "fields": len(per_field),
+        "annotated_cells_whole": total("annotated_whole"),
+        "recall_whole": total("whole_found") / max(1, total("annotated_whole")),
+        "precision": total("matched") / max(1, total("scored_detections")),
+        "median_count_error": float(np.median(errors)) if errors else None,
+        "median_abs_count_error": float(np.median(np.abs(errors))) if errors else None,
+        "parasites": total("parasites"), "parasites_found": total("parasites_found"),
+        "parasite_recall": total("parasites_found") / total("parasites") if total("parasites") else None,
+        "false_parasitized_per_field": total("false_parasitized") / len(per_field),
+        "cell_sensitivity": tp / (tp + fn) if tp + fn else None,
+        "cell_specificity": tn / (tn + fp) if tn + fp else None,
+        "seconds_per_field_median": statistics.median(seconds),
+        "seconds_per_field_p90": float(np.percentile(seconds, 90)),
+        "cpu_seconds_per_field_median": statistics.median(cpu_seconds),
+        "seconds_segment_median": statistics.median(f["seconds_segment"] for f in per_field),
+        "seconds_classify_median": statistics.median(f["seconds_classify"] for f in per_field),
+        "cells_per_field_median": statistics.median(f["detected"] for f in per_field),
+        "per_field": per_field,
+    }
+    log("timing a 12 MP photo ...")
+    report["photo_12mp"] = twelve_megapixel_seconds(classifier, folder / fields[0].name)
+    report["peak_rss_mb"] = peak_rss_mb()
+    return report
+
+
+def format_report(report: Dict, machine: Dict) -> str:
+    """The human table of an evaluation."""
+    def pct(v):
+        return "n/a" if v is None else f"{100 * v:.1f}%"
+    lines = [
+        f"Fields: {report['fields']} ({report['split']} split), {report['annotated_cells_whole']} annotated cells "
+        f"not touching the border, median {report['cells_per_field_median']:.0f} cells found per field",
+        f"  red-cell recall (IoU >= {MATCH_IOU})   {pct(report['recall_whole'])}   (target >= 95%)",
+        f"  precision vs boxes           {pct(report['precision'])}   (a lower bound: some cells are unboxed)",
+        f"  median count error           {pct(report['median_count_error'])} "
+        f"(median |error| {pct(report['median_abs_count_error'])}; target within 5%)",
+        f"  parasites found              {report['parasites_found']} of {report['parasites']} "
+        f"({pct(report['parasite_recall'])}) matched by a cell called parasitized",
+        f"  false parasitized per field  {report['false_parasitized_per_field']:.2f}",
+        f"  cell sensitivity/specificity {pct(report['cell_sensitivity'])} / {pct(report['cell_specificity'])} "
+        "(matched cells)",
+        f"  seconds per field            {report['seconds_per_field_median']:.3f} median, "
+        f"{report['seconds_per_field_p90']:.3f} p90 (segment {report['seconds_segment_median']:.3f}, "
+        f"classify {report['seconds_classify_median']:.3f}); CPU {report['cpu_seconds_per_field_median']:.3f} s; "
+        "target <= 0.5 s",
+        f"  12 MP photo ({report['photo_12mp']['size']})      {report['photo_12mp']['seconds']:.2f} s "
+        f"(CPU {report['photo_12mp']['cpu_seconds']:.2f} s), {report['photo_12mp']['cells']} cells; target <= 3 s",
+        f"  peak RSS                     {report['peak_rss_mb']:.0f} MB",
+        f"Machine: {machine.get('cpu', '?')}, one thread (decode, segment, cut, classify, write rows)",
+    ]
+    return "\n".join(lines)

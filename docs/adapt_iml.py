@@ -1,0 +1,155 @@
+"""Measure edge-adapt with the IML fields as the new lab (docs/experiments.md, "Adapting to a new lab").
+
+Cuts labelled single cells from ../shared/data/fields/iml_vivax with the team's field split (sorted names, blocks
+of 8 captures: block % 4 == 3 -> test, block % 8 == 1 -> val, else train), writes
+
+  OUT/adapt_cells/{Parasitized,Uninfected}/   N + N cells drawn (seeded) from the "train" fields only
+  OUT/val_cells/{Parasitized,Uninfected}/     every cell of the "val" fields (for choosing the recipe)
+  OUT/test_cells/{Parasitized,Uninfected}/    every cell of the "test" fields (file names start with the field)
+
+and, with --bundle, evaluates an int8 bundle on the test cells (AUC, sensitivity, specificity at the card's
+threshold, 95% CI by bootstrap over the test fields). Cells are cut by the field path's own segmentation
+(``train.iml.cut_field_cells``) and then go through ``prepare_cell``, as edge-adapt and edge-classify do.
+
+    python docs/adapt_iml.py cells --out /tmp/iml
+    python docs/adapt_iml.py evaluate --cells /tmp/iml/test_cells --bundle /tmp/nih_bundle/malaria_int8.tflite
+"""
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+
+from malaria_edge.edge_runtime.bundle import ModelBundle
+from malaria_edge.edge_runtime.images import ImageError, prepare_cell
+from malaria_edge.edge_runtime.metrics import binary_metrics, bootstrap_by_patient, pct
+from malaria_edge.edge_runtime.outputs import parasitized_probability
+
+IML = Path(__file__).resolve().parents[2] / "shared" / "data" / "fields" / "iml_vivax"
+
+
+@click.group()
+def main():
+    """IML cells for edge-adapt and their evaluation."""
+
+
+@main.command()
+@click.option("--out", required=True, type=click.Path(path_type=Path))
+@click.option("--fields", "field_dir", default=IML, show_default=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--per-class", default=100, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+def cells(out, field_dir, per_class, seed):
+    """Cut every annotated field with the field path's segmentation (train.iml.cut_field_cells), then lay out the
+    adaptation cells (drawn from the train fields) and the val and test fields' cells for edge-adapt."""
+    from malaria_edge.train.iml import cut_field_cells
+    if (out / "cut").is_dir():
+        from malaria_edge.train.dataset import Cell
+        cut = [Cell(str(p), p.parent.name.lower(), p.name.split("_")[0], p.parent.parent.name)
+               for p in sorted((out / "cut").glob("*/*/*.png"))]
+        stats = {"reused": str(out / "cut")}
+    else:
+        cut, stats = cut_field_cells(field_dir, out / "cut", log=lambda m: None)
+    rng = random.Random(seed)
+    groups = {"val_cells": [c for c in cut if c.split == "val"], "test_cells": [c for c in cut if c.split == "test"]}
+    groups["adapt_cells"] = []
+    for label in ("parasitized", "uninfected"):
+        pool = sorted((c for c in cut if c.split == "train" and c.label == label), key=lambda c: c.path)
+        drawn = []
+        for c in rng.sample(pool, len(pool)):
+            if len(drawn) == per_class:
+                break
+            try:
+                prepare_cell(c.path, 48)   # a crop the runtime cannot read again is no use to a clinic either
+            except ImageError:
+                print(f"not drawn (prepare_cell refuses it): {c.path}")
+                continue
+            drawn.append(c)
+        groups["adapt_cells"] += drawn
+    for group, members in groups.items():
+        for c in members:
+            link = out / group / ("Parasitized" if c.label == "parasitized" else "Uninfected") / Path(c.path).name
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(Path(c.path).resolve())
+        counts = {lab: len(list((out / group / lab).glob("*.png"))) for lab in ("Parasitized", "Uninfected")}
+        print(f"{out / group}: {counts} from {len({Path(c.path).name.split('_')[0] for c in members})} fields")
+    print(json.dumps({k: v for k, v in stats.items() if k != "bad_fields"}))
+
+
+@main.command()
+@click.option("--cells", "cells_dir", required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--bundle", required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--json-out", type=click.Path(path_type=Path))
+def evaluate(cells_dir, bundle, json_out):
+    """AUC, sensitivity and specificity of a bundle on IML test-field cells, CI over fields."""
+    result = evaluate_bundle(cells_dir, bundle)
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2))
+
+
+def evaluate_bundle(cells_dir: Path, bundle: Path) -> dict:
+    model = ModelBundle(bundle)
+    paths, labels = [], []
+    for label, value in (("Parasitized", 1), ("Uninfected", 0)):
+        for p in sorted((cells_dir / label).glob("*.png")):
+            paths.append(p)
+            labels.append(value)
+    x = np.stack([prepare_cell(p, model.size, model.stain) for p in paths])
+    prob = np.concatenate([parasitized_probability(model.run(x[i:i + 64])[0], model.head)
+                           for i in range(0, len(x), 64)])
+    y = np.array(labels)
+    fields = [p.name.split("_")[0] for p in paths]
+    m = binary_metrics(y, prob, model.threshold)
+    ci = bootstrap_by_patient(y, prob, fields, model.threshold)
+    print(f"{bundle.name}: {len(set(fields))} fields, {len(y)} cells ({y.sum()} parasitized); threshold "
+          f"{model.threshold}: AUC {m['roc_auc']:.4f} ({ci['roc_auc'][0]:.4f}-{ci['roc_auc'][1]:.4f}), sensitivity "
+          f"{pct(m['sensitivity'])} ({pct(ci['sensitivity'][0])}-{pct(ci['sensitivity'][1])}), specificity "
+          f"{pct(m['specificity'])} ({pct(ci['specificity'][0])}-{pct(ci['specificity'][1])})")
+    return {"bundle": str(bundle), "fields": len(set(fields)), "metrics": m, "ci95_fields": ci}
+
+
+RECIPES = {
+    "head": dict(strategy="head", learning_rate=3e-3),
+    "last": dict(strategy="last"),
+    "all": dict(strategy="all"),
+    "all-no-replay": dict(strategy="all", replay_cells=0),
+    "all-lr3e-4": dict(strategy="all", learning_rate=3e-4),
+    "all-10ep": dict(strategy="all", epochs=10),
+}
+
+
+@main.command()
+@click.option("--cells", "cells_root", required=True, type=click.Path(exists=True, path_type=Path),
+              help="OUT of the cells command.")
+@click.option("--model", required=True, type=click.Path(exists=True, path_type=Path), help="Base bundle.")
+@click.option("--replay", required=True, type=click.Path(exists=True, path_type=Path), help="NIH manifest.")
+@click.option("--work", required=True, type=click.Path(path_type=Path), help="Folder for the adapted bundles.")
+@click.option("--on", "split", default="val", show_default=True, help="Fields to score on: val (choosing) or test.")
+@click.option("--recipe", "names", multiple=True, help="Recipes to run (default: all).")
+@click.option("--seed", default=0, show_default=True)
+def sweep(cells_root, model, replay, work, split, names, seed):
+    """Adapt with each recipe and score it on the val (or test) fields' cells; one JSON line per recipe."""
+    import time
+
+    from malaria_edge.train.adapt import Recipe, adapt
+    for name in names or RECIPES:
+        out = work / f"{name}_seed{seed}"
+        started = time.time()
+        result = adapt(cells_root / "adapt_cells", out, model, replay if RECIPES[name].get("replay_cells", 1) else None,
+                       recipe=Recipe(**RECIPES[name], seed=seed), log=lambda m: None)
+        seconds = time.time() - started
+        scored = evaluate_bundle(cells_root / f"{split}_cells", result.int8_path)
+        old = result.adaptation.get("old_lab_test") or {}
+        print(json.dumps({"recipe": name, "seed": seed, "on": split, "seconds": round(seconds),
+                          "threshold": result.card["threshold"],
+                          **{k: scored["metrics"][k] for k in ("roc_auc", "sensitivity", "specificity")},
+                          "held_out_auc": result.adaptation["held_out"]["after"]["roc_auc"],
+                          "nih_auc": (old.get("after") or {}).get("roc_auc"),
+                          "nih_accuracy": (old.get("after") or {}).get("accuracy")}), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,650 @@
+"""Adaptation: a clinic makes a model bundle its own with a few hundred of its own labelled cells, on a laptop CPU.
+
+No model trained on one lab is right for every stain, camera and parasite species. ``edge-adapt`` starts from a
+bundle's Keras weights, fine-tunes them on the clinic's sorted crops (``Parasitized/`` and ``Uninfected/``) mixed
+with replayed training cells of the old lab (so it is not forgotten), re-chooses the decision threshold and the
+patient rule on a held-out part of the clinic's cells, re-quantizes with the project's own converter and writes a
+complete bundle (int8 + fp32 + card + Keras weights) whose card records where it came from and what it gained.
+
+The bundle is written into a temporary folder beside ``out`` and renamed at the very end, so an interrupted run
+(Ctrl-C, a dead battery) leaves no half-written bundle.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from malaria_edge.edge_runtime.bundle import DEFAULT_MODEL, ModelBundle, ModelError, find_card, sha256_file
+from malaria_edge.edge_runtime.card import CardError, parse_card, write_json_atomic
+from malaria_edge.edge_runtime.evaluation import evaluate
+from malaria_edge.edge_runtime.images import ImageError, is_image_path, prepare_cell
+from malaria_edge.edge_runtime.labels import PARASITIZED, UNINFECTED, patient_id
+from malaria_edge.edge_runtime.machine import machine_info
+from malaria_edge.edge_runtime.metrics import pct, wilson_interval
+from malaria_edge.edge_runtime.outputs import parasitized_probability
+from malaria_edge.edge_runtime.patients import DEFAULT_RULE, choose_rule, per_patient_counts
+
+# The held-out part must estimate sensitivity and specificity: 30 cells a class with 30% held out leaves 9 a class
+# there (one missed parasitized cell moves sensitivity by 11 points); fewer cannot tell a good model from a bad one.
+MIN_CELLS_PER_CLASS = 30
+HOLDOUT_FRACTION = 0.3
+STRATEGIES = ("head", "last", "all")
+CLASS_FOLDERS = {"parasitized": PARASITIZED, "uninfected": UNINFECTED}
+
+
+class AdaptError(ValueError):
+    """A request edge-adapt cannot honour; the message is one line saying what is wrong and what to do.
+    ``exit_code`` is 2 for a wrong command line (a model that is not a bundle, an existing output folder) and 1 for
+    data that cannot support an adaptation (too few readable cells)."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class Recipe:
+    """How the Keras model is fine-tuned. The defaults were chosen by measurement on the IML fields as a new lab
+    (docs/experiments.md, "Adapting to a new lab")."""
+    strategy: str = "all"            # head: the dense head only; last: the last stage + head; all: every layer
+    epochs: int = 6
+    learning_rate: float = 1e-3
+    repeats: int = 5                 # each clinic cell is seen this many times per epoch (with augmentation)
+    replay_cells: int = 2000         # old-lab training cells mixed into every epoch (balanced by class and patient)
+    batch_size: int = 64
+    seed: int = 0
+
+    def to_dict(self) -> Dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class ClinicCells:
+    """The clinic's readable cells (preprocessed exactly as the runtime does) and the files that failed."""
+    paths: List[str]
+    labels: np.ndarray                  # 1 = parasitized
+    pixels: np.ndarray                  # uint8 [N, size, size, 3]
+    failed: List[Tuple[str, str]] = field(default_factory=list)
+    list_sha256: str = ""
+
+    def count(self, label: int) -> int:
+        return int((self.labels == label).sum())
+
+
+@dataclass
+class AdaptResult:
+    """What :func:`adapt` wrote and measured."""
+    out: Path
+    int8_path: Path
+    fp32_path: Path
+    card_path: Path
+    keras_path: Path
+    card: Dict
+    failed: List[Tuple[str, str]]
+
+    @property
+    def adaptation(self) -> Dict:
+        return self.card["adaptation"]
+
+
+@dataclass
+class BaseModel:
+    """The bundle adaptation starts from: its card, its int8 file (for the "before" figures) and Keras weights."""
+    card: Dict
+    card_path: Path
+    int8_path: Path
+    keras_path: Path
+
+
+def find_base(model: Optional[os.PathLike]) -> BaseModel:
+    """Resolve ``--model``: a bundle folder, a bundle's ``.tflite`` or card, or the bundled default model.
+    The Keras file must be in the bundle and match the SHA-256 its card records."""
+    path = Path(model) if model else DEFAULT_MODEL
+    how = "re-create the bundle with edge-quantize (it writes <name>.keras beside the .tflite files)"
+    if not path.exists():
+        raise AdaptError(f"{path}: no such bundle; pass a folder written by edge-quantize or edge-adapt", 2)
+    if path.is_dir():
+        cards = [p for p in sorted(path.glob("*.json")) if _is_card(p)]
+        if len(cards) != 1:
+            raise AdaptError(f"{path}: not a model bundle ({len(cards)} model cards in it, expected 1); pass a folder "
+                             "written by edge-quantize or edge-adapt, or its _int8.tflite file", 2)
+        card_path = cards[0]
+    elif path.suffix == ".json":
+        card_path = path
+    else:
+        try:
+            card_path = find_card(path)
+        except ModelError as exc:
+            raise AdaptError(str(exc), 2) from None
+    if not _is_card(card_path):
+        raise AdaptError(f"{card_path}: not a model card (no malaria-edge schema); pass a bundle written by "
+                         "edge-quantize or edge-adapt", 2)
+    card = json.loads(card_path.read_text())
+    try:
+        parse_card(card)
+    except CardError as exc:
+        raise AdaptError(f"{card_path}: {exc}", 2) from None
+    int8 = [name for name, info in card.get("files", {}).items() if info.get("kind") == "int8"]
+    if not int8:
+        raise AdaptError(f"{card_path}: the card describes no int8 model; pass a bundle written by edge-quantize", 2)
+    keras_info = card.get("keras_model") or {}
+    keras_path = card_path.parent / str(keras_info.get("file", ""))
+    if not keras_info.get("file") or not keras_path.is_file() or keras_path.suffix != ".keras":
+        raise AdaptError(f"{card_path.parent}: the bundle has no Keras weights ({keras_info.get('file') or '<name>.keras'}"
+                         f" missing), and adaptation fine-tunes them; {how}", 2)
+    if keras_info.get("sha256") and sha256_file(keras_path) != keras_info["sha256"]:
+        raise AdaptError(f"{keras_path}: SHA-256 does not match its card; the file is damaged or not the one the card "
+                         "describes: copy the bundle again", 2)
+    return BaseModel(card, card_path, card_path.parent / int8[0], keras_path)
+
+
+def _is_card(path: Path) -> bool:
+    try:
+        card = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(card, dict) and str(card.get("schema", "")).startswith("malaria-edge/model-card")
+
+
+def find_class_folders(cells_dir: Path) -> Dict[str, Path]:
+    """``Parasitized/`` and ``Uninfected/`` (any case) directly inside ``cells_dir``."""
+    if not cells_dir.is_dir():
+        raise AdaptError(f"{cells_dir}: no such folder; --cells takes a folder holding Parasitized/ and Uninfected/", 2)
+    found = {}
+    for child in sorted(cells_dir.iterdir()):
+        label = CLASS_FOLDERS.get(child.name.lower())
+        if child.is_dir() and label:
+            found[label] = child
+    missing = [name for name, label in (("Parasitized", PARASITIZED), ("Uninfected", UNINFECTED)) if label not in found]
+    if missing:
+        raise AdaptError(f"{cells_dir}: no {' or '.join(m + '/' for m in missing)} folder; put the clinic's sorted "
+                         "crops in Parasitized/ and Uninfected/ (edge-classify --save-crops writes them)", 2)
+    return found
+
+
+def read_clinic_cells(cells_dir: Path, size: int, stain: Optional[Dict]) -> ClinicCells:
+    """Decode every image under the class folders through the runtime's own ``prepare_cell``; unreadable files are
+    collected with their reason, never fatal. The cell list hash covers label, relative path and file content."""
+    folders = find_class_folders(cells_dir)
+    paths, labels, pixels, failed = [], [], [], []
+    digest = hashlib.sha256()
+    for label in (PARASITIZED, UNINFECTED):
+        for path in sorted(p for p in folders[label].rglob("*") if p.is_file() and not p.name.startswith(".")):
+            if not is_image_path(path):
+                failed.append((str(path), "not an image file (unknown suffix)"))
+                continue
+            try:
+                cell = prepare_cell(path, size, stain)
+                data = path.read_bytes()
+            except (ImageError, OSError) as exc:
+                failed.append((str(path), str(exc)))
+                continue
+            paths.append(str(path))
+            labels.append(1 if label == PARASITIZED else 0)
+            pixels.append(cell)
+            relative = path.relative_to(cells_dir).as_posix()
+            digest.update(f"{label},{relative},{hashlib.sha256(data).hexdigest()}\n".encode())
+    x = np.stack(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8)
+    return ClinicCells(paths, np.array(labels, dtype=np.int64), x, failed, digest.hexdigest())
+
+
+def holdout_split(labels: np.ndarray, fraction: float = HOLDOUT_FRACTION, seed: int = 0) -> Tuple[np.ndarray,
+                                                                                                    np.ndarray]:
+    """Stratified, seeded split: (indices to fine-tune on, indices held out) with ``fraction`` of each class held
+    out."""
+    rng = np.random.default_rng(seed)
+    keep, held = [], []
+    for label in (1, 0):
+        idx = rng.permutation(np.flatnonzero(labels == label))
+        n_held = int(round(len(idx) * fraction))
+        held.extend(idx[:n_held].tolist())
+        keep.extend(idx[n_held:].tolist())
+    return np.array(sorted(keep), dtype=np.int64), np.array(sorted(held), dtype=np.int64)
+
+
+def check_counts(cells: ClinicCells, minimum: int = MIN_CELLS_PER_CLASS) -> None:
+    """Refuse, in one line, a clinic set too small to adapt and to check the adaptation."""
+    short = [f"{cells.count(v)} {name}" for name, v in (("parasitized", 1), ("uninfected", 0))
+             if cells.count(v) < minimum]
+    if short:
+        raise AdaptError(f"only {' and '.join(short)} readable cells; edge-adapt needs at least {minimum} per class, "
+                         f"because {HOLDOUT_FRACTION:.0%} are held out to choose the threshold and to measure "
+                         "sensitivity and specificity, and fewer cannot tell a good adaptation from a bad one; "
+                         "sort more cells into Parasitized/ and Uninfected/")
+
+
+def choose_threshold(y: np.ndarray, prob: np.ndarray) -> float:
+    """The threshold on P(parasitized) with the best Youden's J (sensitivity + specificity - 1) on the held-out
+    cells, taken in the middle of the best range (in logit space) so the margin to either side is as wide as the
+    cells allow."""
+    scores = np.unique(np.clip(prob, 1e-6, 1 - 1e-6))
+    logits = np.log(scores / (1 - scores))
+    cuts = np.concatenate([[logits[0] - 1.0], (logits[:-1] + logits[1:]) / 2, [logits[-1] + 1.0]])
+    pos, neg = prob[y == 1], prob[y == 0]
+
+    def youden(cut_logit: float) -> float:
+        t = 1 / (1 + np.exp(-cut_logit))
+        return float(np.mean(pos >= t) + np.mean(neg < t) - 1)
+
+    j = np.array([youden(c) for c in cuts])
+    best = np.flatnonzero(j >= j.max() - 1e-12)
+    # Ties form one or more runs of cuts; take the middle of the widest run of logit space.
+    runs, start = [], best[0]
+    for a, b in zip(best[:-1], best[1:]):
+        if b != a + 1:
+            runs.append((start, a))
+            start = b
+    runs.append((start, best[-1]))
+    lo, hi = max(runs, key=lambda r: cuts[r[1]] - cuts[r[0]])
+    middle = (cuts[lo] + cuts[hi]) / 2
+    return float(round(1 / (1 + np.exp(-middle)), 4))
+
+
+def clinic_rule(y: np.ndarray, prob: np.ndarray, threshold: float, groups: Optional[Sequence[str]],
+                base_rule: Dict) -> Dict:
+    """The patient rule for the clinic. With patient ids in the file names (at least two infected and two healthy
+    patients held out) it is chosen as training chooses it (:func:`choose_rule`). Otherwise the minimum parasitized
+    fraction is the upper 95% bound of the held-out uninfected cells' false-positive rate at the new threshold: a
+    healthy patient's cells are then called negative, whatever the clinic's parasitaemia."""
+    if groups is not None:
+        counts = per_patient_counts(prob, y, list(groups), threshold)
+        infected = sum(c["infected"] for c in counts)
+        if infected >= 2 and len(counts) - infected >= 2:
+            rule = choose_rule(counts, base_rule.get("min_cells", DEFAULT_RULE["min_cells"]),
+                               base_rule.get("max_review_fraction", DEFAULT_RULE["max_review_fraction"]))
+            rule["chosen_on"] = f"held-out clinic cells of {len(counts)} patients ({rule['chosen_on'].split('(')[-1]}"
+            return rule
+    negatives = prob[y == 0]
+    false_pos = int((negatives >= threshold).sum())
+    upper = wilson_interval(false_pos, len(negatives))[1]
+    rule = {k: base_rule.get(k, v) for k, v in DEFAULT_RULE.items()}
+    rule["min_fraction"] = round(max(upper, 0.005), 4)
+    rule["chosen_on"] = (f"held-out clinic cells without patient ids: upper 95% bound of the false-positive rate "
+                         f"({false_pos}/{len(negatives)} uninfected cells at threshold {threshold})")
+    return rule
+
+
+def set_trainable(model, strategy: str) -> int:
+    """Freeze what ``strategy`` keeps: ``head`` trains the dense head, ``last`` the last stage (from the residual
+    module that opens it), the final normalisation and the head, ``all`` every layer. Frozen batch normalisation
+    runs in inference mode, keeping the old lab's statistics. Returns the number of trainable weights."""
+    import keras
+    layers = model.layers
+    if strategy == "all":
+        first = 0
+    elif strategy == "head":
+        first = max(i for i, layer in enumerate(layers) if layer.weights)
+    elif strategy == "last":
+        strided = [i for i, layer in enumerate(layers) if isinstance(layer, keras.layers.Conv2D)
+                   and tuple(layer.strides) != (1, 1)]
+        adds = [i for i, layer in enumerate(layers) if isinstance(layer, keras.layers.Add)]
+        before = [a for a in adds if strided and a < strided[-1]]
+        first = before[-1] + 1 if before else 0
+    else:
+        raise AdaptError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}", 2)
+    for i, layer in enumerate(layers):
+        layer.trainable = i >= first
+    return int(sum(np.prod(w.shape) for w in model.trainable_weights))
+
+
+def fine_tune(model, x: np.ndarray, y: np.ndarray, replay: Optional[Tuple[np.ndarray, np.ndarray]], recipe: Recipe,
+              head: str, log: Callable[[str], None]) -> Dict:
+    """Fine-tune ``model`` in place on the clinic's cells (each repeated ``recipe.repeats`` times per epoch) mixed
+    with the replayed old-lab cells, with the training pipeline's augmentation. One line per epoch through ``log``."""
+    import keras
+
+    from malaria_edge.train.pipeline import make_dataset, steps_per_epoch
+
+    keras.utils.set_random_seed(recipe.seed)
+    trainable = set_trainable(model, recipe.strategy)
+    xs, ys = [np.repeat(x, recipe.repeats, axis=0)], [np.repeat(y, recipe.repeats, axis=0)]
+    if replay is not None and len(replay[0]):
+        xs.append(replay[0])
+        ys.append(replay[1])
+    train_x, train_y = np.concatenate(xs), np.concatenate(ys)
+    dataset = make_dataset(train_x, train_y, recipe.batch_size, True, "dihedral_color", head, recipe.seed)
+    steps = steps_per_epoch(len(train_x), recipe.batch_size) * recipe.epochs
+    schedule = keras.optimizers.schedules.CosineDecay(recipe.learning_rate, steps)
+    optimizer = keras.optimizers.AdamW(schedule, weight_decay=1e-4)
+    if head == "softmax2":
+        loss, metric = keras.losses.CategoricalCrossentropy(), keras.metrics.CategoricalAccuracy(name="accuracy")
+    else:
+        loss = keras.losses.BinaryCrossentropy(from_logits=True)
+        metric = keras.metrics.BinaryAccuracy(name="accuracy", threshold=0.0)
+    model.compile(optimizer=optimizer, loss=loss, metrics=[metric])
+    log(f"fine-tuning '{recipe.strategy}' ({trainable:,} weights) for {recipe.epochs} epochs on {len(x)} clinic cells "
+        f"x{recipe.repeats} + {len(train_x) - len(x) * recipe.repeats} replayed cells")
+
+    class EpochLine(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.started = time.time()
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = logs or {}
+            log(f"epoch {epoch + 1}/{recipe.epochs}  loss {logs.get('loss', float('nan')):.4f}  "
+                f"acc {logs.get('accuracy', float('nan')):.4f}  {time.time() - self.started:.0f}s")
+
+    # Ctrl-C during fit: stop after the running batch instead of raising inside TensorFlow's threads (which can
+    # crash the process), then raise KeyboardInterrupt here, where the caller removes the unfinished bundle.
+    interrupted = []
+
+    def stop(signum, frame):
+        interrupted.append(signum)
+        model.stop_training = True
+
+    class StopOnInterrupt(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if interrupted:
+                self.model.stop_training = True
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, stop) if in_main else None
+    started = time.time()
+    try:
+        history = model.fit(dataset, epochs=recipe.epochs, callbacks=[EpochLine(), StopOnInterrupt()], verbose=0)
+    finally:
+        if in_main:
+            signal.signal(signal.SIGINT, previous)
+    if interrupted:
+        raise KeyboardInterrupt
+    for layer in model.layers:
+        layer.trainable = True
+    return {"trainable_weights": trainable, "samples_per_epoch": int(len(train_x)),
+            "loss": [float(v) for v in history.history.get("loss", [])], "seconds": time.time() - started}
+
+
+def run_int8(bundle: ModelBundle, pixels: np.ndarray, batch: int = 64) -> np.ndarray:
+    """P(parasitized) for uint8 cells through the runtime's interpreter wrapper."""
+    out = [parasitized_probability(bundle.run(pixels[i:i + batch])[0], bundle.head)
+           for i in range(0, len(pixels), batch)]
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def evaluate_on(split: str, source: str, y: np.ndarray, prob: np.ndarray, threshold: float, groups: Sequence[str],
+                unit: str) -> Dict:
+    """The project's one evaluation (metrics, 95% bootstrap intervals over ``unit``), without per-group counts."""
+    ev = evaluate(split, y, prob, list(groups), threshold, unit=unit, source=source)
+    ev.pop("patient_counts", None)
+    return ev
+
+
+def refit_unfamiliar(card: Dict, fit_pixels: np.ndarray, held_pixels: np.ndarray) -> Dict:
+    """Refit the unfamiliar score to the clinic: the score is the colour statistics' distance to the nearest
+    training source (``edge_runtime.unfamiliar``), so the clinic's fine-tuning cells become one more source beside
+    the base's (the replayed old lab stays familiar) and the base's threshold is kept. Returns what was done and the
+    share of held-out clinic cells flagged before and after, for the card."""
+    from malaria_edge.edge_runtime import unfamiliar
+    block = card.get("unfamiliar")
+    if not block or block.get("method") != unfamiliar.METHOD:
+        card.pop("unfamiliar", None)
+        return {"refitted": False, "reason": "the base card carries no colour unfamiliar-score statistics"}
+    base_components = [c for c in block["statistics"]["components"] if c.get("source") != "clinic"]
+    held = unfamiliar.colour_features(held_pixels)
+    before = float(np.mean(unfamiliar.scores(held, base_components) > block["threshold"]))
+    clinic = unfamiliar.fit_components({"clinic": unfamiliar.colour_features(fit_pixels)})
+    block["statistics"] = {**block["statistics"], "components": base_components + clinic}
+    block["fitted_on"] = {**block.get("fitted_on", {}), "clinic_cells": int(len(fit_pixels))}
+    block.pop("test_flagged", None)
+    after = float(np.mean(unfamiliar.scores(held, block["statistics"]["components"]) > block["threshold"]))
+    return {"refitted": True, "method": unfamiliar.METHOD, "threshold": block["threshold"],
+            "clinic_cells": int(len(fit_pixels)), "held_out_flagged_before": before, "held_out_flagged_after": after}
+
+
+def _replay_and_old_test(manifest: Optional[Path], size: int, stain: Optional[Dict], count: int, seed: int):
+    """Balanced training cells of the old lab for replay, and its test split for measuring what is forgotten."""
+    if manifest is None:
+        return None, None, None
+    from malaria_edge.quantize.convert import calibration_cells
+    from malaria_edge.train.dataset import DatasetError, load_prepare_report, read_manifest
+    from malaria_edge.train.pipeline import load_arrays
+    try:
+        cells = read_manifest(manifest)
+        info = load_prepare_report(manifest)
+    except DatasetError as exc:
+        raise AdaptError(str(exc), 2) from None
+    replay_cells = calibration_cells(cells, count, seed) if count else []
+    cache = Path(manifest).parent / "cache"
+    replay = load_arrays(replay_cells, size, stain, None) if replay_cells else None
+    test_cells = [c for c in cells if c.split == "test"]
+    test = None
+    if test_cells:
+        x, y = load_arrays(test_cells, size, stain, cache)
+        test = (x, y, [c.patient for c in test_cells])
+    meta = {"manifest_sha256": info["manifest_sha256"], "cells": len(replay_cells), "split": "train",
+            "patients": len({c.patient for c in replay_cells})}
+    return replay, test, meta
+
+
+def _old_lab_block(before: ModelBundle, after: ModelBundle, test, base_threshold: float, threshold: float) -> Dict:
+    x, y, patients = test
+    out = {"split": "test", "patients": len(set(patients)), "cells": int(len(y)),
+           "cells_parasitized": int(y.sum()), "cells_uninfected": int(len(y) - y.sum())}
+    for key, bundle, t in (("before", before, base_threshold), ("after", after, threshold)):
+        out[key] = evaluate_on("test", "old lab", y, run_int8(bundle, x), t, patients, "patients")
+        out[key]["model"] = bundle.path.name
+    return out
+
+
+def check_out(out: Path) -> None:
+    """Refuse an output folder that holds anything: a bundle is never overwritten or mixed with other files."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise AdaptError(f"{out} exists and is not empty; edge-adapt never overwrites a bundle: choose a new --out", 2)
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process (all threads): what a run costs whatever else shares the machine."""
+    t = os.times()
+    return t.user + t.system
+
+
+def _prepare_out(out: Path) -> Path:
+    """The temporary folder beside ``out`` that the bundle is written into and renamed from at the end."""
+    check_out(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def adapt(cells: os.PathLike, out: os.PathLike, model: Optional[os.PathLike] = None,
+          replay: Optional[os.PathLike] = None, name: Optional[str] = None, recipe: Optional[Recipe] = None,
+          holdout: float = HOLDOUT_FRACTION, min_cells: int = MIN_CELLS_PER_CLASS, command: str = "",
+          log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> AdaptResult:
+    """Fine-tune a bundle on a clinic's labelled cells and write a new bundle into ``out``.
+
+    ``cells``: a folder with ``Parasitized/`` and ``Uninfected/`` crops. ``model``: the base bundle (folder, its
+    int8 ``.tflite`` or card; default: the bundled model); it must carry its Keras weights. ``replay``: an
+    edge-prepare manifest of the old lab; its training cells are replayed during fine-tuning and its test split
+    measures what the adapted model forgot (without it, nothing is replayed and forgetting is not measured).
+    Raises :class:`AdaptError` with a one-line reason; unreadable images are skipped and listed in the result.
+    """
+    import keras
+    import tensorflow as tf
+
+    from malaria_edge.quantize.convert import convert
+
+    started, started_cpu = time.time(), _cpu_seconds()
+    recipe = recipe or Recipe()
+    if recipe.strategy not in STRATEGIES:
+        raise AdaptError(f"unknown strategy {recipe.strategy!r}; use one of {', '.join(STRATEGIES)}", 2)
+    if not 0.1 <= holdout <= 0.5:
+        raise AdaptError(f"holdout {holdout} is outside 0.1-0.5", 2)
+    cells_dir, out = Path(cells), Path(out)
+    check_out(out)
+    base = find_base(model)
+    size, stain = int(base.card["input"]["size"]), base.card.get("preprocessing", {}).get("stain")
+    head = base.card.get("head", "logit")
+    name = name or f"{base.card.get('name', 'malaria')}_adapted"
+    clinic = read_clinic_cells(cells_dir, size, stain)
+    for path, reason in clinic.failed:
+        log(f"skipped {path}: {reason}")
+    check_counts(clinic, min_cells)
+    tmp = _prepare_out(out)
+    try:
+        try:
+            base_bundle = ModelBundle(base.int8_path)
+        except ModelError as exc:
+            raise AdaptError(str(exc), 2) from None
+        keep, held = holdout_split(clinic.labels, holdout, recipe.seed)
+        log(f"{len(clinic.paths)} clinic cells ({clinic.count(1)} parasitized, {clinic.count(0)} uninfected); "
+            f"fine-tuning on {len(keep)}, holding out {len(held)} (stratified, seed {recipe.seed})")
+        held_groups = [patient_id(clinic.paths[i]) for i in held]
+        with_patients = all(held_groups) and len(set(held_groups)) >= 4
+        unit = "patients" if with_patients else "cells"
+        ci_groups = held_groups if with_patients else [str(i) for i in range(len(held))]
+        y_held, x_held = clinic.labels[held], clinic.pixels[held]
+        before = evaluate_on("held-out", "clinic", y_held, run_int8(base_bundle, x_held), base_bundle.threshold,
+                             ci_groups, unit)
+        m = before["metrics"]
+        log(f"before: held-out AUC {m['roc_auc']:.4f}, sensitivity {pct(m['sensitivity'])}, "
+            f"specificity {pct(m['specificity'])} (base int8, threshold {base_bundle.threshold})")
+
+        replay_xy, old_test, replay_meta = _replay_and_old_test(Path(replay) if replay else None, size, stain,
+                                                                recipe.replay_cells, recipe.seed)
+        if replay is None:
+            log("no --replay manifest: fine-tuning on the clinic's cells alone; what the old lab loses is not "
+                "measured")
+        keras_model = keras.models.load_model(base.keras_path)
+        training = fine_tune(keras_model, clinic.pixels[keep], clinic.labels[keep], replay_xy, recipe, head, log)
+
+        keras_path = tmp / f"{name}.keras"
+        keras_model.save(keras_path)
+        fp32_path, int8_path = tmp / f"{name}_fp32.tflite", tmp / f"{name}_int8.tflite"
+        calibration = clinic.pixels[keep]
+        if replay_xy is not None:
+            calibration = np.concatenate([calibration, replay_xy[0][:200]])
+        t0 = time.time()
+        convert(keras_model, calibration, fp32_path, int8_path)
+        log(f"quantized in {time.time() - t0:.0f}s: {int8_path.name} {int8_path.stat().st_size / 1024:.0f} KiB")
+
+        card = copy.deepcopy(base.card)
+        for stale in ("test", "test_sources", "sizes"):
+            card.pop(stale, None)
+        card["name"] = name
+        card["reference"] = fp32_path.name
+        card["files"] = {p.name: {"kind": kind, "bytes": p.stat().st_size, "sha256": sha256_file(p)}
+                         for p, kind in ((int8_path, "int8"), (fp32_path, "fp32"))}
+        card["keras_model"] = {"file": keras_path.name, "bytes": keras_path.stat().st_size,
+                               "sha256": sha256_file(keras_path)}
+        card["threshold"] = 0.5
+        card_path = tmp / f"{name}.json"
+        write_json_atomic(card_path, card)
+        bundles = {kind: ModelBundle(p) for p, kind in ((int8_path, "int8"), (fp32_path, "fp32"))}
+        for b in bundles.values():
+            card["files"][b.path.name].update({"input_dtype": b.input_dtype, "output_dtype": b.output_dtype})
+
+        prob_int8 = run_int8(bundles["int8"], x_held)
+        threshold = choose_threshold(y_held, prob_int8)
+        after = evaluate_on("held-out", "clinic", y_held, prob_int8, threshold, ci_groups, unit)
+        after_fp32 = evaluate_on("held-out", "clinic", y_held, run_int8(bundles["fp32"], x_held), threshold,
+                                 ci_groups, unit)
+        rule = clinic_rule(y_held, prob_int8, threshold, held_groups if with_patients else None,
+                           base.card.get("patient_rule") or DEFAULT_RULE)
+        card["threshold"] = threshold
+        card["patient_rule"] = rule
+        m = after["metrics"]
+        log(f"after:  held-out AUC {m['roc_auc']:.4f}, sensitivity {pct(m['sensitivity'])}, "
+            f"specificity {pct(m['specificity'])} (int8, threshold {threshold} chosen on these cells)")
+        old_lab = (_old_lab_block(base_bundle, bundles["int8"], old_test, base_bundle.threshold, threshold)
+                   if old_test is not None else None)
+        if old_lab:
+            b, a = old_lab["before"]["metrics"], old_lab["after"]["metrics"]
+            log(f"old lab test split ({old_lab['patients']} patients, {old_lab['cells']} cells): AUC "
+                f"{b['roc_auc']:.4f} -> {a['roc_auc']:.4f}, accuracy {pct(b['accuracy'])} -> {pct(a['accuracy'])}")
+        unfamiliar = refit_unfamiliar(card, clinic.pixels[keep], x_held)
+        if unfamiliar["refitted"]:
+            log(f"unfamiliar score refitted to the clinic: {100 * unfamiliar['held_out_flagged_before']:.1f}% of "
+                f"held-out clinic cells flagged before, {100 * unfamiliar['held_out_flagged_after']:.1f}% after")
+
+        card["data"] = {**card.get("data", {}), "calibration": {
+            "cells": int(len(calibration)), "clinic_cells": int(len(keep)),
+            "replayed_cells": int(len(calibration) - len(keep))}}
+        card["quantization"] = {**card.get("quantization", {}), "calibrated_on": "clinic fine-tuning cells"
+                                + (" + 200 replayed training cells" if replay_xy is not None else "")}
+        card["adaptation"] = {
+            "base_model": {"name": base.card.get("name"), "file": base.int8_path.name,
+                           "sha256": sha256_file(base.int8_path), "keras_sha256": sha256_file(base.keras_path),
+                           "threshold": base_bundle.threshold},
+            "cells": {"parasitized": clinic.count(1), "uninfected": clinic.count(0),
+                      "list_sha256": clinic.list_sha256, "skipped": len(clinic.failed),
+                      "fine_tuned": {"parasitized": int(clinic.labels[keep].sum()),
+                                     "uninfected": int(len(keep) - clinic.labels[keep].sum())},
+                      "held_out": {"parasitized": int(y_held.sum()), "uninfected": int(len(y_held) - y_held.sum()),
+                                   "fraction": holdout, "seed": recipe.seed, "stratified": True}},
+            "recipe": recipe.to_dict(),
+            "training": {k: v for k, v in training.items()},
+            "replay": replay_meta,
+            "held_out": {"unit": unit, "before": before, "after": after, "after_fp32": after_fp32,
+                         "note": "the threshold and patient rule were chosen on these held-out cells, so the after "
+                                 "sensitivity and specificity are optimistic; AUC does not depend on the threshold"},
+            "old_lab_test": old_lab,
+            "unfamiliar": unfamiliar,
+            "wall_seconds": time.time() - started,
+            "cpu_seconds": _cpu_seconds() - started_cpu,
+            "machine": machine_info(),
+            "tensorflow": tf.__version__,
+            "keras": keras.__version__,
+        }
+        card["sizes"] = {"keras_bytes": keras_path.stat().st_size, "fp32_bytes": fp32_path.stat().st_size,
+                         "int8_bytes": int8_path.stat().st_size}
+        if command:
+            card["commands"] = list(card.get("commands", [])) + [command]
+        parse_card(card)
+        write_json_atomic(card_path, card)
+        ModelBundle(int8_path)
+        if out.is_dir():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return AdaptResult(out, out / int8_path.name, out / fp32_path.name, out / card_path.name, out / keras_path.name,
+                       card, clinic.failed)
+
+
+def format_adaptation(card: Dict) -> str:
+    """The human summary: before and after on the clinic's held-out cells with intervals, and the old lab."""
+    a = card["adaptation"]
+    h = a["held_out"]
+    cells = a["cells"]["held_out"]
+
+    def row(label: str, ev: Dict) -> str:
+        m, ci = ev["metrics"], ev["ci95"]
+
+        def band(key, fmt):
+            return f" ({fmt(ci[key][0])}-{fmt(ci[key][1])})" if ci.get(key) else ""
+        auc = "n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.4f}"
+        return (f"{label:<22} AUC {auc}{band('roc_auc', lambda v: f'{v:.4f}')}  sensitivity "
+                f"{pct(m['sensitivity'])}{band('sensitivity', pct)}  specificity {pct(m['specificity'])}"
+                f"{band('specificity', pct)}  threshold {m['threshold']}")
+
+    lines = [f"held-out clinic cells: {cells['parasitized']} parasitized, {cells['uninfected']} uninfected "
+             f"(95% CI: bootstrap over {h['unit']})",
+             row("before (base int8)", h["before"]), row("after (adapted int8)", h["after"]),
+             "  (threshold and patient rule chosen on these same cells: after-sensitivity/specificity are optimistic)"]
+    old = a.get("old_lab_test")
+    if old:
+        lines.append(f"old lab, test split: {old['patients']} patients, {old['cells']} cells (95% CI: bootstrap over "
+                     "patients)")
+        lines.append(row("before (base int8)", old["before"]))
+        lines.append(row("after (adapted int8)", old["after"]))
+    rule = card["patient_rule"]
+    lines.append(f"patient rule: positive with >= {rule['min_parasitized']} parasitized cells and >= "
+                 f"{100 * rule['min_fraction']:.1f}% of cells ({rule['chosen_on']})")
+    lines.append(f"took {a['wall_seconds'] / 60:.1f} min wall, {a['cpu_seconds'] / 60:.1f} min CPU on "
+                 f"{a['machine']['cpu']} ({a['machine']['cores']} cores)")
+    return "\n".join(lines)
