@@ -222,19 +222,23 @@ mkdir -p "$CHECK/inputs/edge_runtime"
 cp -r "$REPO/edge_runtime/samples" "$CHECK/inputs/edge_runtime/samples"
 find "$CHECK/inputs" -name '__init__.py' -delete
 INPUTS=(edge_runtime/samples)
-if [ ${#FIELDS[@]} -eq 0 ]; then
-    if [ -d "$REPO/samples/fields" ]; then
-        while IFS= read -r f; do FIELDS+=("$f"); done < <(find "$REPO/samples/fields" -type f \
-            \( -iname '*.jpg' -o -iname '*.jpeg' -o -iname '*.png' -o -iname '*.tif' -o -iname '*.webp' \) | sort)
-    elif [ -d "$IML" ]; then
-        # The shared split: sorted names, block = index // 8, block % 4 == 3 is test; the first test field.
-        FIELDS+=("$IML/$(ls "$IML" | sort | sed -n 25p)")
-    fi
-fi
 FIELD_INPUTS=()
+for dir in edge_runtime/sample_fields samples/fields; do  # bundled sample fields, copied with their relative path
+    if [ -d "$REPO/$dir" ]; then
+        mkdir -p "$CHECK/inputs/$(dirname "$dir")"
+        cp -r "$REPO/$dir" "$CHECK/inputs/$dir"
+        find "$CHECK/inputs/$dir" -name '__init__.py' -delete
+        FIELD_INPUTS+=("$dir")
+    fi
+done
+if [ ${#FIELDS[@]} -eq 0 ] && [ -d "$IML" ]; then
+    # The shared split: sorted names, block = index // 8, block % 4 == 3 is test; the first test field.
+    FIELDS+=("$IML/$(ls "$IML" | sort | sed -n 25p)")
+fi
 if [ ${#FIELDS[@]} -gt 0 ]; then
     mkdir -p "$CHECK/inputs/fields"
-    for field in "${FIELDS[@]}"; do cp "$field" "$CHECK/inputs/fields/"; FIELD_INPUTS+=("fields/$(basename "$field")"); done
+    for field in "${FIELDS[@]}"; do cp "$field" "$CHECK/inputs/fields/"; done
+    FIELD_INPUTS+=(fields)
 fi
 echo "pi_check: inputs ${INPUTS[*]} ${FIELD_INPUTS[*]+${FIELD_INPUTS[*]}}" >&2
 
@@ -321,16 +325,24 @@ classify_cells() {  # classify_cells LABEL MACHINE CPU VENV REFERENCE [edge-clas
             -o "../runs/$label.csv" --summary-json "../runs/$label.summary.json"
     fi
 }
+# Whole fields: through edge-classify --input-kind field where the CLI has it (the rows carry each cell's box), and
+# through the API helper, which also hashes the decoded field and every crop, to place a difference.
 classify_fields() {  # classify_fields LABEL MACHINE CPU VENV REFERENCE
     local label=$1 machine=$2 cpu=$3 venv=$4 reference=$5
-    local args=(classify-fields "${FIELD_INPUTS[@]}" --threads 1 --output "../runs/$label.csv"
-                --summary-json "../runs/$label.summary.json")
+    local helper=(classify-fields "${FIELD_INPUTS[@]}" --threads 1 --output "../runs/$label.api.csv"
+                  --summary-json "../runs/$label.fieldinputs.json")
+    local cli=("${FIELD_INPUTS[@]}" --input-kind field --threads 1 --overwrite -o "../runs/$label.csv"
+               --summary-json "../runs/$label.summary.json")
     if [ "$machine" = arm64 ]; then
         QEMU_CPU=$cpu run_label "$label" fields arm64 "$cpu" "$venv" "$reference" in_root \
-            "/opt/pi-check/venvs/$venv/bin/python" /opt/pi-check/tools/pi_check_report.py "${args[@]}"
+            "/opt/pi-check/venvs/$venv/bin/edge-classify" "${cli[@]}"
+        QEMU_CPU=$cpu in_root "/opt/pi-check/venvs/$venv/bin/python" /opt/pi-check/tools/pi_check_report.py \
+            "${helper[@]}" 2>"$RUNS/$label.api.stderr" || true
     else
         run_label "$label" fields x86_64 host "$venv" "$reference" sh -c 'cd "$0" && exec "$@"' "$CHECK/inputs" \
-            "$CHECK/venvs/$venv/bin/python" "$CHECK/tools/pi_check_report.py" "${args[@]}"
+            "$CHECK/venvs/$venv/bin/edge-classify" "${cli[@]}"
+        (cd "$CHECK/inputs" && "$CHECK/venvs/$venv/bin/python" "$CHECK/tools/pi_check_report.py" "${helper[@]}") \
+            2>"$RUNS/$label.api.stderr" || true
     fi
 }
 

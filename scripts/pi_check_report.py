@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 PROB_TOLERANCE = 1e-3
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp")
 REFERENCE_RUN = "x86_64_ai_edge_litert"
 KEY_DISTRIBUTIONS = ("malaria-edge", "numpy", "pillow", "click", "ai-edge-litert", "tflite-runtime",
                      "opencv-python-headless", "scipy")
@@ -84,12 +85,17 @@ def classify_fields(paths: list[str], out_csv: Path, summary_json: Path, threads
     if not hasattr(Classifier, "classify_field"):
         print("this version of malaria-edge has no field path (Classifier.classify_field)", file=sys.stderr)
         return 3
+    images = []
+    for path in paths:
+        found = Path(path)
+        images += (sorted(str(p) for p in found.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+                   if found.is_dir() else [path])
     classifier = Classifier.load(threads=threads)
     fields = []
     with open(out_csv, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["path", "cell", "x", "y", "w", "h", "prediction", "prob_parasitized"])
-        for path in paths:
+        for path in images:
             result = classifier.classify_field(path)
             for cell in result.cells:
                 writer.writerow([path, cell.index, *cell.box, cell.prediction, round(cell.prob_parasitized, 6)])
@@ -280,7 +286,8 @@ def report(args) -> int:
         if ref is not None:
             meta["diff"] = diff_rows(ref["rows"], meta["rows"])
             if meta["kind"] == "fields":
-                meta["field_inputs"] = compare_field_inputs(ref["summary"], meta["summary"])
+                meta["field_inputs"] = compare_field_inputs(load_json(runs_dir / f"{ref['label']}.fieldinputs.json") or {},
+                                                            load_json(runs_dir / f"{label}.fieldinputs.json") or {})
     for meta in runs.values():
         meta["rows"] = len(meta["rows"])
     venvs = {p.name[len("venv-"):-len(".env.json")]: load_json(p) for p in sorted(runs_dir.glob("venv-*.env.json"))}
@@ -356,8 +363,9 @@ def render_markdown(r: dict) -> str:
         over.append(f"`{label}` (max {d['max_abs_prob_diff_int8']:.2g}{', ' + why if why else ''})")
     identical_text = (f"Bit-identical to x86_64 (every probability, int8 and fp32): {', '.join('`' + i + '`' for i in identical)}."
                       if identical else "No arm64 run was bit-identical to x86_64.")
-    field_text = (f"; whole fields {', '.join('`' + i + '`' for i in r['field_inputs'])} through "
-                  "`Classifier.classify_field` (the field API; one row per cell found, with its box)"
+    field_text = (f"; whole fields {', '.join('`' + i + '`' for i in r['field_inputs'])} through `edge-classify "
+                  "<fields> --input-kind field --threads 1` (one row per cell found, with its box); the same fields "
+                  "also go through `Classifier.classify_field`, which hashes each decoded field and cell crop"
                   if r["field_inputs"] and field_runs else "")
     lines = [
         "# 64-bit Pi install, checked without a Pi",
