@@ -287,7 +287,7 @@ def report(args) -> int:
             meta["diff"] = diff_rows(ref["rows"], meta["rows"])
             if meta["kind"] == "fields":
                 meta["field_inputs"] = compare_field_inputs(load_json(runs_dir / f"{ref['label']}.fieldinputs.json") or {},
-                                                            load_json(runs_dir / f"{label}.fieldinputs.json") or {})
+                                                            load_json(runs_dir / f"{meta['label']}.fieldinputs.json") or {})
     for meta in runs.values():
         meta["rows"] = len(meta["rows"])
     venvs = {p.name[len("venv-"):-len(".env.json")]: load_json(p) for p in sorted(runs_dir.glob("venv-*.env.json"))}
