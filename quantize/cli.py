@@ -193,7 +193,7 @@ UNFAMILIAR_WARN_FRACTION = 0.10   # about 10x the share of familiar cells flagge
 
 
 def fit_unfamiliar(model, cells, all_cells, pixels: Dict, size: int, stain, cache: Path, trained_on, log) -> Dict:
-    """Fit the unfamiliar score on the training sources (colour statistics per source, threshold at the 99th
+    """Fit the unfamiliar score on the training sources (colour statistics per source, threshold at the 99.5th
     percentile of their validation cells) and measure the share flagged on every source's test cells. The same
     is done with the network's own penultimate features for comparison (not shipped: the phone file has one
     output)."""
@@ -235,7 +235,7 @@ def fit_unfamiliar(model, cells, all_cells, pixels: Dict, size: int, stain, cach
             f"{100 * flagged[source]['feature-mahalanobis']:.1f}%")
     return {"method": unfamiliar.METHOD, "threshold": threshold, "warn_fraction": UNFAMILIAR_WARN_FRACTION,
             "fitted_on": {"sources": list(trained_on), "cells_per_source": UNFAMILIAR_FIT_CELLS,
-                          "threshold": "99th percentile of the training sources' validation cells"},
+                          "threshold": "99.5th percentile of the training sources' validation cells"},
             "statistics": {"features": list(unfamiliar.FEATURES), "components": components},
             "test_flagged": flagged,
             "compared": {"feature-mahalanobis": "squared Mahalanobis distance of the penultimate layer's features "
@@ -266,7 +266,7 @@ def format_card_summary(card: Dict) -> str:
         lines += [format_evaluation(results["int8"], title=f"int8 ({seen}) on the "), ""]
     flagged = card.get("unfamiliar", {}).get("test_flagged", {})
     if flagged:
-        lines.append("unfamiliar cells flagged on the test splits (threshold: 99th percentile of the training "
+        lines.append("unfamiliar cells flagged on the test splits (threshold: 99.5th percentile of the training "
                      "sources' validation cells):")
         for source, f in flagged.items():
             lines.append(f"  {source:<6} {f['cells']:>6} cells ({'trained on' if f['trained_on'] else 'unseen'}): "

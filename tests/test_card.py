@@ -30,7 +30,8 @@ def _set(path, value):
 @pytest.mark.parametrize("field,value", [
     ("threshold", "abc"), ("threshold", float("nan")), ("threshold", 1e308), ("threshold", -1), ("threshold", 0),
     ("threshold", 1), ("input.size", 0), ("input.size", "48"), ("labels", ["parasitized", "parasitized"]),
-    ("labels", ["parasitized"]), ("preprocessing.stain.std", [33.0, 0.0, 27.0]),
+    ("labels", ["parasitized"]),
+    ("preprocessing.stain", {"mean": [180.0, 141.0, 151.0], "std": [33.0, 0.0, 27.0]}),
     ("patient_rule.min_parasitized", -1), ("patient_rule.min_fraction", float("nan")),
     ("patient_rule.max_review_fraction", 2.0), ("reference", "../elsewhere/model.tflite"), ("head", "sigmoid3"),
     ("schema", "malaria-edge/model-card/99"),

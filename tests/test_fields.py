@@ -3,6 +3,7 @@ overlays and crops written. Real images: the committed fields composed from NIH 
 ../shared when present."""
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -167,6 +168,7 @@ def test_resume_redoes_a_field_cut_short_and_loses_nothing(tmp_path):
     cut_at = sum(1 for r in full_rows if r["path"] == first_field) + 5   # 5 rows into the second field
     partial = tmp_path / "partial.csv"
     partial.write_text("".join(lines[:1 + cut_at]))
+    shutil.copy(tmp_path / "full.csv.settings.json", tmp_path / "partial.csv.settings.json")  # same settings
     cli("edge-classify", FIELDS, "-o", partial, "--resume", check=True)
     resumed = rows_of(partial)
     key = lambda r: (r["path"], r["cell"], r["x"], r["y"], r["w"], r["h"], r["prediction"])

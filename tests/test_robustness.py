@@ -402,7 +402,9 @@ def test_absurd_images_become_error_rows_not_predictions(bundled_model, tmp_path
     out = tmp_path / "rows.csv"
     done = cli("edge-classify", folder, "--model", bundled_model, "-o", out)
     assert done.returncode == 1
-    assert [Path(r["path"]).name for r in rows_of(out)] == ["real.webp"]
+    rows = rows_of(out)
+    assert [Path(r["path"]).name for r in rows if r["prediction"]] == ["real.webp"]
+    assert all(r["error"] and not r["prob_parasitized"] for r in rows if Path(r["path"]).name != "real.webp")
     for name in ("dot.png", "line.png", "black.png"):
         assert name in done.stderr
 

@@ -487,7 +487,6 @@ def adapt(cells: os.PathLike, out: os.PathLike, model: Optional[os.PathLike] = N
     check_out(out)
     base = find_base(model)
     size, stain = int(base.card["input"]["size"]), base.card.get("preprocessing", {}).get("stain")
-    head = base.card.get("head", "logit")
     name = name or f"{base.card.get('name', 'malaria')}_adapted"
     clinic = read_clinic_cells(cells_dir, size, stain)
     for path, reason in clinic.failed:
@@ -519,6 +518,9 @@ def adapt(cells: os.PathLike, out: os.PathLike, model: Optional[os.PathLike] = N
             log("no --replay manifest: fine-tuning on the clinic's cells alone; what the old lab loses is not "
                 "measured")
         keras_model = keras.models.load_model(base.keras_path)
+        # The Keras model's own head decides the training labels; the card's head describes the TFLite files, which
+        # edge-quantize wraps into two scores for phones.
+        head = "softmax2" if keras_model.output_shape[-1] == 2 else "logit"
         training = fine_tune(keras_model, clinic.pixels[keep], clinic.labels[keep], replay_xy, recipe, head, log)
 
         keras_path = tmp / f"{name}.keras"
