@@ -10,7 +10,7 @@ import time
 import pytest
 
 from malaria_edge.edge_runtime.bundle import sha256_file
-from tests.conftest import BIN, cli
+from conftest import BIN, cli
 
 pytestmark = pytest.mark.train
 

@@ -7,7 +7,7 @@ import zipfile
 
 import pytest
 
-from tests.conftest import REPO, cli
+from conftest import REPO, cli
 
 spec = importlib.util.spec_from_file_location("pi_check_report", REPO / "scripts" / "pi_check_report.py")
 pi_check_report = importlib.util.module_from_spec(spec)

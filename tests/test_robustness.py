@@ -19,7 +19,7 @@ from PIL import Image
 from malaria_edge.edge_runtime.images import IMAGE_MEMORY_BOUND, ImageError, check_cell_plausible
 from malaria_edge.edge_runtime.labels import patient_id
 from malaria_edge.edge_runtime.results_io import OutputLock, expand_inputs
-from tests.conftest import BIN, SAMPLES, cli
+from conftest import BIN, SAMPLES, cli
 
 N_SAMPLES = len(list(SAMPLES.rglob("*.webp")))
 ONE_CELL = sorted((SAMPLES / "Parasitized").glob("*.webp"))[0]
