@@ -162,4 +162,7 @@ def test_mediapipe_agrees_with_edge_classify_on_the_bundled_model(bundled_phone_
     # The target is 99.5% here too; measured 99.26% on 541 cells with the shipped model: MediaPipe's
     # bilinear resize does not average the pixels it skips and does not cut the central cell, ours does (README,
     # "Use it on a phone": pre-resize with an area filter). This floor catches a regression, not the target.
-    assert own["agreement"] >= 0.985, text
+    if len(paths) >= 500:
+        assert own["agreement"] >= 0.985, text
+    else:  # the 41 samples alone: one differing call is 2.4 points, so bound the scores instead
+        assert own["mean_abs_prob_diff"] <= 0.03 and own["max_abs_prob_diff"] <= 0.3, text

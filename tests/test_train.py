@@ -36,7 +36,10 @@ def test_ctrl_c_keeps_the_best_checkpoint_and_resume_finishes(sample_manifest, t
     out = tmp_path / "run"
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     proc = subprocess.Popen([str(BIN / "edge-train"), "--manifest", str(sample_manifest), "--out", str(out),
-                             "--preset", "tiny", "--epochs", "400"], stderr=subprocess.PIPE, text=True, env=env)
+                             "--preset", "tiny", "--epochs", "400"], stderr=subprocess.PIPE, text=True, env=env,
+                            # a shell without job control starts background jobs with SIGINT ignored; a user's
+                            # Ctrl-C reaches a foreground process, so the child gets the default handler back
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     for line in proc.stderr:
         if line.startswith("epoch 2/"):
