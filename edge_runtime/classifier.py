@@ -105,6 +105,7 @@ class Classifier:
         return cell_scores(pixels, spec.statistics) if spec else None
 
     def is_unfamiliar(self, score: Optional[float]) -> bool:
+        """True when a cell's score is above the card's threshold: the one place that comparison is made."""
         spec = self.bundle.card.unfamiliar
         return bool(spec and score is not None and score > spec.threshold)
 

@@ -459,8 +459,8 @@ def build_summary(classifier: Classifier, reference: Optional[Classifier], rows:
             summary["patient_level"] = patient_level_metrics(groups)
     limits = classifier.unfamiliar_limits
     if limits and rows:
-        scored = [r["unfamiliar"] for r in rows if r.get("unfamiliar") not in (None, "")]
-        flagged = sum(float(v) > limits[0] for v in scored)
+        scored = [float(r["unfamiliar"]) for r in rows if r.get("unfamiliar") not in (None, "")]
+        flagged = sum(classifier.is_unfamiliar(v) for v in scored)
         summary["unfamiliar_cells"] = flagged
         summary["unfamiliar_fraction"] = flagged / len(scored) if scored else None
         if scored and flagged / len(scored) > limits[1]:

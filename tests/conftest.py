@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,23 @@ def cli(name: str, *args, check: bool = False, timeout: int = 600, **kwargs) -> 
     if check and done.returncode != 0:
         raise AssertionError(f"{name} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
     return done
+
+
+def interrupt_when(name: str, *args, line_starts: str, timeout: int = 300) -> tuple:
+    """Start a console script, send Ctrl-C (SIGINT) once it prints a stderr line starting with ``line_starts``, and
+    return (exit status, the rest of its stderr). A shell without job control starts background jobs with SIGINT
+    ignored; a user's Ctrl-C reaches a foreground process, so the child gets the default handler back."""
+    proc = subprocess.Popen([str(BIN / name)] + [str(a) for a in args], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + timeout
+    for line in proc.stderr:
+        if line.startswith(line_starts):
+            break
+        assert time.time() < deadline, f"{name} never printed a line starting {line_starts!r}"
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stderr.read()
+    return proc.wait(timeout=timeout), rest
 
 
 _MODULES = {"edge-classify": "malaria_edge.edge_runtime.cli", "edge-bench": "malaria_edge.benchmarks.cli"}

@@ -3,14 +3,12 @@ adaptation, refusals in one line, and no half-written bundle after Ctrl-C."""
 import json
 import os
 import shutil
-import signal
 import subprocess
-import time
 
 import pytest
 
 from malaria_edge.edge_runtime.bundle import sha256_file
-from conftest import BIN, cli
+from conftest import cli, interrupt_when
 
 pytestmark = pytest.mark.train
 
@@ -122,19 +120,9 @@ def test_ctrl_c_leaves_no_half_written_bundle(tiny_bundle, samples, sample_manif
         for i, f in enumerate(sorted((samples / label).iterdir()) * 2):
             shutil.copy(f, cells / label / f"{i}_{f.name}")
     out = tmp_path / "out"
-    proc = subprocess.Popen([str(BIN / "edge-adapt"), "--cells", str(cells), "--out", str(out), "--model",
-                             str(tiny_bundle.parent), "--epochs", "400"], stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
-                            # a shell without job control starts background jobs with SIGINT ignored; Ctrl-C is on
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.time() + 300
-    for line in proc.stderr:
-        if line.startswith("epoch 1/"):
-            break
-        assert time.time() < deadline, "fine-tuning never reached epoch 1"
-    proc.send_signal(signal.SIGINT)
-    rest = proc.stderr.read()
-    assert proc.wait(timeout=120) == 130, rest
+    status, rest = interrupt_when("edge-adapt", "--cells", cells, "--out", out, "--model", tiny_bundle.parent,
+                                  "--epochs", 400, line_starts="epoch 1/")
+    assert status == 130, rest
     assert "nothing was written" in rest and "Traceback" not in rest
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cells"]
 

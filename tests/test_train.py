@@ -1,15 +1,13 @@
 """edge-train end to end on real cells: outputs, report contents, Ctrl-C + --resume, mirrored strategy."""
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 
-from conftest import BIN, REPO
+from conftest import BIN, REPO, interrupt_when
 
 pytestmark = pytest.mark.train
 
@@ -34,20 +32,10 @@ def test_training_writes_model_history_plot_and_report(tiny_run):
 
 def test_ctrl_c_keeps_the_best_checkpoint_and_resume_finishes(sample_manifest, tmp_path):
     out = tmp_path / "run"
+    status, rest = interrupt_when("edge-train", "--manifest", sample_manifest, "--out", out, "--preset", "tiny",
+                                  "--epochs", 400, line_starts="epoch 2/")
+    assert status == 130, rest
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    proc = subprocess.Popen([str(BIN / "edge-train"), "--manifest", str(sample_manifest), "--out", str(out),
-                             "--preset", "tiny", "--epochs", "400"], stderr=subprocess.PIPE, text=True, env=env,
-                            # a shell without job control starts background jobs with SIGINT ignored; a user's
-                            # Ctrl-C reaches a foreground process, so the child gets the default handler back
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.time() + 300
-    for line in proc.stderr:
-        if line.startswith("epoch 2/"):
-            break
-        assert time.time() < deadline, "training never reached epoch 2"
-    proc.send_signal(signal.SIGINT)
-    rest = proc.stderr.read()
-    assert proc.wait(timeout=300) == 130, rest
     assert "--resume" in rest and (out / "model.keras").is_file()
     done_before = json.loads((out / "train_state.json").read_text())["epoch"]
     assert 2 <= done_before < 400

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
+from malaria_edge.edge_runtime.bundle import sha256_file
 from malaria_edge.edge_runtime.images import ImageError, is_image_path, open_image
 from malaria_edge.edge_runtime.labels import CLASSES, PARASITIZED, patient_id
 
@@ -229,14 +230,6 @@ def format_counts(counts: Dict[str, Dict], unit: str = "patients") -> str:
     return "\n".join(lines)
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def check_zip_sizes(archive: zipfile.ZipFile, name: Path, max_member_bytes: int = ZIP_MAX_MEMBER_BYTES,
                     max_total_bytes: int = ZIP_MAX_TOTAL_BYTES, max_ratio: float = ZIP_MAX_RATIO) -> None:
     """Refuse a zip that would fill the disk before anything is written: members larger than a cell image can be,
@@ -264,7 +257,7 @@ def extract_zip(zip_path: Path, dest: Path, max_member_bytes: int = ZIP_MAX_MEMB
     same zip is not unpacked again and another zip (even of the same size) replaces the old cells entirely. A
     folder at ``dest`` that edge-prepare did not extract is never touched."""
     marker = dest / ".extracted"
-    digest = _sha256_file(zip_path)
+    digest = sha256_file(zip_path)
     if marker.exists() and marker.read_text().strip() == digest:
         return dest
     if dest.exists() and any(dest.iterdir()) and not marker.exists():
