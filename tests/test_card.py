@@ -1,5 +1,6 @@
 """The model card is a checked schema: a wrong card is refused with one line naming the field, before any image is
 read; a card without a patient rule gives no patient calls. Device layer: the bundled model, no TensorFlow."""
+import csv
 import json
 
 import pytest
@@ -88,3 +89,23 @@ def test_parse_card_names_a_missing_field():
     with pytest.raises(CardError, match="threshold"):
         parse_card({"schema": CARD_SCHEMA, "labels": ["parasitized", "uninfected"], "head": "logit",
                     "input": {"size": 48}, "files": {"m.tflite": {"sha256": "0" * 64}}})
+
+
+def test_cells_unlike_the_training_data_are_flagged_and_the_group_gets_no_call(bundled_model, samples, tmp_path):
+    """The shipped card's unfamiliar score: the real samples pass quietly; the same cells with their colour
+    channels rotated (a stain no lab uses) raise the warning, and their slide's call is indeterminate."""
+    from PIL import Image
+    slide = tmp_path / "odd_stain"
+    slide.mkdir()
+    for path in sorted(samples.rglob("*.webp")):
+        red, green, blue = Image.open(path).convert("RGB").split()
+        Image.merge("RGB", (green, blue, red)).save(slide / f"{path.stem}.png")
+    familiar = cli("edge-classify", samples, "--model", bundled_model, "--group-by", "folder")
+    assert familiar.returncode == 0 and "WARNING" not in familiar.stderr, familiar.stderr
+    odd = cli("edge-classify", slide, "--model", bundled_model, "--group-by", "folder", "-o", tmp_path / "rows.csv")
+    assert odd.returncode == 0, odd.stderr
+    assert "look unlike anything this model was trained on" in odd.stderr
+    group_line = next(line for line in odd.stderr.splitlines() if line.startswith(str(slide)[-28:]))
+    assert "indeterminate" in group_line and "unfamiliar images" in group_line
+    with open(tmp_path / "rows.csv", newline="") as fh:
+        assert all(row["unfamiliar"] for row in csv.DictReader(fh))
