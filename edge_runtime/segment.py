@@ -3,8 +3,9 @@
 One small function per picture step, each taking and returning plain arrays, with every size derived from the cell
 diameter measured on the field itself (never a fixed pixel count, since magnification differs between labs):
 
-    stain density -> foreground -> clean -> fill holes -> estimate diameter -> distance -> markers -> split
-    -> split clumps -> regions -> filter (size, shape, colour, border) -> cut
+    stain density -> foreground (local threshold) -> clean -> fill holes -> estimate diameter (checked by circles)
+    -> distance -> seeds (circles + distance peaks) -> split -> split clumps -> regions -> filter (size, shape,
+    colour, border) -> give overlapping cells back their shared part -> cut
 
 The NIH training crops are single cells masked on black in a tight box; :func:`cut_cell` makes the same picture
 from a field, and :func:`central_cell` finds the one cell of a crop made by another tool, so the model sees one kind
@@ -48,6 +49,21 @@ CLUMP_AREA = 1.9
 # thick to read): it stays whole and the size filter drops it.
 CLUMP_MAX_CELLS = 6
 NUCLEUS_DENSITY_RATIO = 2.0
+
+# The local stain threshold is measured in tiles about this many (working-scale) cells across.
+LOCAL_TILE_CELLS = 5
+
+# A cell whose outline comes within this fraction of a diameter of the image edge may be cut there (its pale rim
+# lost in the edge): it is not counted as a whole cell.
+BORDER_MARGIN = 0.05
+
+# Circles sought by the Hough transform: radii from this fraction of the field's diameter to the next, and how
+# round an edge must be to count (HOUGH_GRADIENT_ALT's 0-1 "perfectness").
+CIRCLE_RADII = (0.35, 0.65)
+CIRCLE_PERFECTNESS = 0.45
+
+# The lone blobs' diameter is trusted while it is within this factor of the circles' (see field_diameter).
+DIAMETER_AGREEMENT = 1.33
 
 
 class SegmentationUnavailable(RuntimeError):
@@ -104,13 +120,38 @@ def stain_density(rgb: np.ndarray) -> np.ndarray:
     return density.astype(np.float32)
 
 
+def _otsu_level(density: np.ndarray) -> float:
+    """Otsu's threshold of a stain-density array, in density units."""
+    scaled = np.clip(density * 255.0, 0, 255).astype(np.uint8).reshape(-1, 1)
+    level, _ = cv2.threshold(scaled, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    return level / 255.0
+
+
+def threshold_map(density: np.ndarray) -> np.ndarray:
+    """The stain level that separates cells from glass at every pixel: Otsu's threshold of the whole field, lowered
+    (never raised) where a tile of about LOCAL_TILE_CELLS cells across, holding both glass and cells, has its own
+    lower Otsu level; smooth between tile centres. A thinner or less focused part of the smear has paler cells, and
+    one threshold for the whole field loses them (they come out as rims and fragments); never below MIN_DENSITY."""
+    whole = max(_otsu_level(density), MIN_DENSITY)
+    h, w = density.shape
+    tile = LOCAL_TILE_CELLS * WORK_DIAMETER
+    rows, cols = max(1, int(round(h / tile))), max(1, int(round(w / tile)))
+    grid = np.full((rows, cols), whole, np.float32)
+    for i in range(rows):
+        for j in range(cols):
+            part = density[i * h // rows:(i + 1) * h // rows, j * w // cols:(j + 1) * w // cols]
+            stained = float(np.mean(part > 2 * MIN_DENSITY))
+            if 0.1 < stained < 0.95:
+                grid[i, j] = min(whole, _otsu_level(part))
+    if rows == 1 and cols == 1:
+        return np.full((h, w), max(float(grid[0, 0]), MIN_DENSITY), np.float32)
+    return np.maximum(cv2.resize(grid, (w, h), interpolation=cv2.INTER_LINEAR), MIN_DENSITY)
+
+
 def foreground_mask(density: np.ndarray, rgb: np.ndarray) -> np.ndarray:
-    """Cells vs glass: Otsu's threshold on the stain density (not below MIN_DENSITY); black pixels (mask, vignette,
-    scale bar) are never foreground."""
-    scaled = np.clip(density * (255.0 / 1.0), 0, 255).astype(np.uint8)
-    otsu, _ = cv2.threshold(scaled, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    level = max(otsu / 255.0, MIN_DENSITY)
-    mask = density > level
+    """Cells vs glass: stain density above the local threshold (:func:`threshold_map`); black pixels (mask,
+    vignette, scale bar) are never foreground."""
+    mask = density > threshold_map(density)
     mask &= rgb.max(axis=2) > BLACK_LEVEL
     return mask
 
@@ -183,6 +224,46 @@ def markers(distance: np.ndarray, diameter: float) -> Tuple[np.ndarray, int]:
     return labels.astype(np.int32), count - 1
 
 
+def circles(density: np.ndarray, min_radius: float, max_radius: float, min_distance: float) -> np.ndarray:
+    """Round edges in the stain density (Hough transform, OpenCV's HOUGH_GRADIENT_ALT): an array of (x, y, radius)
+    rows, empty when none. A red cell's rim is a circle even where it overlaps a neighbour, so circles find cells
+    that the distance map cannot tell apart."""
+    picture = np.clip(density * 400.0, 0, 255).astype(np.uint8)
+    picture = cv2.GaussianBlur(picture, (0, 0), max(1.0, min_radius / 9.0))
+    found = cv2.HoughCircles(picture, cv2.HOUGH_GRADIENT_ALT, dp=1.5, minDist=max(1.0, min_distance), param1=60,
+                             param2=CIRCLE_PERFECTNESS, minRadius=max(1, int(min_radius)),
+                             maxRadius=int(math.ceil(max_radius)))
+    return np.zeros((0, 3), np.float32) if found is None else found[0]
+
+
+def cell_seeds(distance: np.ndarray, density: np.ndarray, mask: np.ndarray,
+               diameter: float) -> Tuple[np.ndarray, np.ndarray]:
+    """One seed per cell: a small disk at the centre of every circle found on the cell mask (:func:`circles`),
+    plus each distance-map peak (:func:`markers`) that no circle centre lies near (a cell too irregular or too
+    faint for a clean circle). Returns int32 seed labels (0 where no seed) and the circles used, (x, y, radius)
+    rows."""
+    seeds = np.zeros(mask.shape, np.int32)
+    h, w = mask.shape
+    count = 0
+    used = []
+    for x, y, r in circles(density, CIRCLE_RADII[0] * diameter, CIRCLE_RADII[1] * diameter, 0.45 * diameter):
+        ix, iy = int(round(x)), int(round(y))
+        if 0 <= ix < w and 0 <= iy < h and mask[iy, ix]:
+            count += 1
+            used.append((x, y, r))
+            cv2.circle(seeds, (ix, iy), max(1, int(round(diameter * 0.1))), count, -1)
+    peaks, peak_count = markers(distance, diameter)
+    near_circle = cv2.dilate((seeds > 0).astype(np.uint8), disk(diameter * 0.4)) > 0
+    covered = np.zeros(peak_count + 1, bool)
+    covered[np.unique(peaks[near_circle & (peaks > 0)])] = True
+    lone = (peaks > 0) & ~covered[peaks]
+    if np.any(lone):
+        _, lone_ids = np.unique(peaks[lone], return_inverse=True)
+        seeds[lone] = count + 1 + lone_ids.ravel()
+    seeds[~mask] = 0
+    return seeds, np.array(used, np.float32).reshape(-1, 3)
+
+
 def split_touching(mask: np.ndarray, seeds: np.ndarray) -> np.ndarray:
     """Split touching cells: within each blob, every pixel goes to its nearest seed (a watershed on the distance
     to the seeds, which for overlapping round cells cuts along the line between their centres). Blobs with one
@@ -191,7 +272,6 @@ def split_touching(mask: np.ndarray, seeds: np.ndarray) -> np.ndarray:
     count, blobs, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
     labels = np.zeros(mask.shape, np.int32)
     seed_blob = blobs[seeds > 0]
-    seed_ids = seeds[seeds > 0]
     seeds_per_blob = np.bincount(seed_blob, minlength=count)
     next_label = 1
     for b in range(1, count):
@@ -285,14 +365,17 @@ def keep_cell(blob: _Blob, labels: np.ndarray, nucleus: np.ndarray, diameter: fl
               drop_border: bool) -> bool:
     """Is this blob a whole red cell? Size between a third and 2.2 cell areas (platelets, debris and merged clumps
     go); reasonably round and solid; not a white cell (a nucleus bigger than a large parasite); not cut by the
-    image border (half a cell seen is not a cell to classify or count)."""
+    image border, nor within BORDER_MARGIN of a diameter of it (half a cell seen is not a cell to classify or
+    count)."""
     cell_area = math.pi * diameter * diameter / 4.0
     if not 0.3 * cell_area <= blob.area <= 2.2 * cell_area:
         return False
     if max(blob.w, blob.h) > 2.2 * diameter or min(blob.w, blob.h) < 0.4 * diameter:
         return False
     h, w = labels.shape
-    if drop_border and (blob.x <= 0 or blob.y <= 0 or blob.x + blob.w >= w or blob.y + blob.h >= h):
+    margin = int(round(BORDER_MARGIN * diameter))
+    if drop_border and (blob.x <= margin or blob.y <= margin or blob.x + blob.w >= w - margin
+                        or blob.y + blob.h >= h - margin):
         return False
     window = labels[blob.y:blob.y + blob.h, blob.x:blob.x + blob.w] == blob.label
     if blob.area / float(blob.w * blob.h) < 0.45:
@@ -338,7 +421,11 @@ def _write_debug(debug_dir, name: str, picture: np.ndarray) -> None:
 
 
 def field_diameter(rgb: np.ndarray) -> Optional[float]:
-    """The red-cell diameter of a field in its own pixels, from a quick pass on a copy at most 640 px wide."""
+    """The red-cell diameter of a field in its own pixels, from a quick pass on a copy at most 640 px wide: the
+    lone round blobs' median (:func:`estimate_diameter`), checked against the median circle the Hough transform
+    finds there. Where cells touch in one network across a dense smear, the few lone blobs left are specks and
+    fragments and their median is a fraction of a cell; the circles of the cells' rims are not fooled, so when the
+    two disagree by more than DIAMETER_AGREEMENT the circles' median is used."""
     _require_cv2()
     scale = work_scale(rgb)
     small = _resize(rgb, scale)
@@ -346,12 +433,21 @@ def field_diameter(rgb: np.ndarray) -> Optional[float]:
     mask = foreground_mask(density, small)
     mask = clean(mask, 1.5)
     mask = fill_holes(mask, max_area=0.02 * mask.size)
-    d = estimate_diameter(mask)
-    return None if d is None else d / scale
+    blobs = estimate_diameter(mask)
+    blobs = None if blobs is None else blobs / scale
+    # The circles are sought on a smaller copy still (cells ~20 px across): a third of the time, the same answer.
+    rim_scale = min(1.0, 400.0 / max(rgb.shape[:2]))
+    rim_copy = _resize(rgb, rim_scale)
+    found = circles(stain_density(rim_copy), 3, max(rim_copy.shape[:2]) / 8.0, 4)
+    rims = 2.0 * float(np.median(found[:, 2])) / rim_scale if len(found) >= 3 else None
+    if rims is not None and (blobs is None or not 1.0 / DIAMETER_AGREEMENT <= blobs / rims <= DIAMETER_AGREEMENT):
+        return rims
+    return blobs
 
 
-def label_cells(rgb: np.ndarray, diameter: float, debug_dir=None) -> np.ndarray:
-    """The watershed labels of ``rgb`` (already at working scale) for cells of ``diameter`` pixels."""
+def label_cells(rgb: np.ndarray, diameter: float, debug_dir=None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The watershed labels of ``rgb`` (already at working scale) for cells of ``diameter`` pixels, the stain
+    density, and the circles that seeded cells."""
     density = stain_density(rgb)
     mask = foreground_mask(density, rgb)
     _write_debug(debug_dir, "1_foreground", mask)
@@ -361,7 +457,7 @@ def label_cells(rgb: np.ndarray, diameter: float, debug_dir=None) -> np.ndarray:
     _write_debug(debug_dir, "3_filled", mask)
     distance = distance_map(mask)
     _write_debug(debug_dir, "4_distance", distance)
-    seeds, _ = markers(distance, diameter)
+    seeds, rims = cell_seeds(distance, density, mask, diameter)
     _write_debug(debug_dir, "5_markers", seeds > 0)
     labels = split_touching(mask, seeds)
     if debug_dir is not None:
@@ -369,7 +465,7 @@ def label_cells(rgb: np.ndarray, diameter: float, debug_dir=None) -> np.ndarray:
         palette = rng.integers(60, 255, size=(int(labels.max()) + 1, 3), dtype=np.uint8)
         palette[0] = 0
         _write_debug(debug_dir, "6_split", palette[labels])
-    return labels, density
+    return labels, density, rims
 
 
 def segment_field(rgb: np.ndarray, diameter: Optional[float] = None, drop_border: bool = True,
@@ -386,30 +482,64 @@ def segment_field(rgb: np.ndarray, diameter: Optional[float] = None, drop_border
     scale = work_scale(rgb, diameter)
     small = _resize(rgb, scale)
     d_small = diameter * scale
-    labels, density = label_cells(small, d_small, debug_dir)
+    labels, density, rims = label_cells(small, d_small, debug_dir)
     labels = split_clumps(labels, d_small)
     nucleus = nucleus_mask(density, labels > 0)
+    rim_of = circle_of_region(labels, rims)
     full_h, full_w = rgb.shape[:2]
     cells = []
     for blob in regions_of(labels):
         if not keep_cell(blob, labels, nucleus, d_small, drop_border):
             continue
-        cells.append(_to_full_scale(blob, labels, scale, full_w, full_h))
+        x0, y0, window = overlap_completed(blob, labels, rim_of.get(blob.label))
+        cells.append(_to_full_scale(x0, y0, window, scale, full_w, full_h))
     cells.sort(key=lambda c: (c.box[1] // max(1, int(diameter)), c.box[0]))
     if debug_dir is not None:
         _write_debug(debug_dir, "7_cells", draw_outlines(rgb, cells))
     return cells
 
 
-def _to_full_scale(blob: _Blob, labels: np.ndarray, scale: float, full_w: int, full_h: int) -> CellRegion:
-    """Map a working-scale blob to the image's pixels: the box scaled, the mask resized smoothly and re-thresholded
-    so its edge is not blocky."""
-    window = (labels[blob.y:blob.y + blob.h, blob.x:blob.x + blob.w] == blob.label).astype(np.float32)
-    x0 = int(math.floor(blob.x / scale))
-    y0 = int(math.floor(blob.y / scale))
-    x1 = min(full_w, int(math.ceil((blob.x + blob.w) / scale)))
-    y1 = min(full_h, int(math.ceil((blob.y + blob.h) / scale)))
-    w, h = max(1, x1 - x0), max(1, y1 - y0)
+def circle_of_region(labels: np.ndarray, rims: np.ndarray) -> dict:
+    """{region label: (x, y, radius)} for each region holding a seeding circle's centre (the first one)."""
+    h, w = labels.shape
+    out = {}
+    for x, y, r in rims:
+        ix, iy = int(round(x)), int(round(y))
+        if 0 <= ix < w and 0 <= iy < h and labels[iy, ix] > 0:
+            out.setdefault(int(labels[iy, ix]), (float(x), float(y), float(r)))
+    return out
+
+
+def overlap_completed(blob: _Blob, labels: np.ndarray, rim) -> Tuple[int, int, np.ndarray]:
+    """A region's mask window (x, y, bool array) at working scale. Where the cell overlaps a neighbour, the split
+    gave the shared part to one of them; a cell seeded by a circle gets back the neighbours' pixels inside its
+    circle, so each of two overlapping cells is cut whole, as a microscopist outlines it (overlapping masks)."""
+    own = labels[blob.y:blob.y + blob.h, blob.x:blob.x + blob.w] == blob.label
+    if rim is None:
+        return blob.x, blob.y, own
+    x, y, r = rim
+    h, w = labels.shape
+    x0, y0 = max(0, min(blob.x, int(math.floor(x - r)))), max(0, min(blob.y, int(math.floor(y - r))))
+    x1 = min(w, max(blob.x + blob.w, int(math.ceil(x + r)) + 1))
+    y1 = min(h, max(blob.y + blob.h, int(math.ceil(y + r)) + 1))
+    window = labels[y0:y1, x0:x1]
+    mine = window == blob.label
+    inside = np.zeros(window.shape, np.uint8)
+    cv2.circle(inside, (int(round(x - x0)), int(round(y - y0))), int(round(r)), 1, -1)
+    full = mine | ((window > 0) & inside.astype(bool))
+    return x0, y0, full
+
+
+def _to_full_scale(x0: int, y0: int, window: np.ndarray, scale: float, full_w: int, full_h: int) -> CellRegion:
+    """Map a working-scale mask window at (x0, y0) to the image's pixels: the box scaled, the mask resized smoothly
+    and re-thresholded so its edge is not blocky, then the box tightened to the mask."""
+    bh0, bw0 = window.shape
+    window = window.astype(np.float32)
+    fx0 = int(math.floor(x0 / scale))
+    fy0 = int(math.floor(y0 / scale))
+    fx1 = min(full_w, int(math.ceil((x0 + bw0) / scale)))
+    fy1 = min(full_h, int(math.ceil((y0 + bh0) / scale)))
+    w, h = max(1, fx1 - fx0), max(1, fy1 - fy0)
     if scale < 1.0:
         mask = cv2.resize(window, (w, h), interpolation=cv2.INTER_LINEAR) >= 0.5
     else:
@@ -418,10 +548,9 @@ def _to_full_scale(blob: _Blob, labels: np.ndarray, scale: float, full_w: int, f
     if len(xs) == 0:
         mask = np.ones((h, w), bool)
         ys, xs = np.nonzero(mask)
-    # Tighten the box to the mask.
     mx0, mx1, my0, my1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
     mask = mask[my0:my1, mx0:mx1]
-    bx, by = x0 + int(mx0), y0 + int(my0)
+    bx, by = fx0 + int(mx0), fy0 + int(my0)
     area = int(mask.sum())
     cy, cx = (float(v.mean()) for v in np.nonzero(mask))
     touches = bx <= 0 or by <= 0 or bx + mask.shape[1] >= full_w or by + mask.shape[0] >= full_h
