@@ -18,6 +18,7 @@ from .bundle import ModelBundle, ModelError
 from .classifier import Classifier, group_key
 from .fields import INPUT_KINDS, field_or_cell
 from .images import ImageError
+from .patients import FIELD_RULE_REASON
 from .segment import SegmentationUnavailable, cut_cell
 from .labels import CLASSES, PARASITIZED, REVIEW, patient_id
 from .metrics import binary_metrics, pct
@@ -167,6 +168,8 @@ def format_summary(summary: Dict) -> str:
                          + (f"  ({g['reason']})" if g["call"] == "indeterminate" else ""))
         if summary.get("patient_rule") is None:
             lines.append("  no calls: the model card has no patient rule (re-quantize with edge-quantize to get one)")
+        elif any(g["reason"] == FIELD_RULE_REASON for g in groups.values()):
+            lines.append(f"  no call for whole-field groups: {FIELD_RULE_REASON}")
         if summary.get("patient_level"):
             pl = summary["patient_level"]
             lines.append(f"  {pl['text']} (sensitivity {pct(pl['sensitivity'])}, specificity "

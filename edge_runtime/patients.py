@@ -15,12 +15,17 @@ from .metrics import wilson_interval
 
 POSITIVE, NEGATIVE, INDETERMINATE, NO_CALL = "positive", "negative", "indeterminate", "no call"
 NO_RULE_REASON = "the model card has no patient rule"
+FIELD_RULE_REASON = ("cells cut from whole fields: the card's patient rule was chosen on curated single-cell crops, "
+                     "where infected patients show many parasitized cells; a field slide's parasitemia is often "
+                     "0.1-2%, below that rule and near the false-positive rate: read the parasitized fraction and "
+                     "its interval, and have a microscopist check the parasitized cells")
 
 DEFAULT_RULE = {"min_cells": 20, "min_parasitized": 3, "min_fraction": 0.1, "max_review_fraction": 0.5}
 
 
 def call_group(cells: int, parasitized: int, review: int, rule: Optional[Mapping], failed: int = 0,
-               unfamiliar: int = 0, warn_fraction: Optional[float] = None) -> Dict:
+               unfamiliar: int = 0, warn_fraction: Optional[float] = None,
+               no_rule_reason: str = NO_RULE_REASON) -> Dict:
     """Summarise one slide or patient: counts, parasitized fraction (of confidently classified cells) with its
     95% Wilson interval, and the call with its reason. Without a rule there is no call (never a default rule).
     When more than ``warn_fraction`` of the cells look unlike the training data (``unfamiliar``), the call is
@@ -29,7 +34,7 @@ def call_group(cells: int, parasitized: int, review: int, rule: Optional[Mapping
     fraction = parasitized / classified if classified else None
     low, high = wilson_interval(parasitized, classified)
     if rule is None:
-        call, reason = NO_CALL, NO_RULE_REASON
+        call, reason = NO_CALL, no_rule_reason
     elif cells == 0:
         call, reason = INDETERMINATE, "no readable cell images" + (f" ({failed} failed)" if failed else "")
     elif warn_fraction is not None and cells and unfamiliar / cells > warn_fraction:
@@ -64,15 +69,19 @@ def summarize_groups(rows: Iterable[Mapping], rule: Optional[Mapping], key: str 
                      unfamiliar: Optional[Tuple[float, float]] = None) -> Dict[str, Dict]:
     """Group result rows (each with ``prediction`` and ``key``; failed rows carry ``error``) into per-group calls.
     When rows carry a ``true_label``, each group also gets its true status (infected if any cell is parasitized).
-    ``unfamiliar``: (score threshold, warn fraction) from the card; rows carry their ``unfamiliar`` score."""
+    ``unfamiliar``: (score threshold, warn fraction) from the card; rows carry their ``unfamiliar`` score.
+    A group holding cells cut from whole fields (rows with a ``cell`` index) gets no call: the card's rule was
+    chosen on single-cell crops and does not transfer to a field slide's parasitemia (FIELD_RULE_REASON)."""
     groups: Dict[str, Dict] = {}
     for row in rows:
         g = groups.setdefault(str(row.get(key)), {"cells": 0, "parasitized": 0, "review": 0, "failed": 0,
-                                                   "labelled_parasitized": 0, "labelled": 0, "unfamiliar": 0})
+                                                   "labelled_parasitized": 0, "labelled": 0, "unfamiliar": 0,
+                                                   "field_cells": 0})
         if row.get("error"):
             g["failed"] += 1
             continue
         g["cells"] += 1
+        g["field_cells"] += row.get("cell") not in (None, "")
         g["parasitized"] += row["prediction"] == PARASITIZED
         g["review"] += row["prediction"] == REVIEW
         score = row.get("unfamiliar")
@@ -83,8 +92,10 @@ def summarize_groups(rows: Iterable[Mapping], rule: Optional[Mapping], key: str 
             g["labelled_parasitized"] += row["true_label"] == PARASITIZED
     out = {}
     for name, g in sorted(groups.items(), key=lambda kv: (len(kv[0]), kv[0])):
-        summary = call_group(g["cells"], g["parasitized"], g["review"], rule, g["failed"], g["unfamiliar"],
-                             unfamiliar[1] if unfamiliar else None)
+        from_fields = g["field_cells"] > 0
+        summary = call_group(g["cells"], g["parasitized"], g["review"], None if from_fields else rule, g["failed"],
+                             g["unfamiliar"], unfamiliar[1] if unfamiliar else None,
+                             FIELD_RULE_REASON if from_fields else NO_RULE_REASON)
         if g["labelled"]:
             summary["true_status"] = "infected" if g["labelled_parasitized"] else "healthy"
         out[name] = summary

@@ -6,8 +6,8 @@ import shutil
 import pytest
 
 from malaria_edge.edge_runtime import Classifier
-from malaria_edge.edge_runtime.patients import (DEFAULT_RULE, call_group, choose_rule, evaluate_rule, patient_level_metrics,
-                                   summarize_groups)
+from malaria_edge.edge_runtime.patients import (DEFAULT_RULE, FIELD_RULE_REASON, NO_CALL, call_group, choose_rule,
+                                               evaluate_rule, patient_level_metrics, summarize_groups)
 from conftest import cli
 
 RULE = {"min_cells": 20, "min_parasitized": 3, "min_fraction": 0.1, "max_review_fraction": 0.5}
@@ -21,6 +21,18 @@ def test_calls_follow_the_rule():
     assert g["call"] == "indeterminate" and "review" in g["reason"]
     g = call_group(0, 0, 0, RULE, failed=4)
     assert g["call"] == "indeterminate" and "4 failed" in g["reason"] and g["fraction_ci95"] is None
+
+
+def test_field_slides_get_no_call_from_a_rule_chosen_on_crops():
+    """A vivax slide at 1.2% parasitemia (the IML fields' level) is far below the crops' rule: no call, not a
+    false negative; the same counts from single-cell crops keep their call."""
+    field_rows = [{"group": "slide", "cell": i, "prediction": "parasitized" if i < 3 else "uninfected"}
+                  for i in range(250)]
+    crop_rows = [{**r, "group": "crops", "cell": ""} for r in field_rows]
+    groups = summarize_groups(field_rows + crop_rows, RULE)
+    assert groups["slide"]["call"] == NO_CALL and groups["slide"]["reason"] == FIELD_RULE_REASON
+    assert groups["slide"]["parasitized_fraction"] == pytest.approx(0.012)
+    assert groups["crops"]["call"] == "negative"
 
 
 def test_fraction_interval_is_wilson():
