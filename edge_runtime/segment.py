@@ -62,6 +62,10 @@ BORDER_MARGIN = 0.05
 CIRCLE_RADII = (0.35, 0.65)
 CIRCLE_PERFECTNESS = 0.45
 
+# Circles that measure a field's cell size must be rounder than seeds need to be: looser ones in a dense smear
+# include arcs of two neighbouring cells, and their median runs a fifth too large.
+SIZE_CIRCLE_PERFECTNESS = 0.6
+
 # The lone blobs' diameter is trusted while it is within this factor of the circles' (see field_diameter).
 DIAMETER_AGREEMENT = 1.33
 
@@ -224,14 +228,15 @@ def markers(distance: np.ndarray, diameter: float) -> Tuple[np.ndarray, int]:
     return labels.astype(np.int32), count - 1
 
 
-def circles(density: np.ndarray, min_radius: float, max_radius: float, min_distance: float) -> np.ndarray:
+def circles(density: np.ndarray, min_radius: float, max_radius: float, min_distance: float,
+            perfectness: float = CIRCLE_PERFECTNESS) -> np.ndarray:
     """Round edges in the stain density (Hough transform, OpenCV's HOUGH_GRADIENT_ALT): an array of (x, y, radius)
     rows, empty when none. A red cell's rim is a circle even where it overlaps a neighbour, so circles find cells
     that the distance map cannot tell apart."""
     picture = np.clip(density * 400.0, 0, 255).astype(np.uint8)
     picture = cv2.GaussianBlur(picture, (0, 0), max(1.0, min_radius / 9.0))
     found = cv2.HoughCircles(picture, cv2.HOUGH_GRADIENT_ALT, dp=1.5, minDist=max(1.0, min_distance), param1=60,
-                             param2=CIRCLE_PERFECTNESS, minRadius=max(1, int(min_radius)),
+                             param2=perfectness, minRadius=max(1, int(min_radius)),
                              maxRadius=int(math.ceil(max_radius)))
     return np.zeros((0, 3), np.float32) if found is None else found[0]
 
@@ -438,7 +443,7 @@ def field_diameter(rgb: np.ndarray) -> Optional[float]:
     # The circles are sought on a smaller copy still (cells ~20 px across): a third of the time, the same answer.
     rim_scale = min(1.0, 400.0 / max(rgb.shape[:2]))
     rim_copy = _resize(rgb, rim_scale)
-    found = circles(stain_density(rim_copy), 3, max(rim_copy.shape[:2]) / 8.0, 4)
+    found = circles(stain_density(rim_copy), 3, max(rim_copy.shape[:2]) / 8.0, 4, SIZE_CIRCLE_PERFECTNESS)
     rims = 2.0 * float(np.median(found[:, 2])) / rim_scale if len(found) >= 3 else None
     if rims is not None and (blobs is None or not 1.0 / DIAMETER_AGREEMENT <= blobs / rims <= DIAMETER_AGREEMENT):
         return rims

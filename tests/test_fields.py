@@ -3,6 +3,7 @@ overlays and crops written. Real images: the committed fields composed from NIH 
 ../shared when present."""
 import csv
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -200,6 +201,19 @@ def test_iml_fields_of_one_test_block_reach_the_recall_target():
         found += len(matched & set(whole))
         total += len(whole)
     assert found >= 0.95 * total
+
+
+def test_a_dense_smear_whose_cells_form_one_network_is_measured_by_its_cells_not_its_specks():
+    """PA171746-747: the cells touch across the whole field, so the few lone blobs are specks and fragments; the
+    diameter must still come out a red cell's (it came out a third of one, and the field as 400 fragments)."""
+    from malaria_edge.edge_runtime.segment import field_diameter
+    if not (IML / "annotations.json").is_file():
+        pytest.skip("../shared/data/fields/iml_vivax is absent (IML fields live outside the repo)")
+    for truth in load_annotations(IML / "annotations.json", "all"):
+        if truth.name not in ("PA171746.JPG", "PA171747.JPG"):
+            continue
+        boxed = float(np.median([math.sqrt(w * h) for _, _, w, h in truth.cells]))
+        assert 0.7 * boxed <= field_diameter(rgb_of(IML / "images" / truth.name)) <= 1.1 * boxed
 
 
 def test_without_opencv_nih_crops_still_classify_and_fields_say_what_to_install(monkeypatch):
