@@ -449,7 +449,8 @@ def cut_cell(rgb: np.ndarray, region: CellRegion, size: Optional[int] = None) ->
 def is_on_black(rgb: np.ndarray) -> bool:
     """True for a crop already masked on black (the NIH look): most of its border pixels are black."""
     border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]]).astype(np.int32)
-    return float(np.mean(border.sum(axis=1) <= 30)) > 0.5
+    sums = border[:, 0] + border[:, 1] + border[:, 2]
+    return np.count_nonzero(sums <= 30) > 0.5 * len(sums)
 
 
 def on_black_cell(rgb: np.ndarray) -> Optional[CellRegion]:
@@ -472,10 +473,12 @@ def on_black_cell(rgb: np.ndarray) -> Optional[CellRegion]:
     keep = fill_enclosed(blob)
     x0, y0, w, h = cv2.boundingRect(keep.view(np.uint8))
     box_mask = keep[y0:y0 + h, x0:x0 + w]
-    moments = cv2.moments(box_mask.view(np.uint8), binaryImage=True)
-    area = int(moments["m00"])
-    return CellRegion((x0, y0, w, h), box_mask, area,
-                      (x0 + moments["m10"] / area, y0 + moments["m01"] / area), False)
+    # Area and centroid from the mask's column and row counts (cheaper than cv2.moments).
+    columns = cv2.reduce(box_mask.view(np.uint8), 0, cv2.REDUCE_SUM, dtype=cv2.CV_32S).ravel()
+    rows = cv2.reduce(box_mask.view(np.uint8), 1, cv2.REDUCE_SUM, dtype=cv2.CV_32S).ravel()
+    area = int(columns.sum())
+    centre = (x0 + float(columns @ np.arange(w)) / area, y0 + float(rows @ np.arange(h)) / area)
+    return CellRegion((x0, y0, w, h), box_mask, area, centre, False)
 
 
 def fill_enclosed(mask: np.ndarray) -> np.ndarray:

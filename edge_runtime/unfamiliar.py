@@ -32,15 +32,15 @@ def colour_features(cells: np.ndarray) -> np.ndarray:
     rgb = cells.reshape(n, pixels, 3)
     red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]
     foreground = (red + green + blue) > FOREGROUND_MIN_SUM
-    count = np.count_nonzero(foreground, axis=1).astype(np.float64)
+    count = np.count_nonzero(foreground, axis=1).astype(np.float32)
     empty = count < 1
     foreground[empty] = True
     count[empty] = pixels
     brightest, darkest = np.maximum(np.maximum(red, green), blue), np.minimum(np.minimum(red, green), blue)
     saturation = np.where(brightest > 0, (brightest - darkest) / np.maximum(brightest, 1e-6), 0.0) * 255.0
-    # Six planes per cell, their foreground mean and spread by two batched matrix products in float64.
-    planes = np.stack([red, green, blue, saturation, red - green, green - blue], axis=2).astype(np.float64)
-    weights = foreground.astype(np.float64)[:, None, :]
+    # Six planes per cell, their foreground mean and spread by two batched matrix products.
+    planes = np.stack([red, green, blue, saturation, red - green, green - blue], axis=2)
+    weights = foreground.astype(np.float32)[:, None, :]
     mean = (weights @ planes)[:, 0, :] / count[:, None]
     planes -= mean[:, None, :]
     planes *= planes
