@@ -39,12 +39,12 @@ def colour_features(cells: np.ndarray) -> np.ndarray:
     brightest, darkest = np.maximum(np.maximum(red, green), blue), np.minimum(np.minimum(red, green), blue)
     saturation = np.where(brightest > 0, (brightest - darkest) / np.maximum(brightest, 1e-6), 0.0) * 255.0
     # Six planes per cell, their foreground mean and spread by two batched matrix products.
-    planes = np.stack([red, green, blue, saturation, red - green, green - blue], axis=2)
-    weights = foreground.astype(np.float32)[:, None, :]
-    mean = (weights @ planes)[:, 0, :] / count[:, None]
-    planes -= mean[:, None, :]
+    planes = np.stack([red, green, blue, saturation, red - green, green - blue], axis=1)  # [N, 6, pixels]
+    weights = foreground.astype(np.float32)[:, :, None]
+    mean = (planes @ weights)[:, :, 0] / count[:, None]
+    planes -= mean[:, :, None]
     planes *= planes
-    std = np.sqrt((weights @ planes)[:, 0, :] / count[:, None])
+    std = np.sqrt((planes @ weights)[:, :, 0] / count[:, None])
     fill = count / pixels * 100.0
     return np.concatenate([mean[:, :3], std[:, :3], fill[:, None],
                            np.stack([mean[:, 3], std[:, 3], mean[:, 4], std[:, 4], mean[:, 5], std[:, 5]], axis=1)],
