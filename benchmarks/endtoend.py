@@ -5,9 +5,10 @@ process (on a shared machine the wall time includes other people's work; CPU tim
 such as fsync's):
 
 - the stages, timed in this process with the runtime's own functions in the order ``edge-classify`` calls them:
-  decode (``open_image``), preprocess (``prepare_cell`` on the decoded image: resize, and whatever the card asks
-  for), interpreter (``ModelBundle.run`` on a batch), write (``RowWriter.write``, one row per cell as
-  ``edge-classify`` writes it, flush and fsync included);
+  decode (``open_image``), preprocess (``Classifier.preprocess`` on the decoded image: the is-it-a-cell check, the
+  central-cell cut, the resize, and whatever the card asks for), interpreter (``Classifier.probabilities`` on a
+  batch), unfamiliar (the card's colour statistics of the batch, when it has them), write (``RowWriter.write``, one
+  row per cell as ``edge-classify`` writes it, flush and fsync included);
 - ``edge-classify`` itself in a fresh process on the same core (start-up and model load included), for the wall
   time a user sees.
 """
@@ -26,11 +27,11 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from malaria_edge.edge_runtime.bundle import ModelBundle
+from malaria_edge.edge_runtime.classifier import Classifier
 from malaria_edge.edge_runtime.cli import CELL_FIELDS, RowWriter
-from malaria_edge.edge_runtime.images import ImageError, open_image, prepare_cell
-from malaria_edge.edge_runtime.outputs import parasitized_probability
+from malaria_edge.edge_runtime.images import ImageError, open_image
 
-STAGES = ("decode", "preprocess", "interpreter", "write")
+STAGES = ("decode", "preprocess", "interpreter", "unfamiliar", "write")
 
 
 def one_core() -> Optional[int]:
@@ -81,15 +82,20 @@ def time_stages(bundle: ModelBundle, paths: List[str], batch: int, output: Path)
     pending: List[tuple] = []
     failed = 0
 
+    classifier = Classifier(bundle)
+
     def flush():
         clock.tick()
-        raw, seconds = bundle.run(np.stack([cell for _, cell in pending]))
-        probs = parasitized_probability(raw, bundle.head)
+        pixels = np.stack([cell for _, cell in pending])
+        probs, seconds = classifier.probabilities(pixels)
         clock.add("interpreter")
-        for (path, _), prob in zip(pending, probs):
-            writer.write({"path": path, "prediction": "parasitized" if prob >= bundle.threshold else "uninfected",
+        unfamiliar = classifier.unfamiliar_scores(pixels)
+        clock.add("unfamiliar")
+        for i, ((path, _), prob) in enumerate(zip(pending, probs)):
+            writer.write({"path": path, "prediction": classifier.decide(float(prob)),
                           "prob_parasitized": round(float(prob), 6),
-                          "latency_ms": round(1000.0 * seconds / len(pending), 4)})
+                          "latency_ms": round(1000.0 * seconds / len(pending), 4),
+                          "unfamiliar": None if unfamiliar is None else round(float(unfamiliar[i]), 3)})
         clock.add("write")
         pending.clear()
 
@@ -98,13 +104,13 @@ def time_stages(bundle: ModelBundle, paths: List[str], batch: int, output: Path)
         for path in paths:
             clock.tick()
             try:
-                image = open_image(path, bundle.size)
+                image = open_image(path, 4 * bundle.size)
+                clock.add("decode")
+                cell = classifier.preprocess(image)
+                clock.add("preprocess")
             except ImageError:
                 failed += 1
                 continue
-            clock.add("decode")
-            cell = prepare_cell(image, bundle.size, bundle.stain)
-            clock.add("preprocess")
             pending.append((path, cell))
             if len(pending) >= batch:
                 flush()

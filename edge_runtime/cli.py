@@ -308,7 +308,7 @@ def _classify(classifier, reference, found, labels, output, regular_output, fmt,
     if dropped is not None:
         previous = [r for r in previous if r.get("path") != dropped]
         done.discard(os.path.realpath(dropped))
-    todo = [p for p in images if os.path.realpath(p) not in done]
+    todo = [p for p in images if os.path.realpath(p) not in done] if done else list(images)
 
     fields = CELL_FIELDS + (REFERENCE_FIELDS if reference else [])
     writer = RowWriter(output, fmt, fields, append=bool(resume))
@@ -359,16 +359,29 @@ def _classify(classifier, reference, found, labels, output, regular_output, fmt,
                     bar.update(1)
                     write_cell(result, next(ref_iter) if ref_iter else None)
             else:
+                cells: List[str] = []
+
+                def classify_cells() -> None:
+                    """The single-cell images seen since the last field or error, in batches, rows in input order."""
+                    ref_iter = reference.iter_predict(cells, batch_size) if reference else None
+                    for result in classifier.iter_predict(cells, batch_size):
+                        write_cell(result, next(ref_iter) if ref_iter else None)
+                    cells.clear()
+
                 for path in todo:
                     bar.update(1)
                     try:
                         kind, field = field_or_cell(classifier, path, input_kind)
                     except (ImageError, SegmentationUnavailable) as exc:
+                        classify_cells()
                         write_error(path, str(exc))
                         continue
                     if kind == "cell":
-                        write_cell(classifier.predict(path)[0], reference.predict(path)[0] if reference else None)
+                        cells.append(path)
+                        if len(cells) >= batch_size:
+                            classify_cells()
                         continue
+                    classify_cells()
                     kinds["field"] += 1
                     written += write_field(writer, rows, field, reference, true_label(path))
                     field_results.append(field.summary())
@@ -376,6 +389,7 @@ def _classify(classifier, reference, found, labels, output, regular_output, fmt,
                         field.save_plot(overlays_dir / f"{Path(path).stem}_overlay.png")
                     if crops_dir:
                         field.save_crops(crops_dir)
+                classify_cells()
     except KeyboardInterrupt:
         writer.close()
         where = f" to {output}" if output else ""

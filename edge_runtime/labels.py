@@ -1,8 +1,8 @@
 """Class names and what a file name or folder says about a cell (its true label, its patient)."""
 from __future__ import annotations
 
+import os
 import re
-from pathlib import Path
 from typing import Optional
 
 PARASITIZED = "parasitized"
@@ -19,11 +19,11 @@ _PATIENT_RE = re.compile(r"^C(\d+)(?:B?P\d|N?_?thin)", re.IGNORECASE)
 def patient_id(path) -> Optional[str]:
     """The NIH patient id: the number after the leading ``C`` of an NIH cell file name (``C100P61ThinF_...`` ->
     ``"100"``), or None for any other name."""
-    match = _PATIENT_RE.match(Path(path).name)
+    match = _PATIENT_RE.match(os.path.basename(os.path.normpath(path)))
     return str(int(match.group(1))) if match else None
 
 
 def label_from_folder(path) -> Optional[str]:
     """The true label when the image's parent folder is named Parasitized or Uninfected (any case), else None."""
-    parent = Path(path).parent.name.lower()
+    parent = os.path.basename(os.path.dirname(os.path.normpath(path))).lower()
     return parent if parent in CLASSES else None

@@ -567,8 +567,13 @@ def cut_cell(rgb: np.ndarray, region: CellRegion, size: Optional[int] = None) ->
     ``size``: also stretch it to ``size`` x ``size`` (NIH stretched its crops to squares); model input is made by
     ``images.prepare_cell``, so leave it None on the classification path."""
     x, y, w, h = region.box
-    crop = np.array(rgb[y:y + h, x:x + w, :3], dtype=np.uint8, copy=True)
-    crop[~region.mask[:crop.shape[0], :crop.shape[1]]] = 0
+    crop = np.ascontiguousarray(rgb[y:y + h, x:x + w, :3], dtype=np.uint8)
+    mask = region.mask[:crop.shape[0], :crop.shape[1]]
+    if cv2 is not None:  # a new array, ~10x faster than boolean indexing
+        crop = cv2.bitwise_and(crop, crop, mask=mask.astype(np.uint8, copy=False))
+    else:
+        crop = crop.copy()
+        crop[~mask] = 0
     if size is not None:
         _require_cv2()
         crop = cv2.resize(crop, (int(size), int(size)), interpolation=cv2.INTER_AREA)
@@ -578,7 +583,44 @@ def cut_cell(rgb: np.ndarray, region: CellRegion, size: Optional[int] = None) ->
 def is_on_black(rgb: np.ndarray) -> bool:
     """True for a crop already masked on black (the NIH look): most of its border pixels are black."""
     border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]]).astype(np.int32)
-    return float(np.mean(border.sum(axis=1) <= 30)) > 0.5
+    sums = border[:, 0] + border[:, 1] + border[:, 2]
+    return np.count_nonzero(sums <= 30) > 0.5 * len(sums)
+
+
+def on_black_cell(rgb: np.ndarray) -> Optional[CellRegion]:
+    """The cell of a crop already masked on black (the NIH look): its largest non-black blob with its holes
+    filled; a closing first joins a dithered or speckled cell into one blob. It runs once per single-cell image,
+    so it uses whole-image OpenCV calls only (no statistics pass, no per-pixel numpy indexing)."""
+    # Non-black: the channel sum above 30 (cv2.transform sums in one pass, saturating at 255, well above 30).
+    channel_sum = cv2.transform(rgb, np.ones((1, 3), np.float32))
+    mask = (channel_sum > 30).view(np.uint8)
+    joined = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, disk(1))
+    count, labels = cv2.connectedComponents(joined, connectivity=8)
+    if count <= 1:
+        return None
+    if count == 2:  # one blob, the usual case
+        blob = joined
+    else:
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        blob = (labels == int(np.argmax(sizes))).view(np.uint8)
+    keep = fill_enclosed(blob)
+    x0, y0, w, h = cv2.boundingRect(keep.view(np.uint8))
+    box_mask = keep[y0:y0 + h, x0:x0 + w]
+    # Area and centroid from the mask's column and row counts (cheaper than cv2.moments).
+    columns = cv2.reduce(box_mask.view(np.uint8), 0, cv2.REDUCE_SUM, dtype=cv2.CV_32S).ravel()
+    rows = cv2.reduce(box_mask.view(np.uint8), 1, cv2.REDUCE_SUM, dtype=cv2.CV_32S).ravel()
+    area = int(columns.sum())
+    centre = (x0 + float(columns @ np.arange(w)) / area, y0 + float(rows @ np.arange(h)) / area)
+    return CellRegion((x0, y0, w, h), box_mask, area, centre, False)
+
+
+def fill_enclosed(mask: np.ndarray) -> np.ndarray:
+    """``mask`` (uint8 0/1) with every background region that does not reach the image edge filled: the same as
+    ``fill_holes(mask, max_area=mask.size)`` (4-connected background), by one flood fill from a 1-pixel frame."""
+    framed = cv2.copyMakeBorder(mask, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+    cv2.floodFill(framed, None, (0, 0), 2, flags=4)
+    return framed[1:-1, 1:-1] != 2
 
 
 def central_cell(rgb: np.ndarray) -> Optional[CellRegion]:
@@ -589,20 +631,7 @@ def central_cell(rgb: np.ndarray) -> Optional[CellRegion]:
     rgb = np.ascontiguousarray(rgb[:, :, :3], dtype=np.uint8)
     h, w = rgb.shape[:2]
     if is_on_black(rgb):
-        mask = rgb.astype(np.int32).sum(axis=2) > 30
-        # Closing first joins a dithered or speckled cell into one blob; the largest blob is the cell.
-        joined = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_CLOSE, disk(1))
-        count, labels = cv2.connectedComponents(joined, connectivity=8)
-        if count <= 1:
-            return None
-        sizes = np.bincount(labels.ravel())
-        sizes[0] = 0
-        keep = fill_holes(labels == int(np.argmax(sizes)), max_area=mask.size)
-        ys, xs = np.nonzero(keep)
-        x0, y0 = int(xs.min()), int(ys.min())
-        box_mask = keep[y0:ys.max() + 1, x0:xs.max() + 1]
-        return CellRegion((x0, y0, box_mask.shape[1], box_mask.shape[0]), box_mask, int(box_mask.sum()),
-                          (float(xs.mean()), float(ys.mean())), False)
+        return on_black_cell(rgb)
     # A single-cell crop is about one to one and a half cells across; its own blobs mostly touch its edges, so
     # the field estimate does not apply.
     cells = segment_field(rgb, diameter=0.75 * min(h, w), drop_border=False)

@@ -28,23 +28,27 @@ def colour_features(cells: np.ndarray) -> np.ndarray:
     cells = np.asarray(cells, dtype=np.float32)
     if cells.ndim == 3:
         cells = cells[None]
-    foreground = cells.sum(axis=3) > FOREGROUND_MIN_SUM
-    count = foreground.sum(axis=(1, 2)).astype(np.float32)
+    n, pixels = len(cells), cells.shape[1] * cells.shape[2]
+    rgb = cells.reshape(n, pixels, 3)
+    red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    foreground = (red + green + blue) > FOREGROUND_MIN_SUM
+    count = np.count_nonzero(foreground, axis=1).astype(np.float32)
     empty = count < 1
     foreground[empty] = True
-    count[empty] = foreground.shape[1] * foreground.shape[2]
-    weights = foreground[..., None].astype(np.float32)
-    mean = (cells * weights).sum(axis=(1, 2)) / count[:, None]
-    var = (((cells - mean[:, None, None, :]) ** 2) * weights).sum(axis=(1, 2)) / count[:, None]
-    fill = count / (foreground.shape[1] * foreground.shape[2])
-    brightest, darkest = cells.max(axis=3), cells.min(axis=3)
+    count[empty] = pixels
+    brightest, darkest = np.maximum(np.maximum(red, green), blue), np.minimum(np.minimum(red, green), blue)
     saturation = np.where(brightest > 0, (brightest - darkest) / np.maximum(brightest, 1e-6), 0.0) * 255.0
-    chroma = []
-    for plane in (saturation, cells[..., 0] - cells[..., 1], cells[..., 1] - cells[..., 2]):
-        plane_mean = (plane * weights[..., 0]).sum(axis=(1, 2)) / count
-        plane_var = (((plane - plane_mean[:, None, None]) ** 2) * weights[..., 0]).sum(axis=(1, 2)) / count
-        chroma += [plane_mean, np.sqrt(plane_var)]
-    return np.concatenate([mean, np.sqrt(var), fill[:, None] * 100.0, np.stack(chroma, axis=1)], axis=1)
+    # Six planes per cell, their foreground mean and spread by two batched matrix products.
+    planes = np.stack([red, green, blue, saturation, red - green, green - blue], axis=1)  # [N, 6, pixels]
+    weights = foreground.astype(np.float32)[:, :, None]
+    mean = (planes @ weights)[:, :, 0] / count[:, None]
+    planes -= mean[:, :, None]
+    planes *= planes
+    std = np.sqrt((planes @ weights)[:, :, 0] / count[:, None])
+    fill = count / pixels * 100.0
+    return np.concatenate([mean[:, :3], std[:, :3], fill[:, None],
+                           np.stack([mean[:, 3], std[:, 3], mean[:, 4], std[:, 4], mean[:, 5], std[:, 5]], axis=1)],
+                          axis=1)
 
 
 def fit_components(features_by_source: Mapping[str, np.ndarray]) -> List[Dict]:

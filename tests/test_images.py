@@ -111,3 +111,38 @@ def test_a_large_jpeg_cell_is_decoded_at_reduced_scale_and_looks_the_same(sample
         reference = prepare_cell(full.convert("RGB"), 48, central=False).astype(int)
     fast = prepare_cell(path, 48, central=False).astype(int)
     assert np.abs(fast - reference).mean() < 3.0
+
+
+@pytest.mark.parametrize("lossless", [True, False])
+def test_a_plain_webp_gives_pillows_pixels_with_or_without_opencv(tmp_path, cell_rgb, monkeypatch, lossless):
+    """The OpenCV fast path for simple WebP files (all NIH cells) decodes the very pixels Pillow decodes, and the
+    header size it reads is Pillow's."""
+    from malaria_edge.edge_runtime import segment
+    from malaria_edge.edge_runtime.images import plain_webp_size
+    path = tmp_path / "cell.webp"
+    cell_rgb.resize((100, 90)).save(path, lossless=lossless, quality=80)
+    with Image.open(path) as img:
+        img.load()
+        pillow = np.asarray(img.convert("RGB"))
+    assert plain_webp_size(path.read_bytes()[:30]) == (100, 90)
+    assert np.array_equal(np.asarray(open_image(path)), pillow)
+    monkeypatch.setattr(segment, "cv2", None)
+    assert np.array_equal(np.asarray(open_image(path)), pillow)
+
+
+def test_a_webp_with_alpha_or_exif_rotation_is_still_composited_and_turned(tmp_path, cell_rgb):
+    """WebP files the fast path leaves to Pillow: alpha goes on black, EXIF orientation is applied."""
+    from malaria_edge.edge_runtime.images import plain_webp_size
+    rgba = np.zeros((40, 60, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[10:30, 10:30, 3] = 255
+    alpha = tmp_path / "alpha.webp"
+    Image.fromarray(rgba, "RGBA").save(alpha, lossless=True)
+    out = np.asarray(open_image(alpha))
+    assert out[0, 0].tolist() == [0, 0, 0] and out[20, 20].tolist() == [200, 0, 0]
+    rotated = tmp_path / "rotated.webp"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    cell_rgb.resize((100, 60)).save(rotated, exif=exif.tobytes(), lossless=True)
+    assert plain_webp_size(rotated.read_bytes()[:30]) is None
+    assert open_image(rotated).size == (60, 100)

@@ -159,10 +159,24 @@ def test_mediapipe_agrees_with_edge_classify_on_the_bundled_model(bundled_phone_
     assert same["agreement"] >= 0.995 and same["max_abs_prob_diff"] <= ONE_SCORE_STEP, text
     own = compare(bundled_phone_model, paths)
     text = report("bundled int8, MediaPipe's resize", own, record_property)
-    # The issue's target is 99.5% here too; measured 99.26% on 541 cells with the shipped model: MediaPipe's
-    # bilinear resize does not average the pixels it skips and does not cut the central cell, ours does (README,
-    # "Use it on a phone": pre-resize with an area filter). This floor catches a regression, not the target.
+    # The issue's target is 99.5% here too: with the shipped model 99.59% of the 4,397 NIH test cells and 99.51%
+    # of all 18,873 agree (python -m malaria_edge.benchmarks.phone), this sample of 541 gives 99.26%. The calls
+    # that differ come from the resize, not the cut (next test). This floor catches a regression, not the target.
     if len(paths) >= 500:
         assert own["agreement"] >= 0.985, text
     else:  # the 41 samples alone: one differing call is 2.4 points, so bound the scores instead
         assert own["mean_abs_prob_diff"] <= 0.03 and own["max_abs_prob_diff"] <= 0.3, text
+
+
+def test_the_phone_differs_from_edge_classify_by_its_resize_alone(bundled_phone_model, samples, record_property):
+    """Why the phone's calls differ (README, "Use it on a phone"): our central-cell cut handed to MediaPipe changes
+    next to nothing, and our cut resized the way MediaPipe resizes (benchmarks/phone.py's ``phone_resize``) gives
+    the phone's scores, to about one output step, through our own interpreter."""
+    from malaria_edge.benchmarks.phone import compare as diagnose
+    paths = expand_inputs([str(samples)]).images
+    report = diagnose(bundled_phone_model, paths, None)
+    for name, row in report.items():
+        record_property(name, row)
+    assert report["phone on our cut"]["median_abs_dp"] <= ONE_SCORE_STEP, report
+    assert report["our cut, phone's resize"]["median_abs_dp"] <= ONE_SCORE_STEP, report
+    assert report["our cut, phone's resize"]["max_abs_dp"] < report["edge-classify"]["max_abs_dp"], report
