@@ -15,13 +15,15 @@ pytestmark = pytest.mark.train
 
 @pytest.fixture(scope="module")
 def adapted(tiny_bundle, samples, sample_manifest, tmp_path_factory):
-    """A real adaptation of the tiny bundle to the sample cells (through the Python twin)."""
+    """A real adaptation of the tiny bundle to the sample cells (through the Python twin), with one held-out part
+    and Youden's J (the cross-validated default has its own fixture below)."""
     import malaria_edge
     out = tmp_path_factory.mktemp("adapted") / "clinic"
     from malaria_edge.train.adapt import Recipe
     logged = []
     result = malaria_edge.adapt(samples, out, model=tiny_bundle.parent, replay=sample_manifest, name="clinic",
-                                recipe=Recipe(epochs=2, replay_cells=40), min_cells=10, log=logged.append)
+                                recipe=Recipe(epochs=2, replay_cells=40, folds=0, min_sensitivity=None), min_cells=10,
+                                log=logged.append)
     return result, logged
 
 
@@ -113,7 +115,7 @@ def test_an_existing_bundle_is_never_overwritten(tmp_path, samples, tiny_bundle)
 
 
 def test_ctrl_c_leaves_no_half_written_bundle(tiny_bundle, samples, sample_manifest, tmp_path):
-    """Interrupted during fine-tuning: no OUT folder and no temporary folder beside it."""
+    """Interrupted during the first fold's fine-tuning: no OUT folder and no temporary folder beside it."""
     cells = tmp_path / "cells"
     for label in ("Parasitized", "Uninfected"):
         (cells / label).mkdir(parents=True)
@@ -121,7 +123,7 @@ def test_ctrl_c_leaves_no_half_written_bundle(tiny_bundle, samples, sample_manif
             shutil.copy(f, cells / label / f"{i}_{f.name}")
     out = tmp_path / "out"
     status, rest = interrupt_when("edge-adapt", "--cells", cells, "--out", out, "--model", tiny_bundle.parent,
-                                  "--epochs", 400, line_starts="epoch 1/")
+                                  "--epochs", 400, line_starts="fold 1/5: epoch 1/")
     assert status == 130, rest
     assert "nothing was written" in rest and "Traceback" not in rest
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cells"]

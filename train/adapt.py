@@ -65,10 +65,10 @@ class Recipe:
     replay_cells: int = 2000         # old-lab training cells mixed into every epoch (balanced by class and patient)
     batch_size: int = 64
     seed: int = 0
-    folds: int = 0                   # >= 2: threshold from k-fold out-of-fold scores, final model on every cell;
+    folds: int = 5                   # >= 2: threshold from k-fold out-of-fold scores, final model on every cell;
                                      # 0: one stratified hold-out part chooses the threshold and is never trained on
-    min_sensitivity: Optional[float] = None   # None: best Youden's J; else the most specific threshold keeping
-                                              # at least this sensitivity (a screening tool should miss few)
+    min_sensitivity: Optional[float] = 0.95   # the most specific threshold keeping at least this sensitivity (a
+                                              # screening tool should miss few); None: best Youden's J
 
     def to_dict(self) -> Dict:
         return dict(self.__dict__)

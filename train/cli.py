@@ -141,8 +141,8 @@ def train_main(manifest, out, preset, epochs, batch_size, input_size, learning_r
               help="2-10: choose the threshold on out-of-fold scores of every clinic cell (one fine-tune per fold), "
                    "then fine-tune the bundle on all of them; 0: hold out --holdout and never train on it.")
 @click.option("--min-sensitivity", type=float, default=Recipe.min_sensitivity, show_default=True,
-              help="Choose the most specific threshold that keeps at least this sensitivity (e.g. 0.97 for "
-                   "screening) instead of the best Youden's J.")
+              help="The threshold is the most specific one that keeps at least this sensitivity on the clinic's "
+                   "out-of-fold (or held-out) cells; 0: the best Youden's J instead.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the held-out split, replay draw and training.")
 def adapt_main(cells_dir, out, model_path, replay, name, strategy, epochs, learning_rate, replay_cells, holdout, folds,
                min_sensitivity, seed):
@@ -157,7 +157,7 @@ def adapt_main(cells_dir, out, model_path, replay, name, strategy, epochs, learn
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from malaria_edge.train.adapt import AdaptError, adapt, format_adaptation
     recipe = Recipe(strategy=strategy, epochs=epochs, learning_rate=learning_rate, replay_cells=replay_cells,
-                    seed=seed, folds=folds, min_sensitivity=min_sensitivity)
+                    seed=seed, folds=folds, min_sensitivity=min_sensitivity or None)
     try:
         result = adapt(cells_dir, out, model_path, replay, name, recipe, holdout, command=command_line("edge-adapt"))
     except AdaptError as exc:
