@@ -3,8 +3,9 @@
 No model trained on one lab is right for every stain, camera and parasite species. ``edge-adapt`` starts from a
 bundle's Keras weights, fine-tunes them on the clinic's sorted crops (``Parasitized/`` and ``Uninfected/``) mixed
 with replayed training cells of the old lab (so it is not forgotten), re-chooses the decision threshold and the
-patient rule on a held-out part of the clinic's cells, re-quantizes with the project's own converter and writes a
-complete bundle (int8 + fp32 + card + Keras weights) whose card records where it came from and what it gained.
+patient rule on clinic cells the fine-tuned model did not see (out-of-fold scores of every cell by default, or one
+held-out part), re-quantizes with the project's own converter and writes a complete bundle (int8 + fp32 + card +
+Keras weights) whose card records where it came from and what it gained.
 
 The bundle is written into a temporary folder beside ``out`` and renamed at the very end, so an interrupted run
 (Ctrl-C, a dead battery) leaves no half-written bundle.
@@ -36,8 +37,9 @@ from malaria_edge.edge_runtime.metrics import pct, wilson_interval
 from malaria_edge.edge_runtime.outputs import parasitized_probability
 from malaria_edge.edge_runtime.patients import DEFAULT_RULE, choose_rule, per_patient_counts
 
-# The held-out part must estimate sensitivity and specificity: 30 cells a class with 30% held out leaves 9 a class
-# there (one missed parasitized cell moves sensitivity by 11 points); fewer cannot tell a good model from a bad one.
+# The held-out cells must estimate sensitivity and specificity: 30 cells a class with 30% held out leaves 9 a class
+# there (one missed parasitized cell moves sensitivity by 11 points), 5 folds leave 6 a class per fold; fewer cannot
+# tell a good model from a bad one.
 MIN_CELLS_PER_CLASS = 30
 HOLDOUT_FRACTION = 0.3
 STRATEGIES = ("head", "last", "all")
@@ -237,8 +239,9 @@ def check_counts(cells: ClinicCells, minimum: int = MIN_CELLS_PER_CLASS) -> None
              if cells.count(v) < minimum]
     if short:
         raise AdaptError(f"only {' and '.join(short)} readable cells; edge-adapt needs at least {minimum} per class, "
-                         f"because {HOLDOUT_FRACTION:.0%} are held out to choose the threshold and to measure "
-                         "sensitivity and specificity, and fewer cannot tell a good adaptation from a bad one; "
+                         "because the threshold is chosen, and sensitivity and specificity measured, on cells held "
+                         f"out of fine-tuning (a fifth per fold, or {HOLDOUT_FRACTION:.0%} with --folds 0), and "
+                         "fewer cannot tell a good adaptation from a bad one; "
                          "sort more cells into Parasitized/ and Uninfected/")
 
 
