@@ -92,16 +92,7 @@ def evaluate(cells_dir, bundle, json_out):
 
 def evaluate_bundle(cells_dir: Path, bundle: Path) -> dict:
     model = ModelBundle(bundle)
-    paths, labels = [], []
-    for label, value in (("Parasitized", 1), ("Uninfected", 0)):
-        for p in sorted((cells_dir / label).glob("*.png")):
-            paths.append(p)
-            labels.append(value)
-    x = np.stack([prepare_cell(p, model.size, model.stain) for p in paths])
-    prob = np.concatenate([parasitized_probability(model.run(x[i:i + 64])[0], model.head)
-                           for i in range(0, len(x), 64)])
-    y = np.array(labels)
-    fields = [p.name.split("_")[0] for p in paths]
+    y, prob, fields = score_cells(cells_dir, bundle)
     m = binary_metrics(y, prob, model.threshold)
     ci = bootstrap_by_patient(y, prob, fields, model.threshold)
     print(f"{bundle.name}: {len(set(fields))} fields, {len(y)} cells ({y.sum()} parasitized); threshold "
@@ -128,14 +119,25 @@ RULES = {"youden": None, "sens>=0.95": 0.95, "sens>=0.97": 0.97, "sens>=0.98": 0
 
 
 def score_cells(cells_dir: Path, bundle: Path):
-    """Labels, P(parasitized) and field of every cell under ``cells_dir`` through an int8 bundle."""
+    """Labels, P(parasitized) and field of every cell under ``cells_dir`` through an int8 bundle. A crop that
+    ``prepare_cell`` refuses is left out and counted, as edge-classify would give it an error row, not a call."""
     model = ModelBundle(bundle)
-    paths = [(p, v) for label, v in (("Parasitized", 1), ("Uninfected", 0))
-             for p in sorted((cells_dir / label).glob("*.png"))]
-    x = np.stack([prepare_cell(p, model.size, model.stain) for p, _ in paths])
+    pixels, labels, fields, refused = [], [], [], 0
+    for label, value in (("Parasitized", 1), ("Uninfected", 0)):
+        for p in sorted((cells_dir / label).glob("*.png")):
+            try:
+                pixels.append(prepare_cell(p, model.size, model.stain))
+            except ImageError:
+                refused += 1
+                continue
+            labels.append(value)
+            fields.append(p.name.split("_")[0])
+    if refused:
+        print(f"{cells_dir}: {refused} crops refused by prepare_cell (no cell found), left out", file=sys.stderr)
+    x = np.stack(pixels)
     prob = np.concatenate([parasitized_probability(model.run(x[i:i + 64])[0], model.head)
                            for i in range(0, len(x), 64)])
-    return np.array([v for _, v in paths]), prob, [p.name.split("_")[0] for p, _ in paths]
+    return np.array(labels), prob, fields
 
 
 @main.command()
@@ -146,11 +148,14 @@ def score_cells(cells_dir: Path, bundle: Path):
 @click.option("--work", required=True, type=click.Path(path_type=Path), help="Folder for the adapted bundles.")
 @click.option("--on", "split", default="val", show_default=True, help="Fields to score on: val (choosing) or test.")
 @click.option("--recipe", "names", multiple=True, help="Recipes to run (default: all).")
+@click.option("--rule", "rule_names", multiple=True, type=click.Choice(list(RULES)),
+              help="Threshold rules to score (default: all); on the test fields, only the one chosen on val.")
 @click.option("--seed", default=0, show_default=True)
-def sweep(cells_root, model, replay, work, split, names, seed):
+def sweep(cells_root, model, replay, work, split, names, rule_names, seed):
     """Adapt with each recipe (a bundle folder already in --work is scored again, not re-adapted) and score it on
-    the val (or test) fields' cells under every threshold rule of RULES, the rule applied to the cells edge-adapt
-    chose its threshold on; one JSON line per recipe, scores kept in WORK/NAME_seedS/scores.npz."""
+    the val (or test) fields' cells under every threshold rule of RULES (or those of --rule, with 95% intervals
+    over fields), the rule applied to the cells edge-adapt chose its threshold on; one JSON line per recipe, scores
+    kept in WORK/NAME_seedS/scores.npz."""
     from malaria_edge.train.adapt import Recipe, adapt, choose_threshold
     for name in names or RECIPES:
         out = work / f"{name}_seed{seed}"
@@ -166,11 +171,15 @@ def sweep(cells_root, model, replay, work, split, names, seed):
         chosen = np.load(saved)
         y, prob, fields = score_cells(cells_root / f"{split}_cells", next(out.glob("*_int8.tflite")))
         rules = {}
-        for rule, minimum in RULES.items():
-            t = choose_threshold(chosen["y_choose"], chosen["p_choose"], minimum)
+        for rule in rule_names or RULES:
+            t = choose_threshold(chosen["y_choose"], chosen["p_choose"], RULES[rule])
             m = binary_metrics(y, prob, t)
             rules[rule] = {"threshold": t, "sensitivity": round(m["sensitivity"], 4),
                            "specificity": round(m["specificity"], 4)}
+            if rule_names:
+                ci = bootstrap_by_patient(y, prob, fields, t)
+                rules[rule]["ci95_fields"] = {k: [round(v, 4) for v in ci[k]]
+                                              for k in ("roc_auc", "sensitivity", "specificity")}
         old = a.get("old_lab_test") or {}
         evaluation = a.get("out_of_fold") or a["held_out"]
         print(json.dumps({"recipe": name, "seed": seed, "on": split, "cells": len(y), "parasitized": int(y.sum()),
