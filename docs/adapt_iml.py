@@ -92,16 +92,7 @@ def evaluate(cells_dir, bundle, json_out):
 
 def evaluate_bundle(cells_dir: Path, bundle: Path) -> dict:
     model = ModelBundle(bundle)
-    paths, labels = [], []
-    for label, value in (("Parasitized", 1), ("Uninfected", 0)):
-        for p in sorted((cells_dir / label).glob("*.png")):
-            paths.append(p)
-            labels.append(value)
-    x = np.stack([prepare_cell(p, model.size, model.stain) for p in paths])
-    prob = np.concatenate([parasitized_probability(model.run(x[i:i + 64])[0], model.head)
-                           for i in range(0, len(x), 64)])
-    y = np.array(labels)
-    fields = [p.name.split("_")[0] for p in paths]
+    y, prob, fields = score_cells(cells_dir, bundle)
     m = binary_metrics(y, prob, model.threshold)
     ci = bootstrap_by_patient(y, prob, fields, model.threshold)
     print(f"{bundle.name}: {len(set(fields))} fields, {len(y)} cells ({y.sum()} parasitized); threshold "
@@ -111,14 +102,43 @@ def evaluate_bundle(cells_dir: Path, bundle: Path) -> dict:
     return {"bundle": str(bundle), "fields": len(set(fields)), "metrics": m, "ci95_fields": ci}
 
 
+HELD_OUT = dict(folds=0, min_sensitivity=None)   # edge-adapt's first default: 30% held out, Youden's J
 RECIPES = {
-    "head": dict(strategy="head", learning_rate=3e-3),
-    "last": dict(strategy="last"),
-    "all": dict(strategy="all"),
-    "all-no-replay": dict(strategy="all", replay_cells=0),
-    "all-lr3e-4": dict(strategy="all", learning_rate=3e-4),
-    "all-10ep": dict(strategy="all", epochs=10),
+    "head": dict(strategy="head", learning_rate=3e-3, **HELD_OUT),
+    "last": dict(strategy="last", **HELD_OUT),
+    "all": dict(strategy="all", **HELD_OUT),
+    "all-no-replay": dict(strategy="all", replay_cells=0, **HELD_OUT),
+    "all-lr3e-4": dict(strategy="all", learning_rate=3e-4, **HELD_OUT),
+    "all-10ep": dict(strategy="all", epochs=10, **HELD_OUT),
+    "cv5": dict(strategy="all", folds=5, min_sensitivity=0.95),   # the default now
+    "cv4": dict(strategy="all", folds=4, min_sensitivity=0.95),
+    "cv4-replay1000": dict(strategy="all", folds=4, replay_cells=1000, min_sensitivity=0.95),
 }
+# Threshold rules compared on the same adapted models: Youden's J, or the most specific threshold keeping at least
+# this sensitivity on the cells the threshold is chosen on.
+RULES = {"youden": None, "sens>=0.95": 0.95, "sens>=0.97": 0.97, "sens>=0.98": 0.98, "sens>=1": 1.0}
+
+
+def score_cells(cells_dir: Path, bundle: Path):
+    """Labels, P(parasitized) and field of every cell under ``cells_dir`` through an int8 bundle. A crop that
+    ``prepare_cell`` refuses is left out and counted, as edge-classify would give it an error row, not a call."""
+    model = ModelBundle(bundle)
+    pixels, labels, fields, refused = [], [], [], 0
+    for label, value in (("Parasitized", 1), ("Uninfected", 0)):
+        for p in sorted((cells_dir / label).glob("*.png")):
+            try:
+                pixels.append(prepare_cell(p, model.size, model.stain))
+            except ImageError:
+                refused += 1
+                continue
+            labels.append(value)
+            fields.append(p.name.split("_")[0])
+    if refused:
+        print(f"{cells_dir}: {refused} crops refused by prepare_cell (no cell found), left out", file=sys.stderr)
+    x = np.stack(pixels)
+    prob = np.concatenate([parasitized_probability(model.run(x[i:i + 64])[0], model.head)
+                           for i in range(0, len(x), 64)])
+    return np.array(labels), prob, fields
 
 
 @main.command()
@@ -129,26 +149,46 @@ RECIPES = {
 @click.option("--work", required=True, type=click.Path(path_type=Path), help="Folder for the adapted bundles.")
 @click.option("--on", "split", default="val", show_default=True, help="Fields to score on: val (choosing) or test.")
 @click.option("--recipe", "names", multiple=True, help="Recipes to run (default: all).")
+@click.option("--rule", "rule_names", multiple=True, type=click.Choice(list(RULES)),
+              help="Threshold rules to score (default: all); on the test fields, only the one chosen on val.")
 @click.option("--seed", default=0, show_default=True)
-def sweep(cells_root, model, replay, work, split, names, seed):
-    """Adapt with each recipe and score it on the val (or test) fields' cells; one JSON line per recipe."""
-    import time
-
-    from malaria_edge.train.adapt import Recipe, adapt
+def sweep(cells_root, model, replay, work, split, names, rule_names, seed):
+    """Adapt with each recipe (a bundle folder already in --work is scored again, not re-adapted) and score it on
+    the val (or test) fields' cells under every threshold rule of RULES (or those of --rule, with 95% intervals
+    over fields), the rule applied to the cells edge-adapt chose its threshold on; one JSON line per recipe, scores
+    kept in WORK/NAME_seedS/scores.npz."""
+    from malaria_edge.train.adapt import Recipe, adapt, choose_threshold
     for name in names or RECIPES:
         out = work / f"{name}_seed{seed}"
-        started = time.time()
-        result = adapt(cells_root / "adapt_cells", out, model, replay if RECIPES[name].get("replay_cells", 1) else None,
-                       recipe=Recipe(**RECIPES[name], seed=seed), log=lambda m: None)
-        seconds = time.time() - started
-        scored = evaluate_bundle(cells_root / f"{split}_cells", result.int8_path)
-        old = result.adaptation.get("old_lab_test") or {}
-        print(json.dumps({"recipe": name, "seed": seed, "on": split, "seconds": round(seconds),
-                          "threshold": result.card["threshold"],
-                          **{k: scored["metrics"][k] for k in ("roc_auc", "sensitivity", "specificity")},
-                          "held_out_auc": result.adaptation["held_out"]["after"]["roc_auc"],
-                          "nih_auc": (old.get("after") or {}).get("roc_auc"),
-                          "nih_accuracy": (old.get("after") or {}).get("accuracy")}), flush=True)
+        saved = out / "scores.npz"
+        if not saved.is_file():
+            result = adapt(cells_root / "adapt_cells", out, model,
+                           replay if RECIPES[name].get("replay_cells", 1) else None,
+                           recipe=Recipe(**RECIPES[name], seed=seed), log=lambda m: print(m, file=sys.stderr))
+            y_choose, p_choose = result.threshold_cells
+            np.savez(saved, y_choose=y_choose, p_choose=p_choose)
+        card = json.loads(next(p for p in out.glob("*.json")).read_text())
+        a = card["adaptation"]
+        chosen = np.load(saved)
+        y, prob, fields = score_cells(cells_root / f"{split}_cells", next(out.glob("*_int8.tflite")))
+        rules = {}
+        for rule in rule_names or RULES:
+            t = choose_threshold(chosen["y_choose"], chosen["p_choose"], RULES[rule])
+            m = binary_metrics(y, prob, t)
+            rules[rule] = {"threshold": t, "sensitivity": round(m["sensitivity"], 4),
+                           "specificity": round(m["specificity"], 4)}
+            if rule_names:
+                ci = bootstrap_by_patient(y, prob, fields, t)
+                rules[rule]["ci95_fields"] = {k: [round(v, 4) for v in ci[k]]
+                                              for k in ("roc_auc", "sensitivity", "specificity")}
+        old = a.get("old_lab_test") or {}
+        evaluation = a.get("out_of_fold") or a["held_out"]
+        print(json.dumps({"recipe": name, "seed": seed, "on": split, "cells": len(y), "parasitized": int(y.sum()),
+                          "auc": round(binary_metrics(y, prob)["roc_auc"], 4),
+                          "choose_auc": round(evaluation["after"]["metrics"]["roc_auc"], 4),
+                          "wall_s": round(a["wall_seconds"]), "cpu_s": round(a["cpu_seconds"]),
+                          "nih_auc": (old.get("after") or {}).get("metrics", {}).get("roc_auc"), "rules": rules}),
+              flush=True)
 
 
 if __name__ == "__main__":

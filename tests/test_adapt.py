@@ -15,13 +15,15 @@ pytestmark = pytest.mark.train
 
 @pytest.fixture(scope="module")
 def adapted(tiny_bundle, samples, sample_manifest, tmp_path_factory):
-    """A real adaptation of the tiny bundle to the sample cells (through the Python twin)."""
+    """A real adaptation of the tiny bundle to the sample cells (through the Python twin), with one held-out part
+    and Youden's J (the cross-validated default has its own fixture below)."""
     import malaria_edge
     out = tmp_path_factory.mktemp("adapted") / "clinic"
     from malaria_edge.train.adapt import Recipe
     logged = []
     result = malaria_edge.adapt(samples, out, model=tiny_bundle.parent, replay=sample_manifest, name="clinic",
-                                recipe=Recipe(epochs=2, replay_cells=40), min_cells=10, log=logged.append)
+                                recipe=Recipe(epochs=2, replay_cells=40, folds=0, min_sensitivity=None), min_cells=10,
+                                log=logged.append)
     return result, logged
 
 
@@ -113,7 +115,7 @@ def test_an_existing_bundle_is_never_overwritten(tmp_path, samples, tiny_bundle)
 
 
 def test_ctrl_c_leaves_no_half_written_bundle(tiny_bundle, samples, sample_manifest, tmp_path):
-    """Interrupted during fine-tuning: no OUT folder and no temporary folder beside it."""
+    """Interrupted during the first fold's fine-tuning: no OUT folder and no temporary folder beside it."""
     cells = tmp_path / "cells"
     for label in ("Parasitized", "Uninfected"):
         (cells / label).mkdir(parents=True)
@@ -121,7 +123,7 @@ def test_ctrl_c_leaves_no_half_written_bundle(tiny_bundle, samples, sample_manif
             shutil.copy(f, cells / label / f"{i}_{f.name}")
     out = tmp_path / "out"
     status, rest = interrupt_when("edge-adapt", "--cells", cells, "--out", out, "--model", tiny_bundle.parent,
-                                  "--epochs", 400, line_starts="epoch 1/")
+                                  "--epochs", 400, line_starts="fold 1/5: epoch 1/")
     assert status == 130, rest
     assert "nothing was written" in rest and "Traceback" not in rest
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cells"]
@@ -135,3 +137,82 @@ def test_the_python_twin_loads_tensorflow_only_when_used():
     done = subprocess.run([_sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     assert done.returncode == 0 and "LAZY_OK" in done.stdout, done.stderr[-2000:]
+
+
+def test_folds_cover_every_cell_once_with_both_classes_in_each():
+    import numpy as np
+    from malaria_edge.train.adapt import stratified_folds
+    labels = np.array([1] * 23 + [0] * 17)
+    parts = stratified_folds(labels, 5, seed=3)
+    assert sorted(np.concatenate(parts).tolist()) == list(range(40))
+    assert sorted(int(labels[p].sum()) for p in parts) == [4, 4, 5, 5, 5]
+    assert sorted(int((labels[p] == 0).sum()) for p in parts) == [3, 3, 3, 4, 4]
+    assert [p.tolist() for p in stratified_folds(labels, 5, seed=3)] == [p.tolist() for p in parts]
+
+
+def test_a_minimum_sensitivity_moves_the_threshold_below_the_parasites_youden_gives_up():
+    """Ten parasitized cells, one scoring among the uninfected: Youden's J gives that one up for specificity; with
+    a minimum sensitivity of 100% the threshold sits below it, in the middle of the gap to the next lower score."""
+    import numpy as np
+    from malaria_edge.train.adapt import choose_threshold
+    pos = np.array([0.95, 0.96, 0.97, 0.98, 0.99, 0.93, 0.94, 0.92, 0.91, 0.30])
+    neg = np.array([0.02, 0.05, 0.10, 0.20, 0.25, 0.40, 0.45, 0.08, 0.12, 0.15])
+    y = np.array([1] * 10 + [0] * 10)
+    prob = np.concatenate([pos, neg])
+    youden = choose_threshold(y, prob)
+    assert 0.45 < youden < 0.91
+    screening = choose_threshold(y, prob, min_sensitivity=1.0)
+    assert 0.25 < screening < 0.30 and (pos >= screening).all() and (neg >= screening).sum() == 2
+    assert choose_threshold(y, prob, min_sensitivity=0.9) == youden
+
+
+@pytest.fixture(scope="module")
+def cross_validated(tiny_bundle, samples, sample_manifest, tmp_path_factory):
+    """A real adaptation whose threshold comes from 3 folds' out-of-fold scores, the bundle tuned on every cell.
+    Its base card says "logit", as bundles written before edge-quantize's two-score files do."""
+    import malaria_edge
+    from malaria_edge.train.adapt import Recipe
+    base = tmp_path_factory.mktemp("older_base")
+    for f in tiny_bundle.parent.iterdir():
+        shutil.copy(f, base / f.name)
+    card = json.loads((base / "tiny.json").read_text())
+    card["head"] = "logit"
+    (base / "tiny.json").write_text(json.dumps(card))
+    out = tmp_path_factory.mktemp("cv") / "clinic"
+    logged = []
+    result = malaria_edge.adapt(samples, out, model=base, replay=sample_manifest, name="clinic",
+                                recipe=Recipe(epochs=2, replay_cells=40, folds=3, min_sensitivity=0.9), min_cells=10,
+                                log=logged.append)
+    return result, logged
+
+
+def test_cross_validated_threshold_rests_on_every_cell_out_of_fold(cross_validated, samples, tmp_path):
+    import numpy as np
+    from malaria_edge.train.adapt import choose_threshold, format_adaptation
+    result, logged = cross_validated
+    a = result.adaptation
+    total = a["cells"]["parasitized"] + a["cells"]["uninfected"]
+    assert a["cells"]["fine_tuned"] == {"parasitized": a["cells"]["parasitized"], "uninfected": a["cells"]["uninfected"]}
+    oof = a["cells"]["out_of_fold"]
+    assert oof["folds"] == 3 and sum(oof["cells_per_fold"]) == total and "held_out" not in a["cells"]
+    assert "held_out" not in a and a["out_of_fold"]["after"]["cells"] == total
+    assert a["out_of_fold"]["threshold_rule"] == "most specific keeping sensitivity >= 90.00%"
+    for k in (1, 2, 3):
+        assert any(line.startswith(f"fold {k}/3: epoch 2/2") for line in logged)
+    assert [line.split()[1] for line in logged if line.startswith("epoch ")] == ["1/2", "2/2"]
+    y, scores = result.threshold_cells
+    assert len(y) == total and result.card["threshold"] == choose_threshold(y, scores, 0.9)
+    assert a["out_of_fold"]["after"]["metrics"]["sensitivity"] >= 0.9
+    assert np.mean(scores[y == 1]) > np.mean(scores[y == 0])
+    assert "out of fold (3 folds)" in format_adaptation(result.card)
+    done = cli("edge-classify", samples, "--model", result.int8_path, "--output", tmp_path / "rows.csv")
+    assert done.returncode == 0, done.stderr
+
+
+def test_the_adapted_card_describes_the_scores_its_files_return(adapted, cross_validated):
+    """Whatever the base bundle's head, the adapted files return [parasitized, uninfected] scores and say so."""
+    from malaria_edge.edge_runtime.bundle import ModelBundle
+    for result in (adapted[0], cross_validated[0]):
+        bundle = ModelBundle(result.int8_path)
+        assert result.card["head"] == "softmax2" and bundle.head == "softmax2"
+        assert tuple(bundle.interpreter.get_output_details()[0]["shape"]) == (1, 2)

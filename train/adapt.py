@@ -3,8 +3,9 @@
 No model trained on one lab is right for every stain, camera and parasite species. ``edge-adapt`` starts from a
 bundle's Keras weights, fine-tunes them on the clinic's sorted crops (``Parasitized/`` and ``Uninfected/``) mixed
 with replayed training cells of the old lab (so it is not forgotten), re-chooses the decision threshold and the
-patient rule on a held-out part of the clinic's cells, re-quantizes with the project's own converter and writes a
-complete bundle (int8 + fp32 + card + Keras weights) whose card records where it came from and what it gained.
+patient rule on clinic cells the fine-tuned model did not see (out-of-fold scores of every cell by default, or one
+held-out part), re-quantizes with the project's own converter and writes a complete bundle (int8 + fp32 + card +
+Keras weights) whose card records where it came from and what it gained.
 
 The bundle is written into a temporary folder beside ``out`` and renamed at the very end, so an interrupted run
 (Ctrl-C, a dead battery) leaves no half-written bundle.
@@ -36,8 +37,9 @@ from malaria_edge.edge_runtime.metrics import pct, wilson_interval
 from malaria_edge.edge_runtime.outputs import parasitized_probability
 from malaria_edge.edge_runtime.patients import DEFAULT_RULE, choose_rule, per_patient_counts
 
-# The held-out part must estimate sensitivity and specificity: 30 cells a class with 30% held out leaves 9 a class
-# there (one missed parasitized cell moves sensitivity by 11 points); fewer cannot tell a good model from a bad one.
+# The held-out cells must estimate sensitivity and specificity: 30 cells a class with 30% held out leaves 9 a class
+# there (one missed parasitized cell moves sensitivity by 11 points), 5 folds leave 6 a class per fold; fewer cannot
+# tell a good model from a bad one.
 MIN_CELLS_PER_CLASS = 30
 HOLDOUT_FRACTION = 0.3
 STRATEGIES = ("head", "last", "all")
@@ -65,6 +67,10 @@ class Recipe:
     replay_cells: int = 2000         # old-lab training cells mixed into every epoch (balanced by class and patient)
     batch_size: int = 64
     seed: int = 0
+    folds: int = 5                   # >= 2: threshold from k-fold out-of-fold scores, final model on every cell;
+                                     # 0: one stratified hold-out part chooses the threshold and is never trained on
+    min_sensitivity: Optional[float] = 0.95   # the most specific threshold keeping at least this sensitivity (a
+                                              # screening tool should miss few); None: best Youden's J
 
     def to_dict(self) -> Dict:
         return dict(self.__dict__)
@@ -93,6 +99,8 @@ class AdaptResult:
     keras_path: Path
     card: Dict
     failed: List[Tuple[str, str]]
+    threshold_cells: Optional[Tuple[np.ndarray, np.ndarray]] = None  # (labels, P(parasitized)) the threshold was
+                                                                     # chosen on: held-out int8 or out-of-fold
 
     @property
     def adaptation(self) -> Dict:
@@ -214,31 +222,47 @@ def holdout_split(labels: np.ndarray, fraction: float = HOLDOUT_FRACTION, seed: 
     return np.array(sorted(keep), dtype=np.int64), np.array(sorted(held), dtype=np.int64)
 
 
+def stratified_folds(labels: np.ndarray, folds: int, seed: int = 0) -> List[np.ndarray]:
+    """``folds`` disjoint, seeded parts covering every cell, each class dealt round-robin so every part holds its
+    share of both classes."""
+    rng = np.random.default_rng(seed)
+    parts: List[List[int]] = [[] for _ in range(folds)]
+    for label in (1, 0):
+        for i, cell in enumerate(rng.permutation(np.flatnonzero(labels == label))):
+            parts[i % folds].append(int(cell))
+    return [np.array(sorted(part), dtype=np.int64) for part in parts]
+
+
 def check_counts(cells: ClinicCells, minimum: int = MIN_CELLS_PER_CLASS) -> None:
     """Refuse, in one line, a clinic set too small to adapt and to check the adaptation."""
     short = [f"{cells.count(v)} {name}" for name, v in (("parasitized", 1), ("uninfected", 0))
              if cells.count(v) < minimum]
     if short:
         raise AdaptError(f"only {' and '.join(short)} readable cells; edge-adapt needs at least {minimum} per class, "
-                         f"because {HOLDOUT_FRACTION:.0%} are held out to choose the threshold and to measure "
-                         "sensitivity and specificity, and fewer cannot tell a good adaptation from a bad one; "
+                         "because the threshold is chosen, and sensitivity and specificity measured, on cells held "
+                         f"out of fine-tuning (a fifth per fold, or {HOLDOUT_FRACTION:.0%} with --folds 0), and "
+                         "fewer cannot tell a good adaptation from a bad one; "
                          "sort more cells into Parasitized/ and Uninfected/")
 
 
-def choose_threshold(y: np.ndarray, prob: np.ndarray) -> float:
-    """The threshold on P(parasitized) with the best Youden's J (sensitivity + specificity - 1) on the held-out
-    cells, taken in the middle of the best range (in logit space) so the margin to either side is as wide as the
-    cells allow."""
+def choose_threshold(y: np.ndarray, prob: np.ndarray, min_sensitivity: Optional[float] = None) -> float:
+    """The threshold on P(parasitized) chosen on cells the model was not fine-tuned on: by default the best Youden's
+    J (sensitivity + specificity - 1); with ``min_sensitivity``, the best specificity among the thresholds that keep
+    at least that sensitivity. Taken in the middle of the best range (in logit space) so the margin to either side
+    is as wide as the cells allow."""
     scores = np.unique(np.clip(prob, 1e-6, 1 - 1e-6))
     logits = np.log(scores / (1 - scores))
     cuts = np.concatenate([[logits[0] - 1.0], (logits[:-1] + logits[1:]) / 2, [logits[-1] + 1.0]])
     pos, neg = prob[y == 1], prob[y == 0]
 
-    def youden(cut_logit: float) -> float:
+    def objective(cut_logit: float) -> float:
         t = 1 / (1 + np.exp(-cut_logit))
-        return float(np.mean(pos >= t) + np.mean(neg < t) - 1)
+        sensitivity, specificity = float(np.mean(pos >= t)), float(np.mean(neg < t))
+        if min_sensitivity is None:
+            return sensitivity + specificity - 1
+        return specificity if sensitivity >= min_sensitivity - 1e-12 else -1.0
 
-    j = np.array([youden(c) for c in cuts])
+    j = np.array([objective(c) for c in cuts])
     best = np.flatnonzero(j >= j.max() - 1e-12)
     # Ties form one or more runs of cuts; take the middle of the widest run of logit space.
     runs, start = [], best[0]
@@ -253,7 +277,7 @@ def choose_threshold(y: np.ndarray, prob: np.ndarray) -> float:
 
 
 def clinic_rule(y: np.ndarray, prob: np.ndarray, threshold: float, groups: Optional[Sequence[str]],
-                base_rule: Dict) -> Dict:
+                base_rule: Dict, where: str = "held-out") -> Dict:
     """The patient rule for the clinic. With patient ids in the file names (at least two infected and two healthy
     patients held out) it is chosen as training chooses it (:func:`choose_rule`). Otherwise the minimum parasitized
     fraction is the upper 95% bound of the held-out uninfected cells' false-positive rate at the new threshold: a
@@ -264,14 +288,14 @@ def clinic_rule(y: np.ndarray, prob: np.ndarray, threshold: float, groups: Optio
         if infected >= 2 and len(counts) - infected >= 2:
             rule = choose_rule(counts, base_rule.get("min_cells", DEFAULT_RULE["min_cells"]),
                                base_rule.get("max_review_fraction", DEFAULT_RULE["max_review_fraction"]))
-            rule["chosen_on"] = f"held-out clinic cells of {len(counts)} patients ({rule['chosen_on'].split('(')[-1]}"
+            rule["chosen_on"] = f"{where} clinic cells of {len(counts)} patients ({rule['chosen_on'].split('(')[-1]}"
             return rule
     negatives = prob[y == 0]
     false_pos = int((negatives >= threshold).sum())
     upper = wilson_interval(false_pos, len(negatives))[1]
     rule = {k: base_rule.get(k, v) for k, v in DEFAULT_RULE.items()}
     rule["min_fraction"] = round(max(upper, 0.005), 4)
-    rule["chosen_on"] = (f"held-out clinic cells without patient ids: upper 95% bound of the false-positive rate "
+    rule["chosen_on"] = (f"{where} clinic cells without patient ids: upper 95% bound of the false-positive rate "
                          f"({false_pos}/{len(negatives)} uninfected cells at threshold {threshold})")
     return rule
 
@@ -363,6 +387,30 @@ def fine_tune(model, x: np.ndarray, y: np.ndarray, replay: Optional[Tuple[np.nda
         layer.trainable = True
     return {"trainable_weights": trainable, "samples_per_epoch": int(len(train_x)),
             "loss": [float(v) for v in history.history.get("loss", [])], "seconds": time.time() - started}
+
+
+def keras_probability(model, pixels: np.ndarray, head: str) -> np.ndarray:
+    """P(parasitized) of a Keras model for uint8 cells (the float model a fold fine-tunes; never quantized)."""
+    if not len(pixels):
+        return np.zeros(0)
+    return parasitized_probability(model.predict(pixels.astype(np.float32), batch_size=256, verbose=0), head)
+
+
+def out_of_fold_scores(keras_path: Path, clinic: ClinicCells, replay, recipe: Recipe, head: str,
+                       log: Callable[[str], None]) -> Tuple[np.ndarray, List[np.ndarray]]:
+    """Every clinic cell scored by a model fine-tuned (from the base, same recipe) without it: ``recipe.folds``
+    stratified parts, each held out once. Returns the scores and the parts."""
+    import keras
+    parts = stratified_folds(clinic.labels, recipe.folds, recipe.seed)
+    scores = np.zeros(len(clinic.labels))
+    for k, held in enumerate(parts, 1):
+        fit = np.setdiff1d(np.arange(len(clinic.labels)), held)
+        model = keras.models.load_model(keras_path)
+        fine_tune(model, clinic.pixels[fit], clinic.labels[fit], replay, recipe, head,
+                  lambda m, k=k: log(f"fold {k}/{len(parts)}: {m}"))
+        scores[held] = keras_probability(model, clinic.pixels[held], head)
+        keras.backend.clear_session()
+    return scores, parts
 
 
 def run_int8(bundle: ModelBundle, pixels: np.ndarray, batch: int = 64) -> np.ndarray:
@@ -470,12 +518,14 @@ def adapt(cells: os.PathLike, out: os.PathLike, model: Optional[os.PathLike] = N
     int8 ``.tflite`` or card; default: the bundled model); it must carry its Keras weights. ``replay``: an
     edge-prepare manifest of the old lab; its training cells are replayed during fine-tuning and its test split
     measures what the adapted model forgot (without it, nothing is replayed and forgetting is not measured).
+    With ``recipe.folds`` >= 2 the threshold is chosen on out-of-fold scores of every clinic cell and the bundle is
+    fine-tuned on all of them; otherwise ``holdout`` of each class is held out to choose it and never trained on.
     Raises :class:`AdaptError` with a one-line reason; unreadable images are skipped and listed in the result.
     """
     import keras
     import tensorflow as tf
 
-    from malaria_edge.quantize.convert import convert
+    from malaria_edge.quantize.convert import OUTPUT_HEAD, convert
 
     started, started_cpu = time.time(), _cpu_seconds()
     recipe = recipe or Recipe()
@@ -483,6 +533,11 @@ def adapt(cells: os.PathLike, out: os.PathLike, model: Optional[os.PathLike] = N
         raise AdaptError(f"unknown strategy {recipe.strategy!r}; use one of {', '.join(STRATEGIES)}", 2)
     if not 0.1 <= holdout <= 0.5:
         raise AdaptError(f"holdout {holdout} is outside 0.1-0.5", 2)
+    if recipe.folds == 1 or not 0 <= recipe.folds <= 10:
+        raise AdaptError(f"folds {recipe.folds} is not 0 (one held-out part) or 2-10", 2)
+    if recipe.min_sensitivity is not None and not 0.5 <= recipe.min_sensitivity <= 1:
+        raise AdaptError(f"minimum sensitivity {recipe.min_sensitivity} is outside 0.5-1", 2)
+    cross_validated = recipe.folds >= 2
     cells_dir, out = Path(cells), Path(out)
     check_out(out)
     base = find_base(model)
@@ -498,18 +553,26 @@ def adapt(cells: os.PathLike, out: os.PathLike, model: Optional[os.PathLike] = N
             base_bundle = ModelBundle(base.int8_path)
         except ModelError as exc:
             raise AdaptError(str(exc), 2) from None
-        keep, held = holdout_split(clinic.labels, holdout, recipe.seed)
-        log(f"{len(clinic.paths)} clinic cells ({clinic.count(1)} parasitized, {clinic.count(0)} uninfected); "
-            f"fine-tuning on {len(keep)}, holding out {len(held)} (stratified, seed {recipe.seed})")
+        everyone = np.arange(len(clinic.labels))
+        if cross_validated:
+            keep, held = everyone, everyone
+            log(f"{len(clinic.paths)} clinic cells ({clinic.count(1)} parasitized, {clinic.count(0)} uninfected); "
+                f"{recipe.folds} folds choose the threshold on out-of-fold scores, then the bundle is fine-tuned on "
+                f"all of them (stratified, seed {recipe.seed})")
+        else:
+            keep, held = holdout_split(clinic.labels, holdout, recipe.seed)
+            log(f"{len(clinic.paths)} clinic cells ({clinic.count(1)} parasitized, {clinic.count(0)} uninfected); "
+                f"fine-tuning on {len(keep)}, holding out {len(held)} (stratified, seed {recipe.seed})")
+        where = "out-of-fold" if cross_validated else "held-out"
         held_groups = [patient_id(clinic.paths[i]) for i in held]
         with_patients = all(held_groups) and len(set(held_groups)) >= 4
         unit = "patients" if with_patients else "cells"
         ci_groups = held_groups if with_patients else [str(i) for i in range(len(held))]
         y_held, x_held = clinic.labels[held], clinic.pixels[held]
-        before = evaluate_on("held-out", "clinic", y_held, run_int8(base_bundle, x_held), base_bundle.threshold,
+        before = evaluate_on(where, "clinic", y_held, run_int8(base_bundle, x_held), base_bundle.threshold,
                              ci_groups, unit)
         m = before["metrics"]
-        log(f"before: held-out AUC {m['roc_auc']:.4f}, sensitivity {pct(m['sensitivity'])}, "
+        log(f"before: {where} AUC {m['roc_auc']:.4f}, sensitivity {pct(m['sensitivity'])}, "
             f"specificity {pct(m['specificity'])} (base int8, threshold {base_bundle.threshold})")
 
         replay_xy, old_test, replay_meta = _replay_and_old_test(Path(replay) if replay else None, size, stain,
@@ -521,6 +584,14 @@ def adapt(cells: os.PathLike, out: os.PathLike, model: Optional[os.PathLike] = N
         # The Keras model's own head decides the training labels; the card's head describes the TFLite files, which
         # edge-quantize wraps into two scores for phones.
         head = "softmax2" if keras_model.output_shape[-1] == 2 else "logit"
+        folds_meta = None
+        if cross_validated:
+            del keras_model
+            out_of_fold, parts = out_of_fold_scores(base.keras_path, clinic, replay_xy, recipe, head, log)
+            folds_meta = {"folds": recipe.folds, "seed": recipe.seed, "stratified": True,
+                          "cells_per_fold": [int(len(part)) for part in parts],
+                          "scored_by": "each fold's float Keras model, fine-tuned without that fold"}
+            keras_model = keras.models.load_model(base.keras_path)
         training = fine_tune(keras_model, clinic.pixels[keep], clinic.labels[keep], replay_xy, recipe, head, log)
 
         keras_path = tmp / f"{name}.keras"
@@ -537,6 +608,8 @@ def adapt(cells: os.PathLike, out: os.PathLike, model: Optional[os.PathLike] = N
         for stale in ("test", "test_sources", "sizes"):
             card.pop(stale, None)
         card["name"] = name
+        # convert() writes [parasitized, uninfected] scores whatever the base wrote (an older bundle's one logit).
+        card["head"] = OUTPUT_HEAD
         card["reference"] = fp32_path.name
         card["files"] = {p.name: {"kind": kind, "bytes": p.stat().st_size, "sha256": sha256_file(p)}
                          for p, kind in ((int8_path, "int8"), (fp32_path, "fp32"))}
@@ -549,18 +622,19 @@ def adapt(cells: os.PathLike, out: os.PathLike, model: Optional[os.PathLike] = N
         for b in bundles.values():
             card["files"][b.path.name].update({"input_dtype": b.input_dtype, "output_dtype": b.output_dtype})
 
-        prob_int8 = run_int8(bundles["int8"], x_held)
-        threshold = choose_threshold(y_held, prob_int8)
-        after = evaluate_on("held-out", "clinic", y_held, prob_int8, threshold, ci_groups, unit)
-        after_fp32 = evaluate_on("held-out", "clinic", y_held, run_int8(bundles["fp32"], x_held), threshold,
-                                 ci_groups, unit)
-        rule = clinic_rule(y_held, prob_int8, threshold, held_groups if with_patients else None,
-                           base.card.get("patient_rule") or DEFAULT_RULE)
+        prob_held = out_of_fold if cross_validated else run_int8(bundles["int8"], x_held)
+        threshold = choose_threshold(y_held, prob_held, recipe.min_sensitivity)
+        rule_text = ("best Youden's J" if recipe.min_sensitivity is None else
+                     f"most specific keeping sensitivity >= {pct(recipe.min_sensitivity)}")
+        after = evaluate_on(where, "clinic", y_held, prob_held, threshold, ci_groups, unit)
+        rule = clinic_rule(y_held, prob_held, threshold, held_groups if with_patients else None,
+                           base.card.get("patient_rule") or DEFAULT_RULE, where)
         card["threshold"] = threshold
         card["patient_rule"] = rule
         m = after["metrics"]
-        log(f"after:  held-out AUC {m['roc_auc']:.4f}, sensitivity {pct(m['sensitivity'])}, "
-            f"specificity {pct(m['specificity'])} (int8, threshold {threshold} chosen on these cells)")
+        scored = "fold models, float" if cross_validated else "int8"
+        log(f"after:  {where} AUC {m['roc_auc']:.4f}, sensitivity {pct(m['sensitivity'])}, "
+            f"specificity {pct(m['specificity'])} ({scored}, threshold {threshold}: {rule_text} on these cells)")
         old_lab = (_old_lab_block(base_bundle, bundles["int8"], old_test, base_bundle.threshold, threshold)
                    if old_test is not None else None)
         if old_lab:
@@ -568,31 +642,48 @@ def adapt(cells: os.PathLike, out: os.PathLike, model: Optional[os.PathLike] = N
             log(f"old lab test split ({old_lab['patients']} patients, {old_lab['cells']} cells): AUC "
                 f"{b['roc_auc']:.4f} -> {a['roc_auc']:.4f}, accuracy {pct(b['accuracy'])} -> {pct(a['accuracy'])}")
         unfamiliar = refit_unfamiliar(card, clinic.pixels[keep], x_held)
+        if cross_validated:
+            unfamiliar["measured_on"] = "the clinic cells it was fitted on (every cell is fine-tuned on)"
         if unfamiliar["refitted"]:
             log(f"unfamiliar score refitted to the clinic: {100 * unfamiliar['held_out_flagged_before']:.1f}% of "
-                f"held-out clinic cells flagged before, {100 * unfamiliar['held_out_flagged_after']:.1f}% after")
+                f"{'clinic' if cross_validated else 'held-out clinic'} cells flagged before, "
+                f"{100 * unfamiliar['held_out_flagged_after']:.1f}% after")
 
         card["data"] = {**card.get("data", {}), "calibration": {
             "cells": int(len(calibration)), "clinic_cells": int(len(keep)),
             "replayed_cells": int(len(calibration) - len(keep))}}
         card["quantization"] = {**card.get("quantization", {}), "calibrated_on": "clinic fine-tuning cells"
                                 + (" + 200 replayed training cells" if replay_xy is not None else "")}
+        cells_block = {"parasitized": clinic.count(1), "uninfected": clinic.count(0),
+                       "list_sha256": clinic.list_sha256, "skipped": len(clinic.failed),
+                       "fine_tuned": {"parasitized": int(clinic.labels[keep].sum()),
+                                      "uninfected": int(len(keep) - clinic.labels[keep].sum())}}
+        if cross_validated:
+            cells_block["out_of_fold"] = {"parasitized": int(y_held.sum()), "uninfected": int(len(y_held) - y_held.sum()),
+                                          **folds_meta}
+        else:
+            cells_block["held_out"] = {"parasitized": int(y_held.sum()), "uninfected": int(len(y_held) - y_held.sum()),
+                                       "fraction": holdout, "seed": recipe.seed, "stratified": True}
+        if cross_validated:
+            note = ("after: each cell scored by the float fold model that was not fine-tuned on it; the threshold and "
+                    "patient rule were chosen on these scores, so after-sensitivity/specificity are optimistic; the "
+                    "bundle itself is fine-tuned on every clinic cell and has no untouched clinic cells to report")
+        else:
+            note = ("the threshold and patient rule were chosen on these held-out cells, so the after sensitivity and "
+                    "specificity are optimistic; AUC does not depend on the threshold")
+        evaluation = {"unit": unit, "before": before, "after": after, "threshold_rule": rule_text, "note": note}
+        if not cross_validated:
+            evaluation["after_fp32"] = evaluate_on(where, "clinic", y_held, run_int8(bundles["fp32"], x_held),
+                                                   threshold, ci_groups, unit)
         card["adaptation"] = {
             "base_model": {"name": base.card.get("name"), "file": base.int8_path.name,
                            "sha256": sha256_file(base.int8_path), "keras_sha256": sha256_file(base.keras_path),
                            "threshold": base_bundle.threshold},
-            "cells": {"parasitized": clinic.count(1), "uninfected": clinic.count(0),
-                      "list_sha256": clinic.list_sha256, "skipped": len(clinic.failed),
-                      "fine_tuned": {"parasitized": int(clinic.labels[keep].sum()),
-                                     "uninfected": int(len(keep) - clinic.labels[keep].sum())},
-                      "held_out": {"parasitized": int(y_held.sum()), "uninfected": int(len(y_held) - y_held.sum()),
-                                   "fraction": holdout, "seed": recipe.seed, "stratified": True}},
+            "cells": cells_block,
             "recipe": recipe.to_dict(),
             "training": {k: v for k, v in training.items()},
             "replay": replay_meta,
-            "held_out": {"unit": unit, "before": before, "after": after, "after_fp32": after_fp32,
-                         "note": "the threshold and patient rule were chosen on these held-out cells, so the after "
-                                 "sensitivity and specificity are optimistic; AUC does not depend on the threshold"},
+            ("out_of_fold" if cross_validated else "held_out"): evaluation,
             "old_lab_test": old_lab,
             "unfamiliar": unfamiliar,
             "wall_seconds": time.time() - started,
@@ -615,14 +706,15 @@ def adapt(cells: os.PathLike, out: os.PathLike, model: Optional[os.PathLike] = N
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return AdaptResult(out, out / int8_path.name, out / fp32_path.name, out / card_path.name, out / keras_path.name,
-                       card, clinic.failed)
+                       card, clinic.failed, (y_held, prob_held))
 
 
 def format_adaptation(card: Dict) -> str:
     """The human summary: before and after on the clinic's held-out cells with intervals, and the old lab."""
     a = card["adaptation"]
-    h = a["held_out"]
-    cells = a["cells"]["held_out"]
+    cross_validated = "out_of_fold" in a
+    h = a["out_of_fold" if cross_validated else "held_out"]
+    cells = a["cells"]["out_of_fold" if cross_validated else "held_out"]
 
     def row(label: str, ev: Dict) -> str:
         m, ci = ev["metrics"], ev["ci95"]
@@ -634,10 +726,19 @@ def format_adaptation(card: Dict) -> str:
                 f"{pct(m['sensitivity'])}{band('sensitivity', pct)}  specificity {pct(m['specificity'])}"
                 f"{band('specificity', pct)}  threshold {m['threshold']}")
 
-    lines = [f"held-out clinic cells: {cells['parasitized']} parasitized, {cells['uninfected']} uninfected "
-             f"(95% CI: bootstrap over {h['unit']})",
-             row("before (base int8)", h["before"]), row("after (adapted int8)", h["after"]),
-             "  (threshold and patient rule chosen on these same cells: after-sensitivity/specificity are optimistic)"]
+    rule_text = h.get("threshold_rule", "best Youden's J")
+    if cross_validated:
+        lines = [f"clinic cells, out of fold ({cells['folds']} folds): {cells['parasitized']} parasitized, "
+                 f"{cells['uninfected']} uninfected (95% CI: bootstrap over {h['unit']})",
+                 row("before (base int8)", h["before"]), row("after (fold models)", h["after"]),
+                 f"  (threshold: {rule_text} on these out-of-fold scores, so after-sensitivity/specificity are "
+                 "optimistic; the bundle is then fine-tuned on all the cells)"]
+    else:
+        lines = [f"held-out clinic cells: {cells['parasitized']} parasitized, {cells['uninfected']} uninfected "
+                 f"(95% CI: bootstrap over {h['unit']})",
+                 row("before (base int8)", h["before"]), row("after (adapted int8)", h["after"]),
+                 f"  (threshold: {rule_text} on these same cells, patient rule too: after-sensitivity/specificity are "
+                 "optimistic)"]
     old = a.get("old_lab_test")
     if old:
         lines.append(f"old lab, test split: {old['patients']} patients, {old['cells']} cells (95% CI: bootstrap over "

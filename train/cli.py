@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from malaria_edge.train.dataset import DatasetError, NIH_ZIP_URL, describe_bad, download_zip, format_counts, prepare
+from malaria_edge.train.adapt import Recipe
 
 
 def require_tensorflow(command: str) -> None:
@@ -136,8 +137,15 @@ def train_main(manifest, out, preset, epochs, batch_size, input_size, learning_r
 @click.option("--replay-cells", default=2000, show_default=True, help="Old-lab cells mixed into every epoch.")
 @click.option("--holdout", default=0.3, show_default=True,
               help="Share of each class held out to choose the threshold and measure before/after.")
+@click.option("--folds", default=Recipe.folds, show_default=True,
+              help="2-10: choose the threshold on out-of-fold scores of every clinic cell (one fine-tune per fold), "
+                   "then fine-tune the bundle on all of them; 0: hold out --holdout and never train on it.")
+@click.option("--min-sensitivity", type=float, default=Recipe.min_sensitivity, show_default=True,
+              help="The threshold is the most specific one that keeps at least this sensitivity on the clinic's "
+                   "out-of-fold (or held-out) cells; 0: the best Youden's J instead.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the held-out split, replay draw and training.")
-def adapt_main(cells_dir, out, model_path, replay, name, strategy, epochs, learning_rate, replay_cells, holdout, seed):
+def adapt_main(cells_dir, out, model_path, replay, name, strategy, epochs, learning_rate, replay_cells, holdout, folds,
+               min_sensitivity, seed):
     """Fine-tune a model bundle on a clinic's own labelled cells and write a new bundle for edge-classify.
 
     \b
@@ -147,9 +155,9 @@ def adapt_main(cells_dir, out, model_path, replay, name, strategy, epochs, learn
       edge-classify new_slide/ --model clinic_model/malaria_adapted_int8.tflite
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from malaria_edge.train.adapt import AdaptError, Recipe, adapt, format_adaptation
+    from malaria_edge.train.adapt import AdaptError, adapt, format_adaptation
     recipe = Recipe(strategy=strategy, epochs=epochs, learning_rate=learning_rate, replay_cells=replay_cells,
-                    seed=seed)
+                    seed=seed, folds=folds, min_sensitivity=min_sensitivity or None)
     try:
         result = adapt(cells_dir, out, model_path, replay, name, recipe, holdout, command=command_line("edge-adapt"))
     except AdaptError as exc:
