@@ -39,6 +39,16 @@ def test_adapted_bundle_is_complete_and_classifies(adapted, samples, tmp_path):
     assert len(rows) == 1 + 41 and "clinic_int8.tflite" in done.stderr
 
 
+def test_adapted_files_carry_the_phone_metadata(adapted):
+    """A clinic's adapted int8 file goes to its phones too: labels and the input description, as edge-quantize
+    writes them."""
+    from malaria_edge.quantize.metadata import read_metadata
+    info = read_metadata(adapted[0].int8_path)
+    assert list(info["packed_labels"].values())[0] == ["parasitized", "uninfected"]
+    assert info["subgraph_metadata"][0]["input_tensor_metadata"][0]["content"]["content_properties"][
+        "color_space"] == "RGB"
+
+
 def test_card_records_the_adaptation(adapted, tiny_bundle, samples):
     result, _ = adapted
     card = json.loads(result.card_path.read_text())
