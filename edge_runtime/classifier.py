@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from .bundle import DEFAULT_MODEL, ModelBundle
-from .images import ImageError, ImageInput, check_cell_plausible, load_image, prepare_cell
+from .images import ImageError, ImageInput, load_image, plain_webp_pixels, prepare_cell, prepare_single_cell
 from .labels import PARASITIZED, REVIEW, UNINFECTED, label_from_folder, patient_id
 from .outputs import parasitized_probability
 from .patients import summarize_groups
@@ -80,10 +80,17 @@ class Classifier:
 
     def preprocess(self, item: ImageInput) -> np.ndarray:
         """A single-cell image as model input: decoded (a large JPEG at a reduced scale), refused when it cannot be
-        a cell (see ``check_cell_plausible``), then its central cell cut and masked like a field's cell."""
-        img = load_image(item, draft_to=4 * self.bundle.size)
-        check_cell_plausible(img)
-        return prepare_cell(img, self.bundle.size, self.bundle.stain)
+        a cell (see ``images.check_cell_plausible``), then its central cell cut and masked like a field's cell.
+        A plain WebP file goes from OpenCV's decoder to the cut as an array, with no Pillow image in between."""
+        image = None
+        if isinstance(item, (str, os.PathLike)):
+            try:
+                image = plain_webp_pixels(item)
+            except OSError:
+                image = None  # load_image says why, in its words
+        if image is None:
+            image = load_image(item, draft_to=4 * self.bundle.size)
+        return prepare_single_cell(image, self.bundle.size, self.bundle.stain)
 
     def prepare_crop(self, crop: np.ndarray) -> np.ndarray:
         """A cell already cut by ``segment.cut_cell`` as model input."""
