@@ -154,9 +154,8 @@ def open_image_size(path: Union[str, os.PathLike]) -> tuple:
     """(width, height) read from the file header only; :class:`ImageError` with a one-line reason when the file
     is missing, empty or not an image. A simple WebP's 30-byte header is read directly (Pillow's WebP opener
     reads the whole file and sets up its decoder)."""
-    path = Path(path)
     try:
-        if path.stat().st_size == 0:
+        if os.stat(path).st_size == 0:
             raise ImageError("empty file (0 bytes)")
         with open(path, "rb") as handle:
             size = plain_webp_size(handle.read(30))
@@ -392,7 +391,8 @@ def prepare_single_cell(image: Union[np.ndarray, Image.Image], size: int, stain:
         raise ImageError("no cell found in the image (blank, all black or not a blood smear)")
     cut = segment.cut_cell(rgb, region)
     if cut.shape[:2] != (size, size):
-        cut = np.asarray(Image.fromarray(cut).resize((size, size), Image.BILINEAR), dtype=np.uint8)
+        resized = Image.frombytes("RGB", cut.shape[1::-1], cut).resize((size, size), Image.BILINEAR)
+        cut = np.frombuffer(resized.tobytes(), np.uint8).reshape(size, size, 3)
     if stain:
         cut = normalize_stain(cut, stain["mean"], stain["std"])
     return cut
