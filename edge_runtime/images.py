@@ -129,10 +129,11 @@ def plain_webp_pixels(path: Union[str, os.PathLike]) -> Optional[np.ndarray]:
         if size is None or size[0] * size[1] > MAX_PIXELS:
             return None
         data = np.frombuffer(head + handle.read(), np.uint8)
-    bgr = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
-    if bgr is None or bgr.ndim != 3 or bgr.shape[2] != 3 or bgr.shape[1::-1] != size:
+    rgb_flag = getattr(cv2, "IMREAD_COLOR_RGB", None)  # OpenCV 4.10+: libwebp writes RGB, no channel swap after
+    pixels = cv2.imdecode(data, cv2.IMREAD_UNCHANGED if rgb_flag is None else rgb_flag)
+    if pixels is None or pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.shape[1::-1] != size:
         return None
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return pixels if rgb_flag is not None else cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
 
 
 def plain_webp_size(head: bytes) -> Optional[tuple]:
