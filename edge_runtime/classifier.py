@@ -79,18 +79,21 @@ class Classifier:
         return PARASITIZED if prob >= self.threshold else UNINFECTED
 
     def preprocess(self, item: ImageInput) -> np.ndarray:
-        """A single-cell image as model input: decoded (a large JPEG at a reduced scale), refused when it cannot be
-        a cell (see ``images.check_cell_plausible``), then its central cell cut and masked like a field's cell.
-        A plain WebP file goes from OpenCV's decoder to the cut as an array, with no Pillow image in between."""
-        image = None
+        """A single-cell image as model input: decoded (:meth:`decode`), refused when it cannot be a cell (see
+        ``images.check_cell_plausible``), then its central cell cut and masked like a field's cell."""
+        return prepare_single_cell(self.decode(item), self.bundle.size, self.bundle.stain)
+
+    def decode(self, item: ImageInput) -> Union[np.ndarray, Image.Image]:
+        """The pixels of a single-cell input, upright RGB: a plain WebP file as OpenCV's array (no Pillow image
+        in between), anything else as a Pillow image (a large JPEG decoded at a reduced scale)."""
         if isinstance(item, (str, os.PathLike)):
             try:
-                image = plain_webp_pixels(item)
+                pixels = plain_webp_pixels(item)
             except OSError:
-                image = None  # load_image says why, in its words
-        if image is None:
-            image = load_image(item, draft_to=4 * self.bundle.size)
-        return prepare_single_cell(image, self.bundle.size, self.bundle.stain)
+                pixels = None  # load_image says why, in its words
+            if pixels is not None:
+                return pixels
+        return load_image(item, draft_to=4 * self.bundle.size)
 
     def prepare_crop(self, crop: np.ndarray) -> np.ndarray:
         """A cell already cut by ``segment.cut_cell`` as model input."""

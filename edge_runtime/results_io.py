@@ -536,14 +536,14 @@ class RowWriter:
             new = not (append and path.exists() and path.stat().st_size > 0)
             self.fh = open(path, "a" if append else "w", **TEXT_OPTIONS)
             self.owned = True
-        self.csv = csv.DictWriter(self.fh, fieldnames=fields, extrasaction="ignore") if fmt == "csv" else None
+        self.csv = csv.writer(self.fh) if fmt == "csv" else None
         if self.csv and new:
-            self.csv.writeheader()
+            self.csv.writerow(fields)
             self.fh.flush()
 
     def write(self, row: Dict) -> None:
         if self.csv:
-            self.csv.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in self.fields})
+            self.csv.writerow(["" if row.get(k) is None else row.get(k) for k in self.fields])
         else:
             self.fh.write(json.dumps({k: row.get(k) for k in self.fields}) + "\n")
         self.fh.flush()

@@ -591,8 +591,9 @@ def is_on_black(rgb: np.ndarray, nonblack: Optional[np.ndarray] = None) -> bool:
     """True for a crop already masked on black (the NIH look): most of its border pixels are black.
     ``nonblack``: the crop's :func:`nonblack_mask`, when the caller has it already."""
     if nonblack is not None:
-        border = np.concatenate([nonblack[0], nonblack[-1], nonblack[:, 0], nonblack[:, -1]])
-        return len(border) - np.count_nonzero(border) > 0.5 * len(border)
+        edges = (nonblack[0], nonblack[-1], nonblack[:, 0], nonblack[:, -1])
+        border = sum(len(edge) for edge in edges)
+        return border - sum(cv2.countNonZero(edge) for edge in edges) > 0.5 * border
     border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]]).astype(np.int32)
     sums = border[:, 0] + border[:, 1] + border[:, 2]
     return np.count_nonzero(sums <= 30) > 0.5 * len(sums)
