@@ -259,6 +259,26 @@ def _check_cell_pixels(pixels: np.ndarray, foreground: np.ndarray) -> None:
         raise ImageError("the image is one uniform colour: no cell visible")
 
 
+def _check_cell_array(rgb: np.ndarray, nonblack: np.ndarray) -> None:
+    """:func:`_check_cell_pixels` on an HxWx3 uint8 crop and its uint8 non-black mask (OpenCV installed), with the
+    same decisions in a third of the time: a channel's spread over the cell is at least sqrt(m / n) times its
+    spread over any m of its n pixels (the sample's own mean minimises the sample's squared deviations), so a
+    spread well above the limit on every fourth row settles it; only a crop that fails that bound is measured
+    whole."""
+    from .segment import cv2
+    count = cv2.countNonZero(nonblack)
+    share = count / nonblack.size
+    if share < MIN_FOREGROUND_FRACTION:
+        raise ImageError(f"no cell visible: the image is (nearly) all black ({share:.1%} foreground)")
+    sample = nonblack[::4]
+    sampled = cv2.countNonZero(sample)
+    if sampled:
+        _, std = cv2.meanStdDev(rgb[::4], mask=sample)
+        if sampled / count * float(std.max()) ** 2 >= MIN_FOREGROUND_SPREAD ** 2 * (1 + 1e-9):
+            return
+    _check_cell_pixels(rgb.reshape(-1, 3), nonblack.reshape(-1))
+
+
 def channel_sum(pixels: np.ndarray) -> np.ndarray:
     """R + G + B of uint8 pixels [..., 3] as uint16: three plane adds, several times faster than ``sum(axis=-1)``
     over a length-3 axis."""
@@ -386,7 +406,7 @@ def prepare_single_cell(image: Union[np.ndarray, Image.Image], size: int, stain:
     _check_cell_shape(width, height)
     rgb = np.ascontiguousarray(image, dtype=np.uint8)
     nonblack = segment.nonblack_mask(rgb)
-    _check_cell_pixels(rgb.reshape(-1, 3), nonblack.reshape(-1))
+    _check_cell_array(rgb, nonblack)
     region = segment.central_cell(rgb, nonblack)
     if region is None:
         raise ImageError("no cell found in the image (blank, all black or not a blood smear)")
