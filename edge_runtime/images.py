@@ -391,15 +391,20 @@ def cut_central_cell(img: Image.Image) -> Image.Image:
 
 
 def prepare_single_cell(image: Union[np.ndarray, Image.Image], size: int, stain: dict | None = None) -> np.ndarray:
-    """A decoded single-cell image (an upright RGB Pillow image, or its HxWx3 uint8 array) as model input: what
+    """A decoded single-cell image (an upright Pillow image, or an array as :func:`array_to_image` takes it;
+    ``Classifier.decode`` gives an RGB image or an HxWx3 uint8 array) as model input: what
     :func:`check_cell_plausible` then :func:`prepare_cell` do on it, with the same errors and the same pixels. The
     cell path runs this once per image, so a crop of at most 256 px a side (every NIH cell) is checked and cut as
     an array, with one non-black mask shared by the check, the on-black test and the cut (Pillow only resizes);
     larger images, or any without OpenCV, go through those two functions."""
     from . import segment
+    if isinstance(image, np.ndarray) and (image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8):
+        image = array_to_image(image)
+    elif isinstance(image, Image.Image) and image.mode != "RGB":
+        image = to_rgb(image)
     is_array = isinstance(image, np.ndarray)
     width, height = (image.shape[1], image.shape[0]) if is_array else image.size
-    if segment.cv2 is None or max(width, height) > 256 or (is_array and image.shape[2:] != (3,)):
+    if segment.cv2 is None or max(width, height) > 256:
         img = Image.fromarray(image) if is_array else image
         check_cell_plausible(img)
         return prepare_cell(img, size, stain)
