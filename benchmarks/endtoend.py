@@ -5,8 +5,9 @@ process (on a shared machine the wall time includes other people's work; CPU tim
 such as fsync's):
 
 - the stages, timed in this process with the runtime's own functions in the order ``edge-classify`` calls them:
-  decode (``open_image``), preprocess (``Classifier.preprocess`` on the decoded image: the is-it-a-cell check, the
-  central-cell cut, the resize, and whatever the card asks for), interpreter (``Classifier.probabilities`` on a
+  decode (``Classifier.decode``: OpenCV's array for a plain WebP, else a Pillow image), preprocess
+  (``images.prepare_single_cell`` on the decoded image: the is-it-a-cell check, the central-cell cut, the resize,
+  and whatever the card asks for), interpreter (``Classifier.probabilities`` on a
   batch), unfamiliar (the card's colour statistics of the batch, when it has them), write (``RowWriter.write``, one
   row per cell as ``edge-classify`` writes it, flush and fsync included);
 - ``edge-classify`` itself in a fresh process on the same core (start-up and model load included), for the wall
@@ -29,7 +30,7 @@ import numpy as np
 from malaria_edge.edge_runtime.bundle import ModelBundle
 from malaria_edge.edge_runtime.classifier import Classifier
 from malaria_edge.edge_runtime.cli import CELL_FIELDS, RowWriter
-from malaria_edge.edge_runtime.images import ImageError, open_image
+from malaria_edge.edge_runtime.images import ImageError, prepare_single_cell
 
 STAGES = ("decode", "preprocess", "interpreter", "unfamiliar", "write")
 
@@ -104,9 +105,9 @@ def time_stages(bundle: ModelBundle, paths: List[str], batch: int, output: Path)
         for path in paths:
             clock.tick()
             try:
-                image = open_image(path, 4 * bundle.size)
+                image = classifier.decode(path)
                 clock.add("decode")
-                cell = classifier.preprocess(image)
+                cell = prepare_single_cell(image, bundle.size, bundle.stain)
                 clock.add("preprocess")
             except ImageError:
                 failed += 1

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from .bundle import DEFAULT_MODEL, ModelBundle
-from .images import ImageError, ImageInput, check_cell_plausible, load_image, prepare_cell
+from .images import ImageError, ImageInput, load_image, plain_webp_pixels, prepare_cell, prepare_single_cell
 from .labels import PARASITIZED, REVIEW, UNINFECTED, label_from_folder, patient_id
 from .outputs import parasitized_probability
 from .patients import summarize_groups
@@ -79,11 +79,21 @@ class Classifier:
         return PARASITIZED if prob >= self.threshold else UNINFECTED
 
     def preprocess(self, item: ImageInput) -> np.ndarray:
-        """A single-cell image as model input: decoded (a large JPEG at a reduced scale), refused when it cannot be
-        a cell (see ``check_cell_plausible``), then its central cell cut and masked like a field's cell."""
-        img = load_image(item, draft_to=4 * self.bundle.size)
-        check_cell_plausible(img)
-        return prepare_cell(img, self.bundle.size, self.bundle.stain)
+        """A single-cell image as model input: decoded (:meth:`decode`), refused when it cannot be a cell (see
+        ``images.check_cell_plausible``), then its central cell cut and masked like a field's cell."""
+        return prepare_single_cell(self.decode(item), self.bundle.size, self.bundle.stain)
+
+    def decode(self, item: ImageInput) -> Union[np.ndarray, Image.Image]:
+        """The pixels of a single-cell input, upright RGB: a plain WebP file as OpenCV's array (no Pillow image
+        in between), anything else as a Pillow image (a large JPEG decoded at a reduced scale)."""
+        if isinstance(item, (str, os.PathLike)):
+            try:
+                pixels = plain_webp_pixels(item)
+            except OSError:
+                pixels = None  # load_image says why, in its words
+            if pixels is not None:
+                return pixels
+        return load_image(item, draft_to=4 * self.bundle.size)
 
     def prepare_crop(self, crop: np.ndarray) -> np.ndarray:
         """A cell already cut by ``segment.cut_cell`` as model input."""

@@ -272,7 +272,7 @@ def main(paths, model_path, compare, threads, backend, batch_size, threshold, mi
                             reference.bundle.file_info.get("sha256") if reference else None,
                             input_kind=input_kind, side_files=[os.path.realpath(p) for p in (summary_json, groups_output) if p])
     try:
-        check_outputs(targets, found.images + used, resume, overwrite, recorded_side_files(output))
+        check_outputs(targets, found.images + used, resume, overwrite, recorded_side_files(output), found.real)
         labels = Labels.read(labels_csv) if labels_csv else None
         if not found.images:
             click.echo("edge-classify: no images to classify", err=True)
@@ -308,7 +308,7 @@ def _classify(classifier, reference, found, labels, output, regular_output, fmt,
     if dropped is not None:
         previous = [r for r in previous if r.get("path") != dropped]
         done.discard(os.path.realpath(dropped))
-    todo = [p for p in images if os.path.realpath(p) not in done] if done else list(images)
+    todo = [p for p in images if found.real(p) not in done] if done else list(images)
 
     fields = CELL_FIELDS + (REFERENCE_FIELDS if reference else [])
     writer = RowWriter(output, fmt, fields, append=bool(resume))

@@ -13,6 +13,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
+from .images import ImageError, open_image, open_image_size
 from .labels import PARASITIZED, REVIEW, UNINFECTED
 from .metrics import wilson_interval
 from .segment import CellRegion, cut_cell, draw_outlines, segment_field
@@ -175,7 +176,6 @@ INPUT_KINDS = ("auto", "cell", "field")
 
 def image_size(path) -> Tuple[int, int]:
     """(width, height) from the file header, without decoding the pixels; ImageError when unreadable."""
-    from .images import open_image_size
     return open_image_size(path)
 
 
@@ -183,7 +183,6 @@ def field_or_cell(classifier, path, input_kind: str = "auto") -> Tuple[str, Opti
     """Decide what an image is and, for a field, classify it: ("cell", None) for a single-cell image (classify it
     with ``classifier.predict``), ("field", result) for a field with cells. Raises ImageError with the reason for
     an image that is neither (no cells found, too small to be a field)."""
-    from .images import ImageError, open_image
     width, height = image_size(path)
     if input_kind == "cell" or (input_kind == "auto" and max(width, height) <= CELL_MAX_SIDE):
         return "cell", None

@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from .images import is_image_path
 from .labels import CLASSES
@@ -71,9 +71,13 @@ class Inputs:
     images: List[str] = field(default_factory=list)
     problems: List[str] = field(default_factory=list)
     duplicates: int = 0
+    resolved: Dict[str, str] = field(default_factory=dict, repr=False)
 
     def real(self, path: str) -> str:
-        return os.path.realpath(path)
+        """The resolved path of ``path``, from the de-duplication's own realpath call when it made one (resolving
+        is a system call per folder level: twice for thousands of cells is measurable)."""
+        hit = self.resolved.get(path)
+        return os.path.realpath(path) if hit is None else hit
 
 
 def _walk(root: str, problems: List[str]) -> Iterable[Tuple[str, List[str]]]:
@@ -153,6 +157,7 @@ def expand_inputs(paths: Sequence[str]) -> Inputs:
             return
         seen.add(real)
         result.images.append(path)
+        result.resolved[path] = real
 
     for item in paths:
         if os.path.lexists(item):
@@ -254,12 +259,13 @@ def _real(path: Path) -> str:
 
 
 def check_outputs(targets: Dict[str, Optional[Path]], inputs: Iterable[str], resume: bool, overwrite: bool,
-                  own_side_files: Iterable[str] = ()) -> None:
+                  own_side_files: Iterable[str] = (), real: Optional[Callable[[str], str]] = None) -> None:
     """Refuse, before any work, an output that is a folder, sits in a missing folder, is also an input or another
     output, or exists without ``--overwrite`` (``--output`` may also be continued with ``--resume``; the summary and
-    groups files recorded with it may be replaced by that resume)."""
+    groups files recorded with it may be replaced by that resume). ``real``: how to resolve an input's path
+    (default ``os.path.realpath``; :meth:`Inputs.real` reuses what the de-duplication resolved)."""
     seen: Dict[str, str] = {}
-    input_reals = {_real(Path(p)) for p in inputs}
+    input_reals = {(real or os.path.realpath)(p) for p in inputs}
     own = set(own_side_files)
     for option, path in targets.items():
         if path is None:
@@ -530,14 +536,14 @@ class RowWriter:
             new = not (append and path.exists() and path.stat().st_size > 0)
             self.fh = open(path, "a" if append else "w", **TEXT_OPTIONS)
             self.owned = True
-        self.csv = csv.DictWriter(self.fh, fieldnames=fields, extrasaction="ignore") if fmt == "csv" else None
+        self.csv = csv.writer(self.fh) if fmt == "csv" else None
         if self.csv and new:
-            self.csv.writeheader()
+            self.csv.writerow(fields)
             self.fh.flush()
 
     def write(self, row: Dict) -> None:
         if self.csv:
-            self.csv.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in self.fields})
+            self.csv.writerow(["" if row.get(k) is None else row.get(k) for k in self.fields])
         else:
             self.fh.write(json.dumps({k: row.get(k) for k in self.fields}) + "\n")
         self.fh.flush()

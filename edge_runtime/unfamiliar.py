@@ -25,21 +25,28 @@ def colour_features(cells: np.ndarray) -> np.ndarray:
     """[N, H, W, 3] uint8 model inputs -> [N, 13] statistics over the cell's pixels: per-channel mean and spread,
     the share of the crop the cell fills, and the mean and spread of saturation and of two chroma differences
     (red - green, green - blue), which carry the stain's hue. A crop with no foreground gets crop-wide figures."""
-    cells = np.asarray(cells, dtype=np.float32)
+    cells = np.asarray(cells)
     if cells.ndim == 3:
         cells = cells[None]
     n, pixels = len(cells), cells.shape[1] * cells.shape[2]
-    rgb = cells.reshape(n, pixels, 3)
-    red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    # Six planes per cell [N, 6, pixels], each row contiguous and written in place: red, green, blue (cast to
+    # float32 and moved off the pixel axis in one copy), saturation and the two chroma differences.
+    planes = np.empty((n, 6, pixels), np.float32)
+    planes[:, :3] = cells.reshape(n, pixels, 3).transpose(0, 2, 1)
+    red, green, blue, saturation = planes[:, 0], planes[:, 1], planes[:, 2], planes[:, 3]
     foreground = (red + green + blue) > FOREGROUND_MIN_SUM
     count = np.count_nonzero(foreground, axis=1).astype(np.float32)
     empty = count < 1
     foreground[empty] = True
     count[empty] = pixels
-    brightest, darkest = np.maximum(np.maximum(red, green), blue), np.minimum(np.minimum(red, green), blue)
-    saturation = np.where(brightest > 0, (brightest - darkest) / np.maximum(brightest, 1e-6), 0.0) * 255.0
-    # Six planes per cell, their foreground mean and spread by two batched matrix products.
-    planes = np.stack([red, green, blue, saturation, red - green, green - blue], axis=1)  # [N, 6, pixels]
+    brightest = np.maximum(np.maximum(red, green), blue)
+    np.subtract(brightest, np.minimum(np.minimum(red, green), blue), out=saturation)
+    np.maximum(brightest, np.float32(1e-6), out=brightest)
+    saturation /= brightest  # 0 where the pixel is black (brightest 0, so the difference is 0)
+    saturation *= np.float32(255.0)
+    np.subtract(red, green, out=planes[:, 4])
+    np.subtract(green, blue, out=planes[:, 5])
+    # Their foreground mean and spread by two batched matrix products.
     weights = foreground.astype(np.float32)[:, :, None]
     mean = (planes @ weights)[:, :, 0] / count[:, None]
     planes -= mean[:, :, None]

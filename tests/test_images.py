@@ -146,3 +146,63 @@ def test_a_webp_with_alpha_or_exif_rotation_is_still_composited_and_turned(tmp_p
     cell_rgb.resize((100, 60)).save(rotated, exif=exif.tobytes(), lossless=True)
     assert plain_webp_size(rotated.read_bytes()[:30]) is None
     assert open_image(rotated).size == (60, 100)
+
+
+def _pillow_path(image, size=48):
+    """What the single-cell path did before its array fast path: the Pillow check, then prepare_cell."""
+    from malaria_edge.edge_runtime.images import check_cell_plausible
+    check_cell_plausible(image)
+    return prepare_cell(image, size)
+
+
+def _outcome(fn, image):
+    try:
+        return fn(image).tobytes()
+    except ImageError as exc:
+        return str(exc)
+
+
+def test_the_array_fast_path_gives_the_pillow_paths_pixels_and_errors(samples):
+    """prepare_single_cell (decoded array in, one shared non-black mask) against the Pillow check and
+    prepare_cell: the same model input for every bundled sample, the same refusal for what is not a cell."""
+    pytest.importorskip("cv2")
+    from malaria_edge.edge_runtime.images import prepare_single_cell
+    cells = [Image.open(p).convert("RGB") for p in sorted(samples.rglob("*.webp"))]
+    rng = np.random.default_rng(0)
+    glass = np.full((90, 100, 3), 215, np.uint8)
+    glass[20:70, 25:75] = np.asarray(cells[0].resize((50, 50)))
+    not_cells = [np.zeros((64, 64, 3), np.uint8), np.full((64, 64, 3), 120, np.uint8),
+                 np.zeros((10, 64, 3), np.uint8), np.full((20, 90, 3), 200, np.uint8),
+                 rng.integers(0, 255, (100, 100, 3), dtype=np.uint8), glass]
+    for image in cells + [Image.fromarray(a) for a in not_cells]:
+        expected = _outcome(_pillow_path, image)
+        assert _outcome(lambda im: prepare_single_cell(im, 48), image) == expected
+        assert _outcome(lambda im: prepare_single_cell(np.asarray(im), 48), image) == expected
+
+
+@pytest.mark.parametrize("spread", [0.0, 1.0, 1.9, 1.99, 2.01, 2.1, 3.0, 4.5, 8.0])
+def test_the_fast_uniform_colour_check_decides_as_the_whole_crop_does(spread):
+    """The sampled-rows shortcut of the is-it-a-cell check never changes its decision: crops whose colour
+    spread lies just below, at and above the 2-grey-level limit are refused or passed as the full measure says."""
+    pytest.importorskip("cv2")
+    from malaria_edge.edge_runtime.images import check_cell_plausible, prepare_single_cell
+    rng = np.random.default_rng(int(spread * 100))
+    for trial in range(20):
+        crop = np.zeros((80, 80, 3), np.uint8)
+        values = np.clip(np.round(150 + rng.normal(0, spread, (60, 60, 3))), 0, 255).astype(np.uint8)
+        if trial % 2:  # spread concentrated in a few rows, so the sampled rows see less of it
+            values[:] = 150
+            values[rng.integers(0, 60, 3)] = np.clip(150 + rng.normal(0, 4 * spread, (3, 60, 3)), 0, 255)
+        crop[10:70, 10:70] = values
+        image = Image.fromarray(crop)
+        try:
+            check_cell_plausible(image)
+            expected = None
+        except ImageError as exc:
+            expected = str(exc)
+        try:
+            prepare_single_cell(crop, 48)
+            got = None
+        except ImageError as exc:
+            got = str(exc)
+        assert got == expected or (expected is None and got and "no cell found" in got)
