@@ -23,11 +23,6 @@ from malaria_edge.edge_runtime.metrics import pct
 from malaria_edge.edge_runtime.outputs import parasitized_probability
 from malaria_edge.edge_runtime.patients import choose_rule, per_patient_counts
 
-PHONE_DESCRIPTION = ("Tells a parasitized from an uninfected red blood cell in a Giemsa-stained thin blood smear. "
-                     "A screening aid, not a diagnosis: see the model card (JSON beside this file) for its test "
-                     "patients and figures.")
-
-
 def run_bundle(bundle: ModelBundle, pixels: np.ndarray, batch: int = 64) -> np.ndarray:
     """P(parasitized) for uint8 cells through the runtime's interpreter wrapper."""
     out = []
@@ -44,7 +39,7 @@ def quantize(model_path: Path, manifest: Path, out: Path, name: str = "malaria",
     import keras
 
     from malaria_edge.quantize.convert import OUTPUT_HEAD, calibration_cells, convert
-    from malaria_edge.quantize.metadata import write_metadata
+    from malaria_edge.quantize.metadata import write_bundle_metadata
     from malaria_edge.train.dataset import NIH, load_prepare_report, read_manifest
     from malaria_edge.train.pipeline import load_arrays
 
@@ -70,8 +65,7 @@ def quantize(model_path: Path, manifest: Path, out: Path, name: str = "malaria",
     fp32_path, int8_path = out / f"{name}_fp32.tflite", out / f"{name}_int8.tflite"
     started = time.time()
     convert(model, cal_x, fp32_path, int8_path)
-    for path, float_input in ((int8_path, False), (fp32_path, True)):
-        write_metadata(path, labels, size, float_input, PHONE_DESCRIPTION)
+    write_bundle_metadata(int8_path, fp32_path, labels, size)
     if stain:
         log("warning: this model was trained with per-cell stain normalisation, which edge_runtime does in numpy "
             "and a phone's standard client cannot do, so MediaPipe would see cells the model was not trained on; "

@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import List
 
 MODEL_NAME = "malaria-edge cell classifier"
+PHONE_DESCRIPTION = ("Tells a parasitized from an uninfected red blood cell in a Giemsa-stained thin blood smear. "
+                     "A screening aid, not a diagnosis: see the model card (JSON beside this file) for its test "
+                     "patients and figures.")
 VERSION_HELPER = "mediapipe.tasks.cc.metadata.python._pywrap_metadata_version"
 
 
@@ -118,3 +121,10 @@ def read_metadata(path: Path) -> dict:
     info["packed_labels"] = {name: displayer.get_associated_file_buffer(name).decode().split()
                              for name in files}
     return info
+
+
+def write_bundle_metadata(int8_path: Path, fp32_path: Path, labels: List[str], size: int) -> None:
+    """The phone metadata of a bundle's two files (uint8 input for int8, float input for fp32), as edge-quantize
+    and edge-adapt write them."""
+    for path, float_input in ((int8_path, False), (fp32_path, True)):
+        write_metadata(path, labels, size, float_input, PHONE_DESCRIPTION)

@@ -525,9 +525,8 @@ def adapt(cells: os.PathLike, out: os.PathLike, model: Optional[os.PathLike] = N
     import keras
     import tensorflow as tf
 
-    from malaria_edge.quantize.cli import PHONE_DESCRIPTION
     from malaria_edge.quantize.convert import OUTPUT_HEAD, convert
-    from malaria_edge.quantize.metadata import write_metadata
+    from malaria_edge.quantize.metadata import write_bundle_metadata
 
     started, started_cpu = time.time(), _cpu_seconds()
     recipe = recipe or Recipe()
@@ -604,8 +603,7 @@ def adapt(cells: os.PathLike, out: os.PathLike, model: Optional[os.PathLike] = N
             calibration = np.concatenate([calibration, replay_xy[0][:200]])
         t0 = time.time()
         convert(keras_model, calibration, fp32_path, int8_path)
-        for path, float_input in ((int8_path, False), (fp32_path, True)):
-            write_metadata(path, [PARASITIZED, UNINFECTED], size, float_input, PHONE_DESCRIPTION)
+        write_bundle_metadata(int8_path, fp32_path, [PARASITIZED, UNINFECTED], size)
         log(f"quantized in {time.time() - t0:.0f}s: {int8_path.name} {int8_path.stat().st_size / 1024:.0f} KiB")
 
         card = copy.deepcopy(base.card)
