@@ -39,6 +39,7 @@ _ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_18
 # least 33% foreground and a per-channel spread of at least 6.9 grey levels on it.
 MIN_CELL_SIDE = 16
 MAX_CELL_ASPECT = 4.0
+NO_CELL_FOUND = "no cell found in the image (blank, all black or not a blood smear)"
 MIN_FOREGROUND_FRACTION = 0.05
 MIN_FOREGROUND_SPREAD = 2.0
 
@@ -382,11 +383,11 @@ def cut_central_cell(img: Image.Image) -> Image.Image:
         if not segment.is_on_black(arr):
             raise ImageError(segment.OPENCV_HINT)
         if np.mean(arr.astype(np.int32).sum(axis=2) > 30) < 0.05:
-            raise ImageError("no cell found in the image (blank, all black or not a blood smear)")
+            raise ImageError(NO_CELL_FOUND)
         return img
     region = segment.central_cell(arr)
     if region is None:
-        raise ImageError("no cell found in the image (blank, all black or not a blood smear)")
+        raise ImageError(NO_CELL_FOUND)
     return Image.fromarray(segment.cut_cell(arr, region))
 
 
@@ -414,7 +415,7 @@ def prepare_single_cell(image: Union[np.ndarray, Image.Image], size: int, stain:
     _check_cell_array(rgb, nonblack)
     region = segment.central_cell(rgb, nonblack)
     if region is None:
-        raise ImageError("no cell found in the image (blank, all black or not a blood smear)")
+        raise ImageError(NO_CELL_FOUND)
     cut = segment.cut_cell(rgb, region)
     if cut.shape[:2] != (size, size):
         resized = Image.frombytes("RGB", cut.shape[1::-1], cut).resize((size, size), Image.BILINEAR)
