@@ -63,6 +63,27 @@ BORDER_MARGIN = 0.05
 CIRCLE_RADII = (0.35, 0.65)
 CIRCLE_PERFECTNESS = 0.45
 
+# OpenCV's own suppression of nearby circles (its minDist, in diameters) is kept small: at 0.45 d it also dropped
+# the circle of a cell overlapping a stronger neighbour, leaving that cell without a seed. Seeding circles are then
+# thinned by centre distance ourselves, strongest first (OpenCV returns them in that order).
+HOUGH_MIN_DISTANCE = 0.15
+CIRCLE_SPACING = 0.55
+
+# A circle whose centre falls on glass still seeds a cell when this fraction of its disk is stained: a pale cell
+# whose central pallor opens onto the glass (a "C" in the mask). Its disk, shrunk by PALE_CENTRE_FILL, is filled.
+PALE_CENTRE_COVER = 0.5
+PALE_CENTRE_FILL = 0.9
+
+# A circle-seeded region's pixels farther than these multiples of its circle's radius are not its own: beyond
+# BORDER_TRIM and reaching the image edge they are a cut neighbour that had no seed (kept, the cell would count as
+# cut by the border and be dropped); beyond REACH_TRIM and smaller than MIN_CELL_AREA they are a sliver of a
+# neighbour that widens the cell's box.
+BORDER_TRIM = 1.05
+REACH_TRIM = 1.3
+
+# The smallest region, in cell areas, that is counted as a red cell (platelets, debris and slivers are smaller).
+MIN_CELL_AREA = 0.3
+
 # Circles that measure a field's cell size must be rounder than seeds need to be: looser ones in a dense smear
 # include arcs of two neighbouring cells, and their median runs a fifth too large.
 SIZE_CIRCLE_PERFECTNESS = 0.6
@@ -242,22 +263,46 @@ def circles(density: np.ndarray, min_radius: float, max_radius: float, min_dista
     return np.zeros((0, 3), np.float32) if found is None else found[0]
 
 
-def cell_seeds(distance: np.ndarray, density: np.ndarray, mask: np.ndarray,
-               diameter: float) -> Tuple[np.ndarray, np.ndarray]:
-    """One seed per cell: a small disk at the centre of every circle found on the cell mask (:func:`circles`),
-    plus each distance-map peak (:func:`markers`) that no circle centre lies near (a cell too irregular or too
-    faint for a clean circle). Returns int32 seed labels (0 where no seed) and the circles used, (x, y, radius)
-    rows."""
-    seeds = np.zeros(mask.shape, np.int32)
+def seeding_circles(density: np.ndarray, mask: np.ndarray, diameter: float) -> Tuple[np.ndarray, np.ndarray]:
+    """The circles that seed cells, (x, y, radius) rows, and the mask with the pale centres of their cells filled.
+    Circles come strongest first and one is dropped when its centre lies within CIRCLE_SPACING diameters of a
+    stronger one's; a circle counts when its centre is on a cell, or when PALE_CENTRE_COVER of its disk is stained
+    (a pale cell whose centre opens onto the glass: that centre is filled so the cell is one region)."""
+    mask = mask.copy()
     h, w = mask.shape
-    count = 0
-    used = []
-    for x, y, r in circles(density, CIRCLE_RADII[0] * diameter, CIRCLE_RADII[1] * diameter, 0.45 * diameter):
+    spacing2 = (CIRCLE_SPACING * diameter) ** 2
+    used: List[Tuple[float, float, float]] = []
+    for x, y, r in circles(density, CIRCLE_RADII[0] * diameter, CIRCLE_RADII[1] * diameter,
+                           HOUGH_MIN_DISTANCE * diameter):
         ix, iy = int(round(x)), int(round(y))
-        if 0 <= ix < w and 0 <= iy < h and mask[iy, ix]:
-            count += 1
-            used.append((x, y, r))
-            cv2.circle(seeds, (ix, iy), max(1, int(round(diameter * 0.1))), count, -1)
+        if not (0 <= ix < w and 0 <= iy < h):
+            continue
+        if any((x - ux) ** 2 + (y - uy) ** 2 < spacing2 for ux, uy, _ in used):
+            continue
+        if not mask[iy, ix]:
+            x0, y0 = max(0, int(x - r)), max(0, int(y - r))
+            x1, y1 = min(w, int(x + r) + 1), min(h, int(y + r) + 1)
+            centre = (int(round(x - x0)), int(round(y - y0)))
+            disc = np.zeros((y1 - y0, x1 - x0), np.uint8)
+            cv2.circle(disc, centre, int(round(r)), 1, -1)
+            stained = np.count_nonzero(mask[y0:y1, x0:x1] & (disc > 0))
+            if stained < PALE_CENTRE_COVER * np.count_nonzero(disc):
+                continue
+            pallor = np.zeros_like(disc)
+            cv2.circle(pallor, centre, max(1, int(round(PALE_CENTRE_FILL * r))), 1, -1)
+            mask[y0:y1, x0:x1] |= pallor > 0
+        used.append((float(x), float(y), float(r)))
+    return np.array(used, np.float32).reshape(-1, 3), mask
+
+
+def cell_seeds(distance: np.ndarray, rims: np.ndarray, mask: np.ndarray, diameter: float) -> np.ndarray:
+    """One seed per cell: a small disk at the centre of every seeding circle (:func:`seeding_circles`), plus each
+    distance-map peak (:func:`markers`) that no circle centre lies near (a cell too irregular or too faint for a
+    clean circle). Returns int32 seed labels, 0 where no seed."""
+    seeds = np.zeros(mask.shape, np.int32)
+    for count, (x, y, _) in enumerate(rims, start=1):
+        cv2.circle(seeds, (int(round(x)), int(round(y))), max(1, int(round(diameter * 0.1))), count, -1)
+    count = len(rims)
     peaks, peak_count = markers(distance, diameter)
     near_circle = cv2.dilate((seeds > 0).astype(np.uint8), disk(diameter * 0.4)) > 0
     covered = np.zeros(peak_count + 1, bool)
@@ -267,7 +312,7 @@ def cell_seeds(distance: np.ndarray, density: np.ndarray, mask: np.ndarray,
         _, lone_ids = np.unique(peaks[lone], return_inverse=True)
         seeds[lone] = count + 1 + lone_ids.ravel()
     seeds[~mask] = 0
-    return seeds, np.array(used, np.float32).reshape(-1, 3)
+    return seeds
 
 
 def split_touching(mask: np.ndarray, seeds: np.ndarray) -> np.ndarray:
@@ -374,7 +419,7 @@ def keep_cell(blob: _Blob, labels: np.ndarray, nucleus: np.ndarray, diameter: fl
     image border, nor within BORDER_MARGIN of a diameter of it (half a cell seen is not a cell to classify or
     count)."""
     cell_area = math.pi * diameter * diameter / 4.0
-    if not 0.3 * cell_area <= blob.area <= 2.2 * cell_area:
+    if not MIN_CELL_AREA * cell_area <= blob.area <= 2.2 * cell_area:
         return False
     if max(blob.w, blob.h) > 2.2 * diameter or min(blob.w, blob.h) < 0.4 * diameter:
         return False
@@ -451,7 +496,8 @@ def field_diameter(rgb: np.ndarray) -> Optional[float]:
     return blobs
 
 
-def label_cells(rgb: np.ndarray, diameter: float, debug_dir=None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def label_cells(rgb: np.ndarray, diameter: float, drop_border: bool = True,
+                debug_dir=None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The watershed labels of ``rgb`` (already at working scale) for cells of ``diameter`` pixels, the stain
     density, and the circles that seeded cells."""
     density = stain_density(rgb)
@@ -463,15 +509,51 @@ def label_cells(rgb: np.ndarray, diameter: float, debug_dir=None) -> Tuple[np.nd
     _write_debug(debug_dir, "3_filled", mask)
     distance = distance_map(mask)
     _write_debug(debug_dir, "4_distance", distance)
-    seeds, rims = cell_seeds(distance, density, mask, diameter)
+    rims, mask = seeding_circles(density, mask, diameter)
+    seeds = cell_seeds(distance, rims, mask, diameter)
     _write_debug(debug_dir, "5_markers", seeds > 0)
     labels = split_touching(mask, seeds)
+    labels = detach_beyond_circles(labels, rims, diameter, drop_border)
     if debug_dir is not None:
         rng = np.random.default_rng(0)
         palette = rng.integers(60, 255, size=(int(labels.max()) + 1, 3), dtype=np.uint8)
         palette[0] = 0
         _write_debug(debug_dir, "6_split", palette[labels])
     return labels, density, rims
+
+
+def detach_beyond_circles(labels: np.ndarray, rims: np.ndarray, diameter: float, drop_border: bool) -> np.ndarray:
+    """Take from each circle-seeded region what lies well outside its circle. The split gives every pixel of a
+    blob to some seed, so a neighbour without one is shared out among the cells around it: a cell cut by the image
+    edge makes its whole neighbour reach the edge (and be dropped as cut), and a sliver of a neighbour widens a
+    cell's box. Parts beyond BORDER_TRIM radii that reach the edge become regions of their own (when cut cells are
+    dropped); parts beyond REACH_TRIM radii smaller than MIN_CELL_AREA become background. Labels change in place
+    and are returned."""
+    h, w = labels.shape
+    next_label = int(labels.max()) + 1
+    small = MIN_CELL_AREA * math.pi * diameter * diameter / 4.0
+    for label, (x, y, r) in circle_of_region(labels, rims).items():
+        x0, y0 = max(0, int(x - 3 * r)), max(0, int(y - 3 * r))
+        x1, y1 = min(w, int(x + 3 * r) + 1), min(h, int(y + 3 * r) + 1)
+        window = labels[y0:y1, x0:x1]
+        yy, xx = np.ogrid[y0:y1, x0:x1]
+        reach2 = (xx - x) ** 2 + (yy - y) ** 2
+        if drop_border:
+            beyond = (window == label) & (reach2 > (BORDER_TRIM * r) ** 2)
+            if beyond.any():
+                count, parts, stats, _ = cv2.connectedComponentsWithStats(beyond.view(np.uint8), connectivity=8)
+                for part in range(1, count):
+                    px, py, pw, ph, _ = stats[part]
+                    if y0 + py == 0 or x0 + px == 0 or y0 + py + ph == h or x0 + px + pw == w:
+                        window[parts == part] = next_label
+                        next_label += 1
+        beyond = (window == label) & (reach2 > (REACH_TRIM * r) ** 2)
+        if beyond.any():
+            count, parts, stats, _ = cv2.connectedComponentsWithStats(beyond.view(np.uint8), connectivity=8)
+            for part in range(1, count):
+                if stats[part, cv2.CC_STAT_AREA] < small:
+                    window[parts == part] = 0
+    return labels
 
 
 def segment_field(rgb: np.ndarray, diameter: Optional[float] = None, drop_border: bool = True,
@@ -488,7 +570,7 @@ def segment_field(rgb: np.ndarray, diameter: Optional[float] = None, drop_border
     scale = work_scale(rgb, diameter)
     small = _resize(rgb, scale)
     d_small = diameter * scale
-    labels, density, rims = label_cells(small, d_small, debug_dir)
+    labels, density, rims = label_cells(small, d_small, drop_border, debug_dir)
     labels = split_clumps(labels, d_small)
     nucleus = nucleus_mask(density, labels > 0)
     rim_of = circle_of_region(labels, rims)

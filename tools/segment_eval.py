@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from malaria_edge.benchmarks.fields import SPLITS, load_annotations, match, touches_border
+from malaria_edge.benchmarks.fields import SPLITS, count_errors, load_annotations, match, touches_border
 from malaria_edge.edge_runtime.images import open_image
 from malaria_edge.edge_runtime.segment import field_diameter, segment_field
 
@@ -35,18 +35,23 @@ def main() -> None:
         height, width = rgb.shape[:2]
         boxes = [c.box for c in segment_field(rgb)]
         whole = {j for j, b in enumerate(truth.cells) if not touches_border(b, width, height)}
-        found = set(match(boxes, truth.cells).values())
+        matched = match(boxes, truth.cells)
+        found = set(matched.values())
+        every, in_scope = count_errors(boxes, truth, width, height, matched)
         parasites = {j for j, b in enumerate(truth.cells) if b in truth.parasites}
         rows.append({"field": truth.name, "whole": len(whole), "found": len(found & whole), "detected": len(boxes),
-                     "count_error": (len(boxes) - len(whole)) / max(1, len(whole)), "diameter": field_diameter(rgb),
+                     "count_error": in_scope, "count_error_every": every,
+                     "diameter": field_diameter(rgb),
                      "parasites": len(parasites), "parasites_found": len(found & parasites)})
     for r in sorted(rows, key=lambda r: r["found"] / max(1, r["whole"]))[:args.worst]:
         print(f"{r['field']:>14}  whole {r['whole']:4d}  found {r['found']:4d} ({r['found'] / max(1, r['whole']):.1%})"
-              f"  detected {r['detected']:4d}  count error {r['count_error']:+.1%}  diameter {r['diameter'] or 0:.1f} px")
+              f"  detected {r['detected']:4d}  count error {r['count_error'] or 0:+.1%}  diameter {r['diameter'] or 0:.1f} px")
     whole, found = sum(r["whole"] for r in rows), sum(r["found"] for r in rows)
-    errors = [r["count_error"] for r in rows]
+    errors = [r["count_error"] for r in rows if r["count_error"] is not None]
+    every = [r["count_error_every"] for r in rows if r["count_error"] is not None]
     print(f"{args.split}: {len(rows)} fields, recall {found / whole:.2%} ({found}/{whole}), median count error "
-          f"{statistics.median(errors):+.1%} (median |error| {statistics.median(abs(e) for e in errors):.1%}), "
+          f"{statistics.median(errors):+.1%} (median |error| {statistics.median(abs(e) for e in errors):.1%}; every "
+          f"detection {statistics.median(every):+.1%}), "
           f"fields >= 95% {sum(r['found'] >= 0.95 * r['whole'] for r in rows)}, parasites inside a found cell "
           f"{sum(r['parasites_found'] for r in rows)}/{sum(r['parasites'] for r in rows)}, "
           f"{(time.process_time() - cpu) / max(1, len(rows)):.2f} s CPU per field")
