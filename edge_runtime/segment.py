@@ -4,8 +4,9 @@ One small function per picture step, each taking and returning plain arrays, wit
 diameter measured on the field itself (never a fixed pixel count, since magnification differs between labs):
 
     stain density -> foreground (local threshold) -> clean -> fill holes -> estimate diameter (checked by circles)
-    -> distance -> seeds (circles + distance peaks) -> split -> split clumps -> regions -> filter (size, shape,
-    colour, border) -> give overlapping cells back their shared part -> cut
+    -> distance -> seeds (circles + distance peaks) -> split -> take back what lies outside a cell's circle
+    -> split clumps -> regions -> filter (size, shape, colour, border) -> give overlapping cells back their shared
+    part -> cut
 
 The NIH training crops are single cells masked on black in a tight box; :func:`cut_cell` makes the same picture
 from a field, and :func:`central_cell` finds the one cell of a crop made by another tool, so the model sees one kind
@@ -59,8 +60,9 @@ LOCAL_TILE_CELLS = 5
 BORDER_MARGIN = 0.05
 
 # Circles sought by the Hough transform: radii from this fraction of the field's diameter to the next, and how
-# round an edge must be to count (HOUGH_GRADIENT_ALT's 0-1 "perfectness").
-CIRCLE_RADII = (0.35, 0.65)
+# round an edge must be to count (HOUGH_GRADIENT_ALT's 0-1 "perfectness"). Up to 0.75: a P. vivax infected cell
+# is enlarged to ~1.4 diameters, and without a circle of its own it fragmented or merged.
+CIRCLE_RADII = (0.35, 0.75)
 CIRCLE_PERFECTNESS = 0.45
 
 # OpenCV's own suppression of nearby circles (its minDist, in diameters) is kept small: at 0.45 d it also dropped
