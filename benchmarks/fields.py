@@ -103,8 +103,15 @@ def touches_border(box: Box, width: int, height: int) -> bool:
     return x <= 0 or y <= 0 or x + w >= width or y + h >= height
 
 
+def left_out_detections(detections: Sequence[Box], truth: AnnotatedField, matched: Dict[int, int]) -> set:
+    """Indexes of the unmatched detections that match a "difficult" box: neither scored nor held against us."""
+    return {i for i, d in enumerate(detections) if i not in matched
+            and any(iou(d, b) >= MATCH_IOU for b in truth.left_out)}
+
+
 def count_errors(detections: Sequence[Box], truth: AnnotatedField, width: int, height: int,
-                 matched: Optional[Dict[int, int]] = None) -> Tuple[Optional[float], Optional[float]]:
+                 matched: Optional[Dict[int, int]] = None,
+                 left_out: Optional[set] = None) -> Tuple[Optional[float], Optional[float]]:
     """Signed relative count errors of one field against its annotated cells not touching the border: of every
     detection, and of the detections in the boxes' scope. The scope leaves out, on our side too, what the truth
     leaves out: a detection matched to an annotated cell that touches the border (the box is ~11 px looser than the
@@ -114,9 +121,8 @@ def count_errors(detections: Sequence[Box], truth: AnnotatedField, width: int, h
     if not whole:
         return None, None
     matched = match(detections, truth.cells) if matched is None else matched
-    out_of_scope = sum(1 for j in matched.values() if j not in whole)
-    out_of_scope += sum(1 for i, d in enumerate(detections) if i not in matched
-                        and any(iou(d, b) >= MATCH_IOU for b in truth.left_out))
+    left_out = left_out_detections(detections, truth, matched) if left_out is None else left_out
+    out_of_scope = sum(1 for j in matched.values() if j not in whole) + len(left_out)
     every = (len(detections) - len(whole)) / len(whole)
     return every, (len(detections) - out_of_scope - len(whole)) / len(whole)
 
@@ -127,9 +133,8 @@ def score_field(result: FieldResult, truth: AnnotatedField) -> Dict:
     calls = [c.prediction for c in result.cells]
     whole = [j for j, b in enumerate(truth.cells) if not touches_border(b, result.width, result.height)]
     matched = match(dets, truth.cells)
-    left_out = {i for i, d in enumerate(dets) if i not in matched and any(iou(d, b) >= MATCH_IOU
-                                                                         for b in truth.left_out)}
-    every, in_scope = count_errors(dets, truth, result.width, result.height, matched)
+    left_out = left_out_detections(dets, truth, matched)
+    every, in_scope = count_errors(dets, truth, result.width, result.height, matched, left_out)
     parasite_index = {j for j, b in enumerate(truth.cells) if b in truth.parasites}
     found_whole = len(set(matched.values()) & set(whole))
     parasites_found = sum(1 for i, j in matched.items() if j in parasite_index and calls[i] == PARASITIZED)

@@ -67,7 +67,8 @@ CIRCLE_PERFECTNESS = 0.45
 
 # OpenCV's own suppression of nearby circles (its minDist, in diameters) is kept small: at 0.45 d it also dropped
 # the circle of a cell overlapping a stronger neighbour, leaving that cell without a seed. Seeding circles are then
-# thinned by centre distance ourselves, strongest first (OpenCV returns them in that order).
+# thinned by centre distance ourselves, in the order OpenCV returns them (its documentation: larger accumulator
+# values first).
 HOUGH_MIN_DISTANCE = 0.15
 CIRCLE_SPACING = 0.55
 
@@ -267,8 +268,8 @@ def circles(density: np.ndarray, min_radius: float, max_radius: float, min_dista
 
 def seeding_circles(density: np.ndarray, mask: np.ndarray, diameter: float) -> Tuple[np.ndarray, np.ndarray]:
     """The circles that seed cells, (x, y, radius) rows, and the mask with the pale centres of their cells filled.
-    Circles come strongest first and one is dropped when its centre lies within CIRCLE_SPACING diameters of a
-    stronger one's; a circle counts when its centre is on a cell, or when PALE_CENTRE_COVER of its disk is stained
+    Circles are taken in OpenCV's order and one is dropped when its centre lies within CIRCLE_SPACING diameters of
+    one taken before; a circle counts when its centre is on a cell, or when PALE_CENTRE_COVER of its disk is stained
     (a pale cell whose centre opens onto the glass: that centre is filled so the cell is one region)."""
     mask = mask.copy()
     h, w = mask.shape
@@ -541,21 +542,26 @@ def detach_beyond_circles(labels: np.ndarray, rims: np.ndarray, diameter: float,
         yy, xx = np.ogrid[y0:y1, x0:x1]
         reach2 = (xx - x) ** 2 + (yy - y) ** 2
         if drop_border:
-            beyond = (window == label) & (reach2 > (BORDER_TRIM * r) ** 2)
-            if beyond.any():
-                count, parts, stats, _ = cv2.connectedComponentsWithStats(beyond.view(np.uint8), connectivity=8)
-                for part in range(1, count):
-                    px, py, pw, ph, _ = stats[part]
-                    if y0 + py == 0 or x0 + px == 0 or y0 + py + ph == h or x0 + px + pw == w:
-                        window[parts == part] = next_label
-                        next_label += 1
-        beyond = (window == label) & (reach2 > (REACH_TRIM * r) ** 2)
-        if beyond.any():
-            count, parts, stats, _ = cv2.connectedComponentsWithStats(beyond.view(np.uint8), connectivity=8)
-            for part in range(1, count):
-                if stats[part, cv2.CC_STAT_AREA] < small:
-                    window[parts == part] = 0
+            for part, (px, py, pw, ph, _) in _parts_beyond(window, label, reach2, BORDER_TRIM * r):
+                if y0 + py == 0 or x0 + px == 0 or y0 + py + ph == h or x0 + px + pw == w:
+                    window[part] = next_label
+                    next_label += 1
+        for part, stats in _parts_beyond(window, label, reach2, REACH_TRIM * r):
+            if stats[cv2.CC_STAT_AREA] < small:
+                window[part] = 0
     return labels
+
+
+def _parts_beyond(window: np.ndarray, label: int, reach2: np.ndarray, radius: float):
+    """Each connected part of ``label`` in ``window`` lying farther than ``radius`` from the circle's centre
+    (``reach2``: squared distances), as (bool mask, its connectedComponentsWithStats row); all found before the
+    first is yielded, so the caller may relabel as it goes."""
+    beyond = (window == label) & (reach2 > radius * radius)
+    if not beyond.any():
+        return
+    count, parts, stats, _ = cv2.connectedComponentsWithStats(beyond.view(np.uint8), connectivity=8)
+    for part in range(1, count):
+        yield parts == part, stats[part]
 
 
 def segment_field(rgb: np.ndarray, diameter: Optional[float] = None, drop_border: bool = True,

@@ -33,15 +33,15 @@ def main() -> None:
     for truth in load_annotations(args.fields / "annotations.json", args.split):
         rgb = np.asarray(open_image(args.fields / "images" / truth.name), dtype=np.uint8)
         height, width = rgb.shape[:2]
-        boxes = [c.box for c in segment_field(rgb)]
+        diameter = field_diameter(rgb)
+        boxes = [c.box for c in segment_field(rgb, diameter=diameter)]
         whole = {j for j, b in enumerate(truth.cells) if not touches_border(b, width, height)}
         matched = match(boxes, truth.cells)
         found = set(matched.values())
         every, in_scope = count_errors(boxes, truth, width, height, matched)
         parasites = {j for j, b in enumerate(truth.cells) if b in truth.parasites}
         rows.append({"field": truth.name, "whole": len(whole), "found": len(found & whole), "detected": len(boxes),
-                     "count_error": in_scope, "count_error_every": every,
-                     "diameter": field_diameter(rgb),
+                     "count_error": in_scope, "count_error_every": every, "diameter": diameter,
                      "parasites": len(parasites), "parasites_found": len(found & parasites)})
     for r in sorted(rows, key=lambda r: r["found"] / max(1, r["whole"]))[:args.worst]:
         print(f"{r['field']:>14}  whole {r['whole']:4d}  found {r['found']:4d} ({r['found'] / max(1, r['whole']):.1%})"
