@@ -10,5 +10,5 @@ from .bundle import ModelBundle, ModelError
 from .classifier import Classifier, Prediction
 from .images import ImageError, prepare_cell
 
-__version__ = "0.1.0"
+from .version import __version__
 __all__ = ["Classifier", "Prediction", "ModelBundle", "ModelError", "ImageError", "prepare_cell", "__version__"]
