@@ -19,7 +19,7 @@ from malaria_edge.benchmarks.endtoend import end_to_end, format_end_to_end
 from malaria_edge.benchmarks.energy import PROFILES, active_watts, energy_report
 from malaria_edge.benchmarks.field_energy import field_energy, format_fields, time_fields
 from malaria_edge.edge_runtime.bundle import DEFAULT_MODEL, ModelBundle, ModelError, sha256_file
-from malaria_edge.edge_runtime.cli import MAX_BATCH, MAX_THREADS
+from malaria_edge.edge_runtime.classifier import MAX_BATCH, MAX_THREADS
 from malaria_edge.edge_runtime.results_io import expand_inputs
 from malaria_edge.edge_runtime.images import ImageError, prepare_cell
 from malaria_edge.edge_runtime.machine import machine_info

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from malaria_edge.edge_runtime import results_io
 from malaria_edge.edge_runtime.images import ImageError, open_image
-from malaria_edge.edge_runtime.results_io import CELL_FIELDS, FSYNC_EVERY_ROWS, FSYNC_EVERY_SECONDS, RowWriter
+from malaria_edge.edge_runtime.results_io import CELL_COLUMNS, FSYNC_EVERY_ROWS, FSYNC_EVERY_SECONDS, RowWriter
 
 ROW = {"path": "/data/slide7/Parasitized/C100P61ThinF_IMG_20150918_144104_cell_162.png", "prediction": "parasitized",
        "prob_parasitized": 0.987654, "latency_ms": 0.7581, "true_label": "parasitized"}
@@ -38,7 +38,7 @@ def row_cost_ms(folder: Path, rows: int, every_rows: int, every_seconds: float, 
     path = folder / "durability_rows.csv"
     results_io.os.fsync = fsync
     try:
-        writer = RowWriter(path, "csv", CELL_FIELDS, append=False, every_rows=every_rows, every_seconds=every_seconds)
+        writer = RowWriter(path, "csv", CELL_COLUMNS, append=False, every_rows=every_rows, every_seconds=every_seconds)
         started = time.perf_counter()
         for _ in range(rows):
             writer.write(ROW)

@@ -29,7 +29,7 @@ import numpy as np
 
 from malaria_edge.edge_runtime.bundle import ModelBundle
 from malaria_edge.edge_runtime.classifier import Classifier
-from malaria_edge.edge_runtime.cli import CELL_FIELDS, RowWriter
+from malaria_edge.edge_runtime.results_io import CELL_COLUMNS, RowWriter
 from malaria_edge.edge_runtime.images import ImageError, prepare_single_cell
 
 STAGES = ("decode", "preprocess", "interpreter", "unfamiliar", "write")
@@ -79,7 +79,7 @@ class Clock:
 def time_stages(bundle: ModelBundle, paths: List[str], batch: int, output: Path) -> Dict:
     """Wall and CPU seconds spent in each stage over all ``paths``, and the loop's totals."""
     clock = Clock()
-    writer = RowWriter(output, "csv", CELL_FIELDS, append=False)
+    writer = RowWriter(output, "csv", CELL_COLUMNS, append=False)
     pending: List[tuple] = []
     failed = 0
 

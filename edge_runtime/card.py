@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
@@ -18,6 +16,7 @@ from typing import Any, Dict, List, Mapping, Optional
 import numpy as np
 
 from .outputs import HEADS
+from .results_io import atomic_write_text
 
 CARD_SCHEMA = "malaria-edge/model-card/2"
 READABLE_SCHEMAS = ("malaria-edge/model-card/1", CARD_SCHEMA)
@@ -206,20 +205,9 @@ def read_card(path: Path) -> ModelCard:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary file beside ``path`` and rename it over: a reader never sees half a card or
-    report, even after a power cut."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, default=_json_default)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write JSON through the one atomic writer: a reader never sees half a card or report, even after a power
+    cut, and the file gets the same permissions as the bundle's other files."""
+    atomic_write_text(Path(path), json.dumps(data, indent=2, default=_json_default))
 
 
 def _json_default(value: Any) -> Any:

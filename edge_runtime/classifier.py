@@ -16,6 +16,12 @@ from .outputs import parasitized_probability
 from .patients import summarize_groups
 from .unfamiliar import cell_scores
 
+# More interpreter threads than any phone, Pi or laptop has cores only slows inference down, and the interpreter's
+# thread pool crashes at exit when asked for tens of thousands.
+MAX_THREADS = 64
+# A batch is held in memory as uint8 cells; 1024 cells of 128x128 is 50 MB, and larger batches gain no speed.
+MAX_BATCH = 1024
+
 
 @dataclass
 class Prediction:

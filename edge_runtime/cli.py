@@ -15,22 +15,17 @@ import numpy as np
 
 from .backend import BackendError
 from .bundle import ModelBundle, ModelError
-from .classifier import Classifier, group_key
+from .classifier import MAX_BATCH, MAX_THREADS, Classifier, group_key
 from .fields import INPUT_KINDS, field_or_cell
 from .images import ImageError
 from .patients import FIELD_RULE_REASON
 from .segment import SegmentationUnavailable, cut_cell
 from .labels import CLASSES, PARASITIZED, REVIEW, patient_id
 from .metrics import binary_metrics, pct
-from .results_io import (CELL_FIELDS, GROUP_FIELDS, REFERENCE_FIELDS, Labels, OutputError, OutputLock, RowWriter,
+from .results_io import (CELL_COLUMNS, GROUP_COLUMNS, REFERENCE_COLUMNS, Labels, OutputError, OutputLock, RowWriter,
                          atomic_write_text, check_outputs, expand_inputs, is_regular_target, prepare_resume,
                          recorded_side_files, run_settings, side_file, write_rows)
 
-# More interpreter threads than any phone, Pi or laptop has cores only slows inference down, and the interpreter's
-# thread pool crashes at exit when asked for tens of thousands.
-MAX_THREADS = 64
-# A batch is held in memory as uint8 cells; 1024 cells of 128x128 is 50 MB, and larger batches gain no speed.
-MAX_BATCH = 1024
 
 
 def _drop_last_field(path: Path, fmt: str) -> Optional[str]:
@@ -310,7 +305,7 @@ def _classify(classifier, reference, found, labels, output, regular_output, fmt,
         done.discard(os.path.realpath(dropped))
     todo = [p for p in images if found.real(p) not in done] if done else list(images)
 
-    fields = CELL_FIELDS + (REFERENCE_FIELDS if reference else [])
+    fields = CELL_COLUMNS + (REFERENCE_COLUMNS if reference else [])
     writer = RowWriter(output, fmt, fields, append=bool(resume))
     rows: List[Dict] = list(previous)
     failed: List[str] = []
@@ -411,7 +406,7 @@ def _classify(classifier, reference, found, labels, output, regular_output, fmt,
     if summary_json:
         atomic_write_text(summary_json, json.dumps(summary, indent=2))
     if groups_output and summary.get("groups") is not None:
-        write_rows(groups_output, fmt, GROUP_FIELDS,
+        write_rows(groups_output, fmt, GROUP_COLUMNS,
                    ({"group": name, **g, "fraction_low": (g["fraction_ci95"] or [None, None])[0],
                      "fraction_high": (g["fraction_ci95"] or [None, None])[1]} for name, g in summary["groups"].items()))
     if failed:

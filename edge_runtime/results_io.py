@@ -32,10 +32,10 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tupl
 from .images import is_image_path
 from .labels import CLASSES
 
-CELL_FIELDS = ["path", "cell", "x", "y", "w", "h", "prediction", "prob_parasitized", "latency_ms", "true_label",
+CELL_COLUMNS = ["path", "cell", "x", "y", "w", "h", "prediction", "prob_parasitized", "latency_ms", "true_label",
                "unfamiliar", "error"]
-REFERENCE_FIELDS = ["ref_prediction", "ref_prob_parasitized", "ref_latency_ms"]
-GROUP_FIELDS = ["group", "call", "cells", "parasitized", "review", "failed", "unfamiliar", "parasitized_fraction", "fraction_low",
+REFERENCE_COLUMNS = ["ref_prediction", "ref_prob_parasitized", "ref_latency_ms"]
+GROUP_COLUMNS = ["group", "call", "cells", "parasitized", "review", "failed", "unfamiliar", "parasitized_fraction", "fraction_low",
                 "fraction_high", "true_status", "reason"]
 
 # Group commit: rows are flushed one by one (a killed process loses nothing: the kernel has them) and fsynced when
@@ -301,11 +301,16 @@ def atomic_write_text(path: Path, text: str) -> None:
             fh.write(text)
         return
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", **TEXT_OPTIONS) as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", **TEXT_OPTIONS) as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        raise
     _fsync_folder(path.parent)
 
 
@@ -432,7 +437,7 @@ def read_own_output(path: Path, fmt: str) -> Tuple[List[Dict], int, List[str]]:
     not_ours = OutputError(f"{path} is not an edge-classify {fmt.upper()} output (its first "
                            f"{'line is not our header' if fmt == 'csv' else 'record has not our keys'}); "
                            "refusing to resume onto it: use a new --output")
-    ours = (CELL_FIELDS, CELL_FIELDS + REFERENCE_FIELDS)
+    ours = (CELL_COLUMNS, CELL_COLUMNS + REFERENCE_COLUMNS)
     if fmt == "csv":
         records, end = _complete_csv_records(text)
         if not records or records[0] not in ours:
