@@ -4,15 +4,19 @@
 # path) under qemu-user emulation of a Pi's CPU, and diff the rows against the same run on this x86_64 host.
 # Writes docs/pi_check/report.md and report.json.
 #
-# Usage (as root; needs network to deb.debian.org and pypi.org):
+# Usage (as root; needs network to a Debian mirror and to the package index pip is configured for):
 #   scripts/pi_check.sh [--root DIR] [--out DIR] [--field IMAGE]... [--cpus "cortex-a72 ..."] [--no-tflite-runtime]
 #                       [--rebuild-root] [--fresh-venvs] [--wheels-from host|pypi]
 #
-#   --root DIR           where the arm64 root and venvs are built once and reused (default /work/pi-root)
+#   --root DIR           where the arm64 root and venvs are built once and reused (default $PI_ROOT, else
+#                        ~/.cache/malaria-edge/pi-root)
 #   --out DIR            where the report goes (default docs/pi_check in the repo)
 #   --field IMAGE        classify this whole field image (copied into the root, never into the repo); default:
-#                        samples/fields/ in the repo if present, else the first IML test-split field if the shared
-#                        data is on this machine
+#                        samples/fields/ in the repo if present, else the first IML test-split field of the IML
+#                        images folder given by --iml DIR or $IML_FIELDS (the shared data), if any
+#   --iml DIR            the IML fields' images folder (default $IML_FIELDS; none: no IML field)
+#   --mirror URL         the Debian mirror for debootstrap (default $DEBIAN_MIRROR, else the first Debian mirror
+#                        in this host's apt sources)
 #   --cpus LIST          CPUs qemu emulates for the base install (default "cortex-a72 cortex-a76 cortex-a53":
 #                        Pi 4, Pi 5, Pi 3 / Zero 2 W); the first one runs everything else
 #   --no-tflite-runtime  skip the arm64 venv that has tflite-runtime instead of ai-edge-litert
@@ -29,7 +33,7 @@ set -euo pipefail
 {  # the whole script is one block, so bash has read all of it before running any (safe to edit while it runs)
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-ROOT=${PI_ROOT:-/work/pi-root}
+ROOT=${PI_ROOT:-${XDG_CACHE_HOME:-$HOME/.cache}/malaria-edge/pi-root}
 OUT=$REPO/docs/pi_check
 FIELDS=()
 CPUS="cortex-a72 cortex-a76 cortex-a53"
@@ -38,8 +42,8 @@ REBUILD_ROOT=0
 FRESH_VENVS=0
 WHEELS_FROM=host
 SUITE=bookworm
-MIRROR=http://deb.debian.org/debian
-IML=/work/shared/data/fields/iml_vivax/images
+MIRROR=${DEBIAN_MIRROR:-}
+IML=${IML_FIELDS:-}
 
 die() { echo "pi_check: $*" >&2; exit 1; }
 
@@ -48,22 +52,29 @@ while [ $# -gt 0 ]; do
         --root) ROOT=$2; shift 2 ;;
         --out) OUT=$2; shift 2 ;;
         --field) FIELDS+=("$2"); shift 2 ;;
+        --iml) IML=$2; shift 2 ;;
+        --mirror) MIRROR=$2; shift 2 ;;
         --cpus) CPUS=$2; shift 2 ;;
         --no-tflite-runtime) WITH_TFLITE_RUNTIME=0; shift ;;
         --rebuild-root) REBUILD_ROOT=1; shift ;;
         --fresh-venvs) FRESH_VENVS=1; shift ;;
         --wheels-from) WHEELS_FROM=$2; shift 2 ;;
-        -h|--help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,32p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown option $1 (see --help)" ;;
     esac
 done
 
+if [ -z "$MIRROR" ]; then  # this host's own Debian mirror, from its apt sources (one-line or deb822 format)
+    MIRROR=$(grep -rhoE '^(deb|URIs:)[[:space:]]+(\[[^]]*\][[:space:]]+)?https?://[^[:space:]]+/debian/?' \
+        /etc/apt/sources.list /etc/apt/sources.list.d 2>/dev/null | grep -oE 'https?://[^[:space:]]+' | head -1 || true)
+    [ -n "$MIRROR" ] || die "no Debian mirror in this host's apt sources; pass --mirror URL or set DEBIAN_MIRROR"
+fi
 [ "$(id -u)" = 0 ] || die "needs root (debootstrap, mount, chroot); run it with sudo"
 [ "$(uname -m)" = x86_64 ] || die "meant for an x86_64 host (found $(uname -m)); on an arm64 board just pip install the wheel"
 ROOT=$(realpath -m "$ROOT")
 CHECK=$ROOT/opt/pi-check
 RUNS=$CHECK/runs
-case "$ROOT" in /|/work|/home|/usr|/var|/tmp|"$REPO"|"$REPO"/*) die "--root $ROOT is not a safe place for a throwaway root" ;; esac
+case "$ROOT" in /|"$HOME"|/home|/usr|/var|/tmp|"$REPO"|"$REPO"/*) die "--root $ROOT is not a safe place for a throwaway root" ;; esac
 for field in "${FIELDS[@]+"${FIELDS[@]}"}"; do [ -f "$field" ] || die "--field $field: no such file"; done
 case "$WHEELS_FROM" in host|pypi) ;; *) die "--wheels-from is host or pypi, not $WHEELS_FROM" ;; esac
 read -r -a CPU_LIST <<<"$CPUS"
@@ -208,7 +219,7 @@ if [ "$WHEELS_FROM" = host ]; then
     [ "$WITH_TFLITE_RUNTIME" = 1 ] && wanted+=(tflite-runtime 'numpy<2')
     for req in "${wanted[@]}"; do
         "$HOST_PY" -m pip download --isolated --cert "${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}" \
-            --index-url https://pypi.org/simple --retries 5 -q --only-binary=:all: "${platforms[@]}" \
+            --retries 5 -q --only-binary=:all: "${platforms[@]}" \
             --python-version "$PY_TAG" --implementation cp -d "$CHECK/wheelhouse" "$req" >>"$RUNS/wheelhouse.log" 2>&1 \
             || die "pip download of the aarch64 wheels for $req failed: $(tail -2 "$RUNS/wheelhouse.log")"
     done
@@ -231,7 +242,7 @@ for dir in edge_runtime/sample_fields samples/fields; do  # bundled sample field
         FIELD_INPUTS+=("$dir")
     fi
 done
-if [ ${#FIELDS[@]} -eq 0 ] && [ -d "$IML" ]; then
+if [ ${#FIELDS[@]} -eq 0 ] && [ -n "$IML" ] && [ -d "$IML" ]; then
     # The shared split: sorted names, block = index // 8, block % 4 == 3 is test; the first test field.
     FIELDS+=("$IML/$(ls "$IML" | sort | sed -n 25p)")
 fi
@@ -243,8 +254,8 @@ fi
 echo "pi_check: inputs ${INPUTS[*]} ${FIELD_INPUTS[*]+${FIELD_INPUTS[*]}}" >&2
 
 # 4. The venvs. Each is reused while its install commands and our wheel's requirements are unchanged (then only our
-# wheel is reinstalled); otherwise it is created again and filled by pip from PyPI (inside the root) or from this
-# host's usual indexes (x86_64).
+# wheel is reinstalled); otherwise it is created again and filled by pip from its configured index (inside the root)
+# or from this host's configured indexes (x86_64).
 ensure_venv() {  # ensure_venv NAME MACHINE INSTALL_SPEC... (arm64 venvs live in /opt/pi-check inside the root)
     local name=$1 machine=$2; shift 2
     local dir=$CHECK/venvs/$name key runner=() compile=()

@@ -318,6 +318,7 @@ def report(args) -> int:
               "tolerance": PROB_TOLERANCE, "verdict": verdict, "host": host_description(), "runs": runs,
               "venvs": venvs, "int8_kernels": kernels, "tflite_runtime": tflite, "timing": timing,
               "notes": [line for line in note("notes.txt").splitlines() if line]}
+    result = relative_to_root(result, str(Path(args.root).resolve()))
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "report.md").write_text(render_markdown(result))
@@ -499,9 +500,21 @@ def render_markdown(r: dict) -> str:
     lines += ["- On 2 cores shared with other jobs, emulated steps under `nice -n 10`: expect variation with load.",
               "- Too slow for every CI run; run it before a release and after changing dependencies, the model or "
               "the runtime.", "",
-              "Rerun: `sudo scripts/pi_check.sh` (`--help` for options); the root and venvs are cached in "
-              "`/work/pi-root`.", ""]
+              "Rerun: `sudo scripts/pi_check.sh` (`--help` for options); the root and venvs are cached in the "
+              "folder given by `--root` (default `$PI_ROOT`, else `~/.cache/malaria-edge/pi-root`).", ""]
     return "\n".join(lines)
+
+
+def relative_to_root(value, root: str):
+    """Every path under the throwaway root written as ``<root>/...``: a committed report names no folder of the
+    machine that ran it."""
+    if isinstance(value, dict):
+        return {k: relative_to_root(v, root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [relative_to_root(v, root) for v in value]
+    if isinstance(value, str):
+        return value.replace(root.rstrip("/") + "/", "<root>/").replace(root.rstrip("/"), "<root>")
+    return value
 
 
 def main() -> int:
