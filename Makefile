@@ -21,11 +21,9 @@ install: $(BIN)/python
 install-dev: $(BIN)/python
 	$(PIP) install -e '.[train,dev,fields]'
 
+# The demo's commands live in scripts/check_readme_demo.py, which also checks README's pasted output against them.
 demo: install
-	$(BIN)/edge-classify edge_runtime/samples --compare --output samples_results.csv --overwrite \
-		--summary-json samples_summary.json --group-by patient
-	$(BIN)/edge-classify edge_runtime/sample_fields --output fields_results.csv --overwrite \
-		--overlays demo_overlays --group-by folder
+	$(BIN)/python scripts/check_readme_demo.py --run
 
 test: install-dev
 	$(BIN)/python -m pytest -q
