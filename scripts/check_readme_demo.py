@@ -12,7 +12,7 @@ The commands are the ``edge-*`` executables beside this Python (the current virt
 repository root. What is compared are the lines that matter: cell and image counts, calls, parasitemia, accuracy,
 agreement with the full model, every group row. Timing numbers (latency ms, the speed ratio) are masked, runs of
 spaces collapsed, and the other lines (the model line with its path and backend, the "no call" explanation, the
-interpreter's INFO chatter) may be trimmed or reworded in README freely; ``--strict`` checks them too.
+interpreter's INFO chatter) may be trimmed or reworded in README freely; with ``--strict`` they may be left out but not changed.
 
 The README's block is the first fenced block after the line ``<!-- demo-output -->``. In it, lines starting with
 ``$`` name the command whose output follows, and a line ending in ``[...]`` is a prefix of a longer line.
@@ -95,6 +95,7 @@ def run_demo(out: str, capture: bool) -> tuple[int, str]:
                               stdout=subprocess.DEVNULL if capture else None)
         worst = max(worst, proc.returncode)
         if capture:
+            text.extend([""] if text else [])
             text.append(line)
             text.extend(proc.stderr.splitlines())
     return worst, "\n".join(text)
@@ -116,7 +117,7 @@ def display(raw: str) -> list[str]:
         line = relative_models(line.rstrip())
         if NOISE.match(line):
             continue
-        in_table = bool(GROUP_HEADER.search(line)) or (in_table and bool(line.strip()))
+        in_table = bool(GROUP_HEADER.search(line)) or (in_table and bool(line.strip()) and not line.startswith("$ "))
         if len(line) > LONG and not line.startswith("$ ") and not matters(line, in_table):
             line = line[:LONG].rsplit(" ", 1)[0] + ELIDED
         lines.append(line)
@@ -140,7 +141,7 @@ def kept(lines: list[str], strict: bool) -> list[str]:
     for line in lines:
         if GROUP_HEADER.search(line):
             in_table = True
-        elif not line.strip():
+        elif not line.strip() or line.startswith("$ "):
             in_table = False
         if line.startswith("$ ") or strict and line.strip() or matters(line, in_table):
             result.append(normal(line))
@@ -160,14 +161,29 @@ def readme_block(path: Path = README) -> list[str]:
 
 def compare(pasted: list[str], fresh: list[str], strict: bool) -> list[str]:
     """A unified diff of what the README shows against the fresh run, over the compared lines; empty when equal.
-    A pasted line ending in [...] matches a fresh line it is a prefix of."""
-    ours = kept(fresh, strict)
+
+    The fresh lines that matter (and the ``$`` lines) must all be pasted, in order. With ``strict``, every other
+    pasted line must also be a fresh line, in order (README may leave lines out, not change them). A pasted line
+    ending in [...] matches a fresh line it is a prefix of."""
+    every = kept(fresh, strict=True)
+    key = kept(fresh, strict=False)
     theirs = []
     for line in kept(pasted, strict):
         if line.endswith("[...]"):
             stem = line[: -len("[...]")].rstrip()
-            line = next((f for f in ours if f.startswith(stem)), line)
+            line = next((f for f in every if f.startswith(stem)), line)
         theirs.append(line)
+    # Walk the fresh lines: the ones that matter are expected; another is expected where README shows it next.
+    ours, want, k = [], 0, 0
+    for line in every:
+        if k < len(key) and line == key[k]:
+            ours.append(line)
+            k += 1
+            if want < len(theirs) and theirs[want] == line:
+                want += 1
+        elif strict and want < len(theirs) and theirs[want] == line:
+            ours.append(line)
+            want += 1
     if theirs == ours:
         return []
     return list(difflib.unified_diff(theirs, ours, "README.md (pasted)", "make demo (fresh)", lineterm="", n=2))
