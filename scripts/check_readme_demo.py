@@ -106,6 +106,11 @@ def relative_models(line: str) -> str:
     return re.sub(r"(?:[^\s:]*/)?(?:malaria_edge/)?edge_runtime/models/", "edge_runtime/models/", line)
 
 
+def is_row(line: str) -> bool:
+    """A group row of the summary table: it starts with the group's name (summary notes are indented)."""
+    return bool(line.strip()) and not line[0].isspace() and not line.startswith("$ ")
+
+
 def matters(line: str, in_table: bool) -> bool:
     return in_table or bool(GROUP_HEADER.search(line)) or any(p.search(line) for p in MATTERS)
 
@@ -117,7 +122,7 @@ def display(raw: str) -> list[str]:
         line = relative_models(line.rstrip())
         if NOISE.match(line):
             continue
-        in_table = bool(GROUP_HEADER.search(line)) or (in_table and bool(line.strip()) and not line.startswith("$ "))
+        in_table = bool(GROUP_HEADER.search(line)) or (in_table and is_row(line))
         if len(line) > LONG and not line.startswith("$ ") and not matters(line, in_table):
             line = line[:LONG].rsplit(" ", 1)[0] + ELIDED
         lines.append(line)
@@ -141,7 +146,7 @@ def kept(lines: list[str], strict: bool) -> list[str]:
     for line in lines:
         if GROUP_HEADER.search(line):
             in_table = True
-        elif not line.strip() or line.startswith("$ "):
+        elif not is_row(line):
             in_table = False
         if line.startswith("$ ") or strict and line.strip() or matters(line, in_table):
             result.append(normal(line))
@@ -202,6 +207,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     if args.run:
+        os.makedirs(args.out, exist_ok=True)
         return run_demo(args.out, capture=False)[0]
     with tempfile.TemporaryDirectory(prefix="readme-demo-") as tmp:
         status, raw = run_demo(os.path.join(tmp, ""), capture=True)
