@@ -39,7 +39,7 @@ test-device:
 	cd $(DEVICE_VENV) && ./bin/python -m pytest -q -p no:cacheprovider -m "not train" $(CURDIR)/tests
 
 bench: install
-	$(BIN)/edge-bench --threads 1
+	$(BIN)/edge-bench cells --threads 1
 
 clean:
 	rm -rf $(VENV) $(DEVICE_VENV) build *.egg-info samples_results.csv samples_summary.json fields_results.csv \

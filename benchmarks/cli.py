@@ -1,398 +1,303 @@
-"""``edge-bench``: latency, throughput, memory and energy per cell for each model, side by side in one run, and
-what a battery buys."""
+"""``edge-bench``: a click group, one subcommand per thing measured (``cells``, ``fields``, ``e2e``, ``phone``).
+
+A thin layer: it reads the options, calls the measurement in ``benchmarks/cells.py``, ``fields.py``,
+``field_energy.py``, ``endtoend.py`` or ``phone.py``, prints that module's table and writes its report through
+``benchmarks.report.write_report`` (every JSON carries ``tool_version``). Bare ``edge-bench`` prints the group's help
+and exits 0: a measurement takes minutes, so none starts unasked.
+"""
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
-import shutil
-import subprocess
 import sys
-import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, Optional
 
 import click
-import numpy as np
 
+from malaria_edge.benchmarks.cells import SAMPLES, CellBench, format_table, measure_cells, plot_latencies
 from malaria_edge.benchmarks.endtoend import end_to_end, format_end_to_end
-from malaria_edge.benchmarks.energy import PROFILES, active_watts, energy_report
-from malaria_edge.benchmarks.field_energy import field_energy, format_fields, time_fields
-from malaria_edge.edge_runtime.bundle import DEFAULT_MODEL, ModelBundle, ModelError, sha256_file
+from malaria_edge.benchmarks.energy import PROFILES
+from malaria_edge.benchmarks.report import write_report
+from malaria_edge.edge_runtime.annotations import SPLIT_CHOICES
+from malaria_edge.edge_runtime.bundle import DEFAULT_MODEL, ModelError
 from malaria_edge.edge_runtime.classifier import MAX_BATCH, MAX_THREADS
-from malaria_edge.edge_runtime.results_io import expand_inputs
-from malaria_edge.edge_runtime.images import ImageError, prepare_cell
+from malaria_edge.edge_runtime.console import Console, common_options, version_option
+from malaria_edge.edge_runtime.errors import EXIT_FAILED, MalariaEdgeError
 from malaria_edge.edge_runtime.machine import machine_info
+from malaria_edge.edge_runtime.results_io import expand_inputs
 
-SAMPLES = Path(__file__).resolve().parent.parent / "edge_runtime" / "samples"
-RATIO_KEYS = ("file_size", "load", "first_inference", "latency_p50", "latency_p95", "latency_mean",
-              "throughput", "cpu_per_cell", "peak_rss")
-
-
-def _figure(value, unit: str) -> Dict:
-    return {"value": value, "unit": unit}
+PROG = "edge-bench"
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
 
-def run_worker(spec: Dict) -> Dict:
-    """Measure one model in a fresh Python process and return its raw figures."""
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
-        json.dump(spec, fh)
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+@contextmanager
+def reported(console: Console):
+    """A measurement that stops for a reason the user can act on ends in one line and exit status 1, never a
+    traceback."""
     try:
-        done = subprocess.run([sys.executable, "-m", "malaria_edge.benchmarks.worker", fh.name], capture_output=True,
-                              text=True, env=env, timeout=1800)
-    finally:
-        os.unlink(fh.name)
-    if done.returncode != 0:
-        tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
-        raise RuntimeError(f"measuring {spec.get('path') or spec.get('preset')} failed: {tail[0]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        yield
+    except (MalariaEdgeError, ModelError, ValueError, FileNotFoundError) as exc:
+        console.error(str(exc))
+        sys.exit(getattr(exc, "exit_code", EXIT_FAILED))
 
 
-def portable_path(path) -> str:
-    """A path as it may be committed: relative to the current folder when inside it, else the file name only (a
-    report names files by name and SHA-256, never by this machine's absolute layout)."""
-    resolved = Path(path).resolve()
-    try:
-        return str(resolved.relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return resolved.name
-
-
-def summarize(name: str, role: str, path: Optional[str], raw: Dict) -> Dict:
-    """Raw worker figures -> the report's figures, each with its unit."""
-    lat = np.array(raw["latencies_ms"])
-    size = Path(path).stat().st_size if path else None
-    return {
-        "name": name, "role": role, "file": portable_path(path) if path else None,
-        "sha256": sha256_file(Path(path)) if path and Path(path).is_file() else None, "kind": raw["kind"], "backend": raw["backend"],
-        "backend_version": raw["backend_version"], "input_dtype": raw["input_dtype"],
-        "figures": {
-            "file_size": _figure(size / 1e6 if size else None, "MB"),
-            "load": _figure(raw["load_ms"], "ms"),
-            "first_inference": _figure(raw["first_inference_ms"], "ms"),
-            "latency_p50": _figure(float(np.percentile(lat, 50)), "ms"),
-            "latency_p95": _figure(float(np.percentile(lat, 95)), "ms"),
-            "latency_mean": _figure(float(lat.mean()), "ms"),
-            "latency_std": _figure(float(lat.std()), "ms"),
-            "throughput": _figure(raw["throughput_cells_per_s"], "cells/s"),
-            "cpu_per_cell": _figure(raw["cpu_ms_per_cell"], "ms"),
-            "peak_rss": _figure(raw["peak_rss_mb"], "MB"),
-            "rss_before_load": _figure(raw["rss_before_load_mb"], "MB"),
-        },
-        "measured_joules_per_cell": (raw["measured_joules"] / len(lat)) if raw.get("measured_joules") else None,
-        "meter": raw.get("meter"),
-        "latencies_ms": raw["latencies_ms"],
-    }
-
-
-def add_ratios(models: List[Dict], reference: Dict) -> None:
-    """Each figure divided by the reference model's same figure (e.g. latency 0.1 = ten times faster)."""
-    for m in models:
-        for key in RATIO_KEYS:
-            mine, ref = m["figures"][key]["value"], reference["figures"][key]["value"]
-            m["figures"][key]["ratio_to_reference"] = (mine / ref) if mine is not None and ref else None
-
-
-def format_table(report: Dict) -> str:
-    models = report["models"]
-    ref_name = report["reference"]
-    header = f"{'figure':<18}{'unit':>8}" + "".join(f"{m['name']:>26}" for m in models)
-    lines = [f"edge-bench on {report['machine']['cpu']} ({report['machine']['cores']} cores), "
-             f"threads={report['settings']['threads']}, batch 1, {report['settings']['runs']} runs after "
-             f"{report['settings']['warmup']} warm-up, {report['settings']['images']} sample cells; "
-             f"ratios (x) are against {ref_name}", header]
-    for key in RATIO_KEYS + ("latency_std",):
-        unit = models[0]["figures"][key]["unit"]
-        cells = []
-        for m in models:
-            f = m["figures"][key]
-            if f["value"] is None:
-                cells.append(f"{'n/a':>26}")
-                continue
-            ratio = f.get("ratio_to_reference")
-            text = f"{f['value']:.4g}" + (f" ({ratio:.3g}x)" if ratio is not None and key in RATIO_KEYS else "")
-            cells.append(f"{text:>26}")
-        lines.append(f"{key:<18}{unit:>8}" + "".join(cells))
-    for m in models:
-        lines.append(f"  {m['name']}: {m['kind']} on {m['backend']} {m['backend_version']}"
-                     + (f" - {m['file']}" if m["file"] else ""))
-    if report.get("tutorial_note"):
-        lines.append(f"  {report['tutorial_note']}")
-    for m in models:
-        if m.get("speedup_vs_tutorial"):
-            lines.append(f"  {m['name']} is {m['speedup_vs_tutorial']:.0f}x faster per cell than the tutorial's model "
-                         "(p50 latency, batch 1, same machine, same threads, this run)")
-    e = report["energy"]
-    lines.append("")
-    lines.append(f"energy ({e['basis']}; {e['profile_text']}):")
-    for m in models:
-        en = m["energy"]
-        line = (f"  {m['name']:<14} {en['energy_per_cell']['value']:.3f} mJ/cell, "
-                f"{en['cells_per_wh']['value']:,.0f} cells/Wh, a {en['cells_per_slide']:,}-cell slide takes "
-                f"{en['slide_seconds']['value']:.2f} s and {en['slide_energy']['value'] / 1000:.2f} J")
-        if "slides_per_charge" in en:
-            line += f", {en['slides_per_charge']['value']:,.0f} slides per {en['battery_wh']['value']:g} Wh charge"
-        lines.append(line)
-    return "\n".join(lines)
-
-
-def plot_latencies(report: Dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    data = [m["latencies_ms"] for m in report["models"]]
-    ax.boxplot(data, vert=False, showfliers=True)
-    ax.set_yticks(range(1, len(data) + 1), [m["name"] for m in report["models"]])
-    ax.set_xscale("log")
-    ax.set_xlabel("latency per cell, batch 1 (ms, log scale)")
-    ax.set_title(f"edge-bench: {report['machine']['cpu']}, threads={report['settings']['threads']}")
-    ax.grid(alpha=0.3, axis="x")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def field_benchmark(model_path, fields_dir: Path, annotations: Path, split: str, threads: int,
-                    json_path: Optional[Path]) -> None:
-    """The field path on annotated fields: detection, counts, parasites, seconds per field, in this process."""
-    from malaria_edge.benchmarks.fields import evaluate_fields, format_report
-    from malaria_edge.edge_runtime.classifier import Classifier
-    from malaria_edge.edge_runtime.segment import OPENCV_HINT, cv2
-    if cv2 is None:
-        click.echo(f"edge-bench: {OPENCV_HINT}", err=True)
-        sys.exit(1)
-    cv2.setNumThreads(threads)
-    try:
-        classifier = Classifier.load(model_path, threads=threads)
-        report = evaluate_fields(classifier, fields_dir, annotations, split,
-                                 log=lambda m: click.echo(f"edge-bench: {m}", err=True))
-    except (ModelError, ValueError, FileNotFoundError) as exc:
-        click.echo(f"edge-bench: {exc}", err=True)
-        sys.exit(1)
-    machine = machine_info()
-    report["machine"] = machine
-    report["threads"] = threads
-    report["model"] = str(classifier.bundle.path)
-    click.echo(format_report(report, machine))
+def save(console: Console, json_path: Optional[Path], report: Dict) -> None:
     if json_path:
-        json_path.write_text(json.dumps(report, indent=2))
+        write_report(json_path, report)
+        console.detail(f"wrote {json_path}")
 
 
-def load_cells(images: List[str], size: int, stain: Optional[Dict]) -> (np.ndarray, List[str]):
-    cells, bad = [], []
-    for p in images:
-        try:
-            cells.append(prepare_cell(p, size, stain))
-        except ImageError as exc:
-            bad.append(f"{p}: {exc}")
-    if not cells:
-        raise click.ClickException("no readable images to benchmark with")
-    return np.stack(cells), bad
+def model_option(help_text: str) -> Callable:
+    return click.option("--model", "model_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                        help=help_text)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--model", "model_path", type=click.Path(path_type=Path), help="Model to measure (default: bundled int8).")
-@click.option("--reference", type=click.Path(path_type=Path),
-              help="Reference model for ratios (default: the model's full fp32 model).")
+def json_option(func: Callable) -> Callable:
+    return click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+                        help="Also write every figure with its unit (and tool_version) to this JSON file.")(func)
+
+
+def power_options(with_idle: bool) -> Callable:
+    """The energy assumptions: a device profile or the board's measured watts, a slide's cells, a battery."""
+    options = [
+        click.option("--device-profile", type=click.Choice(sorted(PROFILES)), default="raspberry-pi-4",
+                     show_default=True, help="Power profile for the energy estimate when there is no meter."),
+        click.option("--watts-active", type=float, help="Board watts (W) while inferring (instead of a profile)."),
+        click.option("--battery-wh", type=float, default=37.0, show_default=True,
+                     help="Battery capacity in Wh for slides per charge (37 Wh: a 10,000 mAh 3.7 V power bank)."),
+        click.option("--cells-per-slide", type=click.IntRange(1), default=5000, show_default=True,
+                     help="Cells counted per slide."),
+    ]
+    if with_idle:
+        options.insert(2, click.option("--watts-idle", type=float, help="Board watts (W) idle (with --watts-active)."))
+
+    def decorate(func: Callable) -> Callable:
+        for option in reversed(options):
+            func = option(func)
+        return func
+    return decorate
+
+
+def show(console: Console, table: str) -> None:
+    """The mode's table on stdout, unless -q asked for warnings and errors only."""
+    if not console.quiet:
+        click.echo(table)
+
+
+@click.group(context_settings=CONTEXT, invoke_without_command=True)
+@version_option
+@click.pass_context
+def main(ctx: click.Context) -> None:
+    """Measure malaria-edge where it will run: one subcommand per thing measured. Each has its own options and
+    examples (edge-bench MODE --help).
+
+    \b
+    Modes:
+      cells   per cell: latency, throughput, CPU, memory and energy of the int8 model, its fp32 model and the
+              tutorial's Keras ResNet, side by side; slides per battery charge
+      fields  per whole microscope field: seconds and energy per field and per slide on one core; with
+              --annotations, red-cell detection, counts and parasites against the boxes
+      e2e     files in -> rows on disk on one core, stage by stage, and edge-classify's own wall time
+      phone   a phone's standard client (MediaPipe ImageClassifier) against edge-classify on real cells
+
+    Bare edge-bench prints this help and exits 0: a measurement takes minutes, so none starts unasked. Each mode
+    prints its table (every figure with its unit) on stdout; -q keeps only warnings and errors (use it with
+    --json), -v adds details.
+
+    \b
+    Examples:
+      edge-bench cells --threads 1 --json bench.json --plot bench.png
+      edge-bench fields ../shared/data/fields/iml_vivax/images --limit 10
+      edge-bench e2e --images ../shared/data/cell_images --limit 5000
+      edge-bench --version
+    """
+    if ctx.invoked_subcommand is None:
+        click.echo(ctx.get_help())
+
+
+@main.command(context_settings=CONTEXT)
+@model_option("Model to measure (default: the bundled int8 model).")
+@click.option("--reference", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Reference model for the ratios (default: the model's full fp32 model).")
 @click.option("--keras", "keras_path", type=click.Path(exists=True, path_type=Path),
               help="Also time this Keras model (needs TensorFlow).")
 @click.option("--no-tutorial", is_flag=True, help="Skip timing the tutorial's ResNet in Keras.")
-@click.option("--images", type=click.Path(exists=True, path_type=Path), default=SAMPLES, show_default=False,
-              help="Folder of cell images (default: the bundled samples).")
+@click.option("--images", type=click.Path(exists=True, path_type=Path), default=SAMPLES,
+              help="Folder of cell images (default: the bundled samples, 41 cells).")
+@click.option("--limit", type=click.IntRange(1), metavar="CELLS",
+              help="Measure with at most this many cells of --images (a spread sample; default: all of them).")
 @click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=1, show_default=True,
               help="Interpreter / TensorFlow threads.")
 @click.option("--runs", type=click.IntRange(1), default=300, show_default=True,
               help="Timed batch-1 inferences per model.")
 @click.option("--warmup", type=click.IntRange(0), default=20, show_default=True, help="Untimed inferences first.")
 @click.option("--batch", type=click.IntRange(1, MAX_BATCH), default=32, show_default=True,
-              help="Batch size for the throughput figure.")
-@click.option("--device-profile", type=click.Choice(sorted(PROFILES)), default="raspberry-pi-4", show_default=True,
-              help="Power profile for the energy estimate when there is no meter.")
-@click.option("--watts-active", type=float, help="Board watts while inferring (instead of a profile).")
-@click.option("--watts-idle", type=float, help="Board watts idle (with --watts-active).")
-@click.option("--battery-wh", type=float, default=37.0, show_default=True,
-              help="Battery capacity for slides per charge (37 Wh: a 10,000 mAh 3.7 V power bank).")
-@click.option("--cells-per-slide", type=click.IntRange(1), default=5000, show_default=True, help="Cells counted per slide.")
-@click.option("--fields", "fields_dir", type=click.Path(exists=True, path_type=Path),
-              help="Whole microscope fields (a folder or one image): with --annotations, evaluate detection and "
-                   "parasites against the boxes; without, seconds per field on one core and energy per field and "
-                   "per slide.")
-@click.option("--annotations", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="The fields' boxes (IML-Malaria annotations.json layout); with --fields.")
-@click.option("--split", type=click.Choice(["train", "val", "test", "all"]), default="test", show_default=True,
-              help="Which fields of the team's block split to evaluate (tune on train, report on test).")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write every figure with its unit.")
-@click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="PNG of each model's latency spread.")
-@click.option("--end-to-end", "end_to_end_mode", is_flag=True,
-              help="Files in -> rows on disk on one core: decode, preprocess, interpreter and write per cell, and "
-                   "edge-classify's own wall time, for each --e2e-batch.")
-@click.option("--limit", default=5000, show_default=True,
-              help="Cells for --end-to-end (a spread sample of --images, or its files repeated up to this many); "
-                   "fields for --fields.")
-@click.option("--e2e-batch", "e2e_batches", multiple=True, type=click.IntRange(1), default=(1, 32),
-              show_default=True, help="Batch sizes for --end-to-end (repeat the option).")
-def main(model_path, reference, keras_path, no_tutorial, images, threads, runs, warmup, batch, device_profile,
-         watts_active, watts_idle, battery_wh, cells_per_slide, fields_dir, annotations, split, json_path, plot_path,
-         end_to_end_mode, limit, e2e_batches):
-    """Benchmark the int8 model against the full fp32 model (and the tutorial's Keras ResNet when TensorFlow is
-    installed): latency, throughput, CPU, memory, energy per cell and slides per battery charge.
+              help="Batch size for the throughput figure (cells/s).")
+@power_options(with_idle=True)
+@json_option
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="PNG of each model's latency spread.")
+@common_options
+def cells(model_path, reference, keras_path, no_tutorial, images, limit, threads, runs, warmup, batch,
+          device_profile, watts_active, watts_idle, battery_wh, cells_per_slide, json_path, plot_path, verbosity):
+    """Per cell: the int8 model against its full fp32 model (and the tutorial's Keras ResNet when TensorFlow is
+    installed), each in a process of its own: file size (MB), load and first inference (ms), latency p50/p95/mean
+    (ms, batch 1), throughput (cells/s), CPU per cell (ms), peak memory (MB), energy per cell (mJ) and per slide
+    (s, J), slides per battery charge. Energy is measured where the machine has a meter, else estimated from
+    --device-profile or --watts-active, and labelled so.
 
     \b
     Examples:
-      edge-bench
-      edge-bench --threads 1 --json bench.json --plot bench.png
-      edge-bench --device-profile raspberry-pi-5 --battery-wh 20
-      edge-bench --model my_int8.tflite --reference my_fp32.tflite --keras runs/edge/model.keras
-      edge-bench --fields ../shared/data/fields/iml_vivax/images \
-                 --annotations ../shared/data/fields/iml_vivax/annotations.json --split test --json fields.json
-      edge-bench --end-to-end --images ../shared/data/cell_images --limit 5000
-      edge-bench --fields ../shared/data/fields/iml_vivax/images --limit 40
+      edge-bench cells
+      edge-bench cells --threads 1 --json bench.json --plot bench.png
+      edge-bench cells --limit 20 --runs 50 --no-tutorial          # a quick look
+      edge-bench cells --device-profile raspberry-pi-5 --battery-wh 20
+      edge-bench cells --model my_int8.tflite --reference my_fp32.tflite --keras runs/edge/model.keras
     """
-    if annotations is not None:
-        if fields_dir is None:
-            raise click.UsageError("--annotations needs --fields DIR")
-        field_benchmark(model_path, fields_dir, annotations, split, threads, json_path)
-        return
-    if (watts_active is None) != (watts_idle is None) and watts_active is None:
+    console = Console(PROG, verbosity)
+    if watts_idle is not None and watts_active is None:
         raise click.UsageError("--watts-idle needs --watts-active")
-    try:
-        bundle = ModelBundle(model_path or DEFAULT_MODEL, threads=threads)
-        ref_path = reference or bundle.reference_path()
-        ref_bundle = ModelBundle(ref_path, threads=threads) if ref_path else None
-    except ModelError as exc:
-        click.echo(f"edge-bench: {exc}", err=True)
-        sys.exit(1)
-    found = expand_inputs([str(images)])
-    paths = found.images
-    for p in found.problems:
-        click.echo(f"edge-bench: {p}", err=True)
-    if fields_dir is not None:
-        field_found = expand_inputs([str(fields_dir)])
-        for p in field_found.problems:
-            click.echo(f"edge-bench: {p}", err=True)
-        field_paths = field_found.images
-        if not field_paths:
-            raise click.ClickException(f"{fields_dir}: no field images")
-        if watts_active is not None:
-            watts, profile_text = watts_active, f"--watts-active {watts_active} W"
-        else:
-            watts = active_watts(PROFILES[device_profile], 1)
-            profile_text = (f"profile {device_profile}: {watts:.2f} W with 1 busy core; latency measured on this "
-                            "machine")
-        report = time_fields(bundle.path, field_paths[:limit])
-        if not report["fields"]:
-            raise click.ClickException("no readable field images")
-        energy = field_energy(report, watts, cells_per_slide, battery_wh)
-        click.echo(format_fields(report, energy, machine_info(), profile_text))
-        if json_path:
-            json_path.write_text(json.dumps({"machine": machine_info(), **report, "energy": energy}, indent=2))
-        return
-    if end_to_end_mode:
-        if not paths:
-            raise click.ClickException(f"{images}: no images to run end to end")
-        report = end_to_end(bundle.path, paths, limit, list(e2e_batches))
-        click.echo(format_end_to_end(report, machine_info()))
-        if json_path:
-            json_path.write_text(json.dumps({"machine": machine_info(), **report}, indent=2))
-        return
-    tmp = Path(tempfile.mkdtemp(prefix="edge-bench-"))
-    try:
-        _bench(bundle, ref_bundle, paths, tmp, images, keras_path, no_tutorial, threads, runs, warmup, batch,
-               device_profile, watts_active, watts_idle, battery_wh, cells_per_slide, json_path, plot_path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _bench(bundle, ref_bundle, paths, tmp, images, keras_path, no_tutorial, threads, runs, warmup, batch,
-           device_profile, watts_active, watts_idle, battery_wh, cells_per_slide, json_path, plot_path):
-    """Decode the cells once per input size into ``tmp``, measure each model in its own process, print the table."""
-    cell_files: Dict[str, str] = {}
-    cell_counts: List[int] = []
-
-    def cells_file(size: int, stain) -> str:
-        """Decode the images once per (size, stain) and hand the workers a .npy of them."""
-        key = json.dumps([size, stain], sort_keys=True)
-        if key not in cell_files:
-            arrays, bad = load_cells(paths, size, stain)
-            if not cell_files:
-                for b in bad:
-                    click.echo(f"edge-bench: skipped {b}", err=True)
-            cell_counts.append(len(arrays))
-            cell_files[key] = str(tmp / f"cells_{len(cell_files)}.npy")
-            np.save(cell_files[key], arrays)
-        return cell_files[key]
-
-    specs = []
-
-    common = {"threads": threads, "runs": runs, "warmup": warmup, "batch": batch}
-    model_cells = cells_file(bundle.size, bundle.stain)
-    specs.append((f"{bundle.kind} (this)", "model", {"type": "tflite", "path": str(bundle.path),
-                                                     "cells": model_cells, **common}))
-    if ref_bundle:
-        specs.append((f"{ref_bundle.kind} (full)", "reference",
-                      {"type": "tflite", "path": str(ref_bundle.path),
-                       "cells": cells_file(ref_bundle.size, ref_bundle.stain), **common}))
-    has_tf = importlib.util.find_spec("tensorflow") is not None
-    note = None
-    if keras_path and has_tf:
-        specs.append(("keras (ours)", "keras", {"type": "keras", "path": str(keras_path),
-                                                "cells": model_cells, **common}))
-    if not no_tutorial and has_tf:
-        tutorial_runs = max(20, runs // 5)
-        specs.append(("tutorial keras", "tutorial", {"type": "keras", "preset": "seed",
-                                                     "cells": cells_file(64, None), **common,
-                                                     "runs": tutorial_runs, "warmup": min(warmup, 10)}))
-        note = (f"tutorial keras: the tutorial's ResNet (stages 3,4,6; filters 64-512; 64x64; 2,163,918 parameters) "
-                f"timed as the tutorial runs it, model.predict in float32, {tutorial_runs} runs")
-    elif not has_tf:
-        note = "TensorFlow is not installed: the tutorial's Keras model was not timed (pip install '.[train]')"
-        click.echo(f"edge-bench: {note}", err=True)
-
-    models = []
-    for name, role, spec in specs:
-        click.echo(f"edge-bench: measuring {name} ...", err=True)
-        models.append(summarize(name, role, spec.get("path"), run_worker(spec)))
-    reference_model = next((m for m in models if m["role"] == "reference"), models[0])
-    add_ratios(models, reference_model)
-    tutorial = next((m for m in models if m["role"] == "tutorial"), None)
-    for m in models:
-        if tutorial is not None and m is not tutorial:
-            m["speedup_vs_tutorial"] = (tutorial["figures"]["latency_p50"]["value"]
-                                        / m["figures"]["latency_p50"]["value"])
-
-    if watts_active is not None:
-        profile_text = f"--watts-active {watts_active} W, --watts-idle {watts_idle} W"
-        watts = watts_active
-    else:
-        profile = PROFILES[device_profile]
-        watts = active_watts(profile, threads)
-        profile_text = (f"profile {device_profile}: {watts:.2f} W with {threads} busy core(s); source: "
-                        f"{profile['source']}; latency measured on this machine")
-    basis = "estimated"
-    for m in models:
-        measured = m["measured_joules_per_cell"]
-        if measured is not None:
-            basis = f"measured ({m['meter']})"
-        m["energy"] = energy_report(m["figures"]["latency_mean"]["value"] / 1000.0, watts, cells_per_slide,
-                                    battery_wh, measured, "measured" if measured is not None else "estimated")
-    report = {
-        "machine": machine_info(),
-        "settings": {"threads": threads, "runs": runs, "warmup": warmup, "batch": batch, "images": cell_counts[0],
-                     "images_folder": portable_path(images), "cells_per_slide": cells_per_slide, "battery_wh": battery_wh},
-        "reference": reference_model["name"],
-        "models": models,
-        "energy": {"basis": basis, "profile": device_profile if watts_active is None else "command line",
-                   "profile_text": profile_text, "watts_idle": watts_idle if watts_active is not None
-                   else PROFILES[device_profile]["watts_idle"]},
-        "tutorial_note": note,
-    }
-    click.echo(format_table(report))
-    if json_path:
-        json_path.write_text(json.dumps(report, indent=2))
+    bench = CellBench(model_path, reference, keras_path, not no_tutorial, images, limit, threads, runs, warmup,
+                      batch, device_profile, watts_active, watts_idle, battery_wh, cells_per_slide)
+    with reported(console):
+        report = measure_cells(bench, log=console.info, warn=console.warn)
+    show(console, format_table(report))
+    save(console, json_path, report)
     if plot_path:
         try:
             plot_latencies(report, plot_path)
         except ImportError:
-            click.echo("edge-bench: matplotlib is not installed; no plot (pip install matplotlib)", err=True)
+            console.warn("matplotlib is not installed; no plot (pip install matplotlib)")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("fields_dir", metavar="FIELDS", type=click.Path(exists=True, path_type=Path))
+@click.option("--annotations", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The fields' boxes (IML-Malaria annotations.json layout): score detection, counts and parasites "
+                   "against them instead of timing.")
+@click.option("--split", type=click.Choice(SPLIT_CHOICES), default="test", show_default=True,
+              help="With --annotations: which fields of the block split to score (tune on train, report on test).")
+@click.option("--limit", type=click.IntRange(1), metavar="FIELDS",
+              help="At most this many fields (the first by name; default: all of them).")
+@model_option("Model (default: the bundled int8 model).")
+@click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=1, show_default=True,
+              help="With --annotations: interpreter and OpenCV threads (timing always runs on one core, 1 thread).")
+@power_options(with_idle=False)
+@json_option
+@common_options
+def fields(fields_dir, annotations, split, limit, model_path, threads, device_profile, watts_active, battery_wh,
+           cells_per_slide, json_path, verbosity):
+    """Per whole microscope field (FIELDS: a folder of field images or one image). Without --annotations: seconds
+    per field by step (decode, segment, classify; s and ms per cell) on one core, and energy per field and per slide
+    (J, s, slides per charge). With --annotations: red-cell recall and precision against the boxes, count error,
+    parasites found, false parasitized per field, seconds per field (s), a 12 MP photo (s) and peak memory (MB);
+    power options do not apply.
+
+    \b
+    Examples:
+      edge-bench fields ../shared/data/fields/iml_vivax/images --limit 10
+      edge-bench fields ../shared/data/fields/iml_vivax/images \\
+                 --annotations ../shared/data/fields/iml_vivax/annotations.json --split test --json fields.json
+      edge-bench fields edge_runtime/sample_fields --annotations edge_runtime/sample_fields/annotations.json \\
+                 --split all
+    """
+    console = Console(PROG, verbosity)
+    with reported(console):
+        if annotations is not None:
+            report = run_scoring(console, model_path, fields_dir, annotations, split, threads, limit)
+        else:
+            report = run_timing(console, model_path, fields_dir, limit, device_profile, watts_active,
+                                 cells_per_slide, battery_wh)
+    save(console, json_path, report)
+
+
+def run_scoring(console: Console, model_path, fields_dir: Path, annotations: Path, split: str, threads: int,
+                 limit: Optional[int]) -> Dict:
+    from malaria_edge.benchmarks.fields import evaluate_model_on_fields, format_report
+    report = evaluate_model_on_fields(model_path, fields_dir, annotations, split, threads, limit, log=console.info)
+    show(console, format_report(report, report["machine"]))
+    return report
+
+
+def run_timing(console: Console, model_path, fields_dir: Path, limit: Optional[int], device_profile: str,
+                watts_active: Optional[float], cells_per_slide: int, battery_wh: float) -> Dict:
+    from malaria_edge.benchmarks.field_energy import format_fields, measure_fields
+    found = expand_inputs([str(fields_dir)])
+    for problem in found.problems:
+        console.warn(problem)
+    report, profile_text = measure_fields(model_path or DEFAULT_MODEL, found.images[:limit], device_profile,
+                                          watts_active, cells_per_slide, battery_wh)
+    machine = machine_info()
+    show(console, format_fields(report, report["energy"], machine, profile_text))
+    return {"machine": machine, **report}
+
+
+@main.command(context_settings=CONTEXT)
+@model_option("Model (default: the bundled int8 model).")
+@click.option("--images", type=click.Path(exists=True, path_type=Path), default=SAMPLES,
+              help="Folder of cell images (default: the bundled samples).")
+@click.option("--limit", type=click.IntRange(1), default=5000, show_default=True, metavar="CELLS",
+              help="Cells to run: a spread sample of --images, or its files repeated up to this many.")
+@click.option("--batch", "batches", multiple=True, type=click.IntRange(1, MAX_BATCH), default=(1, 32),
+              show_default=True, help="Batch size; repeat the option for one run per size.")
+@json_option
+@common_options
+def e2e(model_path, images, limit, batches, json_path, verbosity):
+    """End to end on one core with one interpreter thread, files in -> rows on disk: decode, preprocess,
+    interpreter, unfamiliar score and row writing, each in ms per cell and s in all (wall and CPU), and
+    edge-classify's own wall time in a fresh process, for each --batch.
+
+    \b
+    Examples:
+      edge-bench e2e
+      edge-bench e2e --images ../shared/data/cell_images --limit 5000
+      edge-bench e2e --limit 60 --batch 1 --batch 8 --json e2e.json
+    """
+    console = Console(PROG, verbosity)
+    with reported(console):
+        found = expand_inputs([str(images)])
+        for problem in found.problems:
+            console.warn(problem)
+        if not found.images:
+            raise click.ClickException(f"{images}: no images to run end to end")
+        report = end_to_end(model_path or DEFAULT_MODEL, found.images, limit, list(batches))
+    machine = machine_info()
+    show(console, format_end_to_end(report, machine))
+    save(console, json_path, {"machine": machine, **report})
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="An edge-prepare manifest: its NIH cells of --split (labels from the manifest).")
+@click.option("--split", default="test", show_default=True, help="Which split of --manifest.")
+@click.option("--images", "image_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Or a folder of cells (labels from Parasitized/Uninfected folders).")
+@model_option("The int8 model (default: the bundled one).")
+@json_option
+@common_options
+def phone(manifest, split, image_dir, model_path, json_path, verbosity):
+    """A phone's standard client (MediaPipe Tasks ImageClassifier, the same C++ pipeline as on Android and iOS)
+    against edge-classify on real cells: agreement of the calls (%), largest and median difference in
+    P(parasitized), accuracy (%) and ROC AUC where labels are known. Needs mediapipe (the dev extra) and OpenCV.
+
+    \b
+    Examples:
+      edge-bench phone --images edge_runtime/samples
+      edge-bench phone --manifest runs/data_ml/manifest.csv --split test --json phone.json
+    """
+    from malaria_edge.benchmarks.phone import cells_to_compare, compare, format_comparison
+    console = Console(PROG, verbosity)
+    if not manifest and not image_dir:
+        raise click.UsageError("give --manifest or --images")
+    paths, labels = cells_to_compare(manifest, split, image_dir)
+    if not paths:
+        raise click.UsageError("no cells to compare")
+    model = model_path or DEFAULT_MODEL
+    with reported(console):
+        report = compare(model, paths, labels)
+    show(console, format_comparison(report, len(paths), model))
+    save(console, json_path, {"model": str(model), "cells": len(paths), "scorings": report})
+
+
+if __name__ == "__main__":
+    main()

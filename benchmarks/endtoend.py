@@ -42,11 +42,19 @@ def one_core() -> Optional[int]:
     return max(os.sched_getaffinity(0))
 
 
+def spread_sample(paths: List[str], count: int) -> List[str]:
+    """At most ``count`` of ``paths``: all of them when there are no more, else a seeded random sample in path order
+    (so a short run draws from every folder, not only the first)."""
+    if len(paths) <= count:
+        return list(paths)
+    return sorted(random.Random(0).sample(paths, count))
+
+
 def pick_cells(paths: List[str], count: int, workdir: Path) -> List[str]:
     """``count`` distinct paths: a spread sample of ``paths`` when there are enough, else ``paths`` repeated through
     symbolic links in ``workdir`` (``edge-classify`` skips a path it has already seen)."""
     if len(paths) >= count:
-        return sorted(random.Random(0).sample(paths, count))
+        return spread_sample(paths, count)
     picked = []
     for i in range(count):
         source = Path(paths[i % len(paths)]).resolve()
@@ -169,7 +177,7 @@ def format_end_to_end(report: Dict, machine: Dict) -> str:
     n = report["cells"]
     runs = report["runs"]
     load = report.get("load_average")
-    lines = [f"edge-bench --end-to-end on {machine['cpu']} ({machine['cores']} cores), pinned to core "
+    lines = [f"edge-bench e2e on {machine['cpu']} ({machine['cores']} cores), pinned to core "
              f"{report['core']}, 1 interpreter thread, {n:,} cells ({report['distinct_files']:,} distinct files); "
              f"{report['kind']} on {report['backend']} {report['backend_version']}"
              + (f"; load average {load[0]:.1f} while measuring" if load else ""),

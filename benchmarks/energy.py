@@ -6,7 +6,7 @@ import glob
 import threading
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 # Whole-board power with the CPU idle, and the extra power of each busy core. Estimates from public measurements;
 # they apply the device's power to the latency measured where edge-bench runs, so run edge-bench on the device
@@ -34,6 +34,19 @@ PROFILES: Dict[str, Dict] = {
 def active_watts(profile: Dict, busy_cores: int) -> float:
     """Board power while ``busy_cores`` cores run inference."""
     return profile["watts_idle"] + profile["watts_per_busy_core"] * min(busy_cores, profile["cores"])
+
+
+def board_power(profile_name: str, watts_active: Optional[float], watts_idle: Optional[float],
+                busy_cores: int) -> Tuple[float, str]:
+    """The board's watts while inferring and the words that say where they came from: the user's
+    ``--watts-active`` when given, else the device profile with ``busy_cores`` busy."""
+    if watts_active is not None:
+        text = f"--watts-active {watts_active} W" + (f", --watts-idle {watts_idle} W" if watts_idle is not None else "")
+        return watts_active, text
+    profile = PROFILES[profile_name]
+    watts = active_watts(profile, busy_cores)
+    return watts, (f"profile {profile_name}: {watts:.2f} W with {busy_cores} busy core(s); source: "
+                   f"{profile['source']}; latency measured on this machine")
 
 
 class EnergyMeter:

@@ -11,12 +11,13 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
 from malaria_edge.benchmarks.endtoend import one_core
-from malaria_edge.benchmarks.energy import EnergyMeter
+from malaria_edge.benchmarks.energy import EnergyMeter, board_power
+from malaria_edge.benchmarks.report import BenchError
 from malaria_edge.edge_runtime.classifier import Classifier
 from malaria_edge.edge_runtime.images import ImageError, load_image
 
@@ -67,10 +68,24 @@ def field_energy(report: Dict, watts: float, cells_per_slide: int, battery_wh: f
     return out
 
 
+def measure_fields(model: Path, paths: List[str], device_profile: str, watts_active: Optional[float],
+                   cells_per_slide: int, battery_wh: float) -> Tuple[Dict, str]:
+    """Time every field of ``paths`` on one core and cost a field and a slide in energy: (report, words saying where
+    the watts came from)."""
+    if not paths:
+        raise BenchError("no field images")
+    report = time_fields(model, paths)
+    if not report["fields"]:
+        raise BenchError("no readable field images")
+    watts, profile_text = board_power(device_profile, watts_active, None, 1)
+    report["energy"] = field_energy(report, watts, cells_per_slide, battery_wh)
+    return report, profile_text
+
+
 def format_fields(report: Dict, energy: Dict, machine: Dict, profile_text: str) -> str:
     rows = report["fields"]
     n = len(rows)
-    lines = [f"edge-bench --fields on {machine['cpu']} ({machine['cores']} cores), pinned to core {report['core']}, "
+    lines = [f"edge-bench fields on {machine['cpu']} ({machine['cores']} cores), pinned to core {report['core']}, "
              f"1 interpreter thread, {n} fields, {sum(r['cells'] for r in rows):,} cells found "
              f"({energy['cells_per_field']:.0f} per field)",
              f"{'step':<12}{'median s':>10}{'mean s':>10}{'ms/cell':>10}"]

@@ -1,106 +1,28 @@
-"""``edge-bench --fields DIR --annotations FILE``: how well the field path finds, counts and calls red cells on
+"""``edge-bench fields DIR --annotations FILE``: how well the field path finds, counts and calls red cells on
 annotated microscope fields, and how long a field takes end to end on one core.
 
-Annotations are the IML-Malaria layout: a list of ``{"image_name", "objects": [{"type", "bbox": {x, y, w, h}}]}``
-with ``type`` one of ``red blood cell`` (uninfected), a parasite stage (``ring``, ``trophozoite``, ``schizont``,
-``gametocyte``: a parasitized cell) or ``difficult`` (left out of scoring).
+Annotations are the IML-Malaria layout, read, split and matched by ``edge_runtime.annotations`` (the same boxes,
+split and IoU rule as training uses).
 """
 from __future__ import annotations
 
 import csv
 import io
-import json
-import resource
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
+from malaria_edge.benchmarks.report import BenchError
+from malaria_edge.benchmarks.worker import peak_rss_mb
+from malaria_edge.edge_runtime.annotations import (MATCH_IOU, AnnotatedField, Box, iou,  # noqa: F401
+                                                   load_annotations, match, touches_border)
 from malaria_edge.edge_runtime.fields import FieldResult
 from malaria_edge.edge_runtime.images import open_image
 from malaria_edge.edge_runtime.labels import PARASITIZED
-
-UNINFECTED_TYPE = "red blood cell"
-LEFT_OUT_TYPE = "difficult"
-MATCH_IOU = 0.5
-SPLITS = ("train", "val", "test", "all")
-
-Box = Tuple[int, int, int, int]
-
-
-def iml_split(index: int) -> str:
-    """The team's split of the sorted IML field names: blocks of 8 consecutive captures (likely one slide);
-    block % 4 == 3 -> test, block % 8 == 1 -> val, else train."""
-    block = index // 8
-    if block % 4 == 3:
-        return "test"
-    if block % 8 == 1:
-        return "val"
-    return "train"
-
-
-@dataclass
-class AnnotatedField:
-    name: str
-    cells: List[Box]          # every scored cell (uninfected and parasitized)
-    parasites: List[Box]      # the parasitized ones
-    left_out: List[Box]       # "difficult": neither counted nor held against a detection
-
-
-def load_annotations(path: Path, split: str = "test") -> List[AnnotatedField]:
-    """The annotated fields of one split (or all), sorted by image name."""
-    entries = sorted(json.loads(Path(path).read_text()), key=lambda e: e["image_name"])
-    fields = []
-    for index, entry in enumerate(entries):
-        if split != "all" and iml_split(index) != split:
-            continue
-        cells, parasites, left_out = [], [], []
-        for obj in entry["objects"]:
-            box = tuple(int(float(obj["bbox"][k])) for k in ("x", "y", "w", "h"))
-            if obj["type"] == LEFT_OUT_TYPE:
-                left_out.append(box)
-                continue
-            cells.append(box)
-            if obj["type"] != UNINFECTED_TYPE:
-                parasites.append(box)
-        fields.append(AnnotatedField(entry["image_name"], cells, parasites, left_out))
-    return fields
-
-
-def iou(a: Box, b: Box) -> float:
-    ix = max(0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
-    iy = max(0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = a[2] * a[3] + b[2] * b[3] - inter
-    return inter / union if union else 0.0
-
-
-def match(detections: Sequence[Box], truths: Sequence[Box], threshold: float = MATCH_IOU) -> Dict[int, int]:
-    """Greedy one-to-one matching by descending IoU (pairs at or above ``threshold``): {detection: truth}."""
-    pairs = []
-    for i, d in enumerate(detections):
-        for j, t in enumerate(truths):
-            if abs(d[0] - t[0]) < d[2] + t[2] and abs(d[1] - t[1]) < d[3] + t[3]:
-                v = iou(d, t)
-                if v >= threshold:
-                    pairs.append((v, i, j))
-    pairs.sort(reverse=True)
-    used_d, used_t, out = set(), set(), {}
-    for _, i, j in pairs:
-        if i not in used_d and j not in used_t:
-            used_d.add(i)
-            used_t.add(j)
-            out[i] = j
-    return out
-
-
-def touches_border(box: Box, width: int, height: int) -> bool:
-    x, y, w, h = box
-    return x <= 0 or y <= 0 or x + w >= width or y + h >= height
 
 
 def left_out_detections(detections: Sequence[Box], truth: AnnotatedField, matched: Dict[int, int]) -> set:
@@ -157,9 +79,6 @@ def score_field(result: FieldResult, truth: AnnotatedField) -> Dict:
     }
 
 
-ROW_FIELDS = ("path", "cell", "x", "y", "w", "h", "prediction", "prob_parasitized")
-
-
 def run_field(classifier, path: Path, sink: io.TextIOBase) -> Tuple[FieldResult, float, float]:
     """Decode, segment, cut, classify and write one row per cell, as edge-classify does; the wall seconds and the
     process CPU seconds (the fair figure on a shared machine, where wall time includes waiting for a core)."""
@@ -172,10 +91,6 @@ def run_field(classifier, path: Path, sink: io.TextIOBase) -> Tuple[FieldResult,
         writer.writerow([str(path), c.index, *c.box, c.prediction, f"{c.prob_parasitized:.6f}"])
     sink.flush()
     return result, time.perf_counter() - start, time.process_time() - cpu
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def twelve_megapixel_seconds(classifier, field_path: Path, runs: int = 3) -> Dict:
@@ -196,9 +111,10 @@ def twelve_megapixel_seconds(classifier, field_path: Path, runs: int = 3) -> Dic
 
 
 def evaluate_fields(classifier, folder: Path, annotations: Path, split: str = "test",
-                    log=lambda message: None) -> Dict:
-    """Every figure of the field path on the annotated fields of ``split``."""
-    fields = load_annotations(annotations, split)
+                    log=lambda message: None, limit: Optional[int] = None) -> Dict:
+    """Every figure of the field path on the annotated fields of ``split`` (the first ``limit`` of them by name
+    when given)."""
+    fields = load_annotations(annotations, split)[:limit]
     if not fields:
         raise ValueError(f"no annotated fields in split {split!r}")
     missing = [f.name for f in fields if not (folder / f.name).is_file()]
@@ -247,6 +163,22 @@ def evaluate_fields(classifier, folder: Path, annotations: Path, split: str = "t
     return report
 
 
+def evaluate_model_on_fields(model: Optional[Path], folder: Path, annotations: Path, split: str, threads: int,
+                             limit: Optional[int] = None, log: Callable[[str], None] = lambda message: None) -> Dict:
+    """``evaluate_fields`` with ``model`` (default: the bundled one) loaded for ``threads`` interpreter and OpenCV
+    threads, in this process; the report says on what machine, model and threads it ran."""
+    from malaria_edge.edge_runtime.classifier import Classifier
+    from malaria_edge.edge_runtime.machine import machine_info
+    from malaria_edge.edge_runtime.segment import OPENCV_HINT, cv2
+    if cv2 is None:
+        raise BenchError(OPENCV_HINT)
+    cv2.setNumThreads(threads)
+    classifier = Classifier.load(model, threads=threads)
+    report = evaluate_fields(classifier, folder, annotations, split, log=log, limit=limit)
+    report.update({"machine": machine_info(), "threads": threads, "model": str(classifier.bundle.path)})
+    return report
+
+
 def format_report(report: Dict, machine: Dict) -> str:
     """The human table of an evaluation."""
     def pct(v):
@@ -264,9 +196,9 @@ def format_report(report: Dict, machine: Dict) -> str:
         f"  false parasitized per field  {report['false_parasitized_per_field']:.2f}",
         f"  cell sensitivity/specificity {pct(report['cell_sensitivity'])} / {pct(report['cell_specificity'])} "
         "(matched cells)",
-        f"  seconds per field            {report['seconds_per_field_median']:.3f} median, "
-        f"{report['seconds_per_field_p90']:.3f} p90 (segment {report['seconds_segment_median']:.3f}, "
-        f"classify {report['seconds_classify_median']:.3f}); CPU {report['cpu_seconds_per_field_median']:.3f} s; "
+        f"  seconds per field            {report['seconds_per_field_median']:.3f} s median, "
+        f"{report['seconds_per_field_p90']:.3f} s p90 (segment {report['seconds_segment_median']:.3f} s, "
+        f"classify {report['seconds_classify_median']:.3f} s); CPU {report['cpu_seconds_per_field_median']:.3f} s; "
         "target <= 0.5 s",
         f"  12 MP photo ({report['photo_12mp']['size']})      {report['photo_12mp']['seconds']:.2f} s "
         f"(CPU {report['photo_12mp']['cpu_seconds']:.2f} s), {report['photo_12mp']['cells']} cells; target <= 3 s",

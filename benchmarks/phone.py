@@ -1,7 +1,7 @@
 """How close a phone's standard client (MediaPipe Tasks ``ImageClassifier``, the same C++ pipeline as on Android
 and iOS) comes to ``edge-classify`` on many real cells, and why they differ.
 
-``python -m malaria_edge.benchmarks.phone --manifest runs/data_ml/manifest.csv --split test`` (needs ``mediapipe``,
+``edge-bench phone --manifest runs/data_ml/manifest.csv --split test`` (needs ``mediapipe``,
 in the dev extra, and OpenCV). Four ways to score the same cells, each against the phone's own (the photo handed to
 MediaPipe as it is), with accuracy and ROC AUC where labels are known:
 
@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
-import click
 import numpy as np
 
 from malaria_edge.edge_runtime import Classifier
-from malaria_edge.edge_runtime.bundle import DEFAULT_MODEL
 from malaria_edge.edge_runtime.images import cut_central_cell, load_image
 from malaria_edge.edge_runtime.labels import PARASITIZED, label_from_folder
 from malaria_edge.edge_runtime.metrics import roc_auc
@@ -80,37 +78,27 @@ def compare(model: Path, paths: List[str], labels: Optional[List[str]]) -> Dict[
     return report
 
 
-@click.command()
-@click.option("--manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="An edge-prepare manifest: its NIH cells of --split (labels from the manifest).")
-@click.option("--split", default="test", show_default=True, help="Which split of --manifest.")
-@click.option("--images", "image_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Or a folder of cells (labels from Parasitized/Uninfected folders).")
-@click.option("--model", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=DEFAULT_MODEL,
-              show_default=True)
-def main(manifest: Optional[Path], split: str, image_dir: Optional[Path], model: Path) -> None:
-    """MediaPipe's ImageClassifier against edge-classify on real cells: agreement, |dp|, accuracy, AUC."""
+def cells_to_compare(manifest: Optional[Path], split: str, image_dir: Optional[Path]
+                     ) -> Tuple[List[str], Optional[List[str]]]:
+    """The cells to score and their labels: the NIH cells of ``split`` in an edge-prepare manifest, or every image
+    under ``image_dir`` (labels from Parasitized/Uninfected folders, None unless every cell has one)."""
     if manifest:
         with open(manifest, newline="") as handle:
             rows = [r for r in csv.DictReader(handle) if r["split"] == split and r["source"] == "NIH"]
-        paths, labels = [r["path"] for r in rows], [r["label"] for r in rows]
-    elif image_dir:
-        paths = sorted(str(p) for p in image_dir.rglob("*") if p.suffix.lower() in (".webp", ".png", ".jpg"))
-        labels = [label_from_folder(p) for p in paths]
-        labels = labels if all(labels) else None
-    else:
-        raise click.UsageError("give --manifest or --images")
-    if not paths:
-        raise click.UsageError("no cells to compare")
-    report = compare(model, paths, labels)
-    click.echo(f"{len(paths):,} cells, {model.name}; each scoring against MediaPipe given the photo")
-    click.echo(f"{'scoring':<26}{'agreement':>10}{'max |dp|':>10}{'median':>9}{'accuracy':>10}{'AUC':>8}")
+        return [r["path"] for r in rows], [r["label"] for r in rows]
+    paths = sorted(str(p) for p in image_dir.rglob("*") if p.suffix.lower() in (".webp", ".png", ".jpg"))
+    labels = [label_from_folder(p) for p in paths]
+    return paths, (labels if all(labels) else None)
+
+
+def format_comparison(report: Dict[str, Dict], cells: int, model: Path) -> str:
+    """The human table: each scoring's agreement with the phone (%), its probability differences (|dp|, a
+    probability, no unit), accuracy (%) and ROC AUC where labels are known."""
+    lines = [f"{cells:,} cells, {model.name}; each scoring against MediaPipe given the photo",
+             f"{'scoring':<26}{'agreement':>10}{'max |dp|':>10}{'median':>9}{'accuracy':>10}{'AUC':>8}"]
     for name, row in report.items():
         acc = f"{100 * row['accuracy']:.2f}%" if "accuracy" in row else "n/a"
         auc = f"{row['roc_auc']:.4f}" if row.get("roc_auc") is not None else "n/a"
-        click.echo(f"{name:<26}{100 * row['agreement']:>9.2f}%{row['max_abs_dp']:>10.4f}"
-                   f"{row['median_abs_dp']:>9.4f}{acc:>10}{auc:>8}")
-
-
-if __name__ == "__main__":
-    main()
+        lines.append(f"{name:<26}{100 * row['agreement']:>9.2f}%{row['max_abs_dp']:>10.4f}"
+                     f"{row['median_abs_dp']:>9.4f}{acc:>10}{auc:>8}")
+    return "\n".join(lines)

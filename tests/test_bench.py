@@ -1,4 +1,5 @@
-"""edge-bench on a tiny model: structure and units, ratios, the energy arithmetic, the 'estimated' label."""
+"""edge-bench on a tiny model and the bundled one: its modes and their help, structure and units, ratios, the energy
+arithmetic, the 'estimated' label, tool_version in every JSON."""
 import json
 import math
 from pathlib import Path
@@ -6,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from malaria_edge.benchmarks.energy import PROFILES, active_watts, energy_report
+from malaria_edge.edge_runtime.version import __version__
 from conftest import cli
 
 SHARED_FIELDS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "fields" / "iml_vivax" / "images"
@@ -14,7 +16,7 @@ SHARED_FIELDS = Path(__file__).resolve().parent.parent.parent / "shared" / "data
 @pytest.fixture(scope="module")
 def bench_report(tiny_bundle, samples, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    done = cli("edge-bench", "--model", tiny_bundle, "--images", samples, "--runs", 40, "--warmup", 5,
+    done = cli("edge-bench", "cells", "--model", tiny_bundle, "--images", samples, "--runs", 40, "--warmup", 5,
                "--threads", 1, "--battery-wh", 20, "--json", out / "bench.json", "--plot", out / "bench.png",
                check=True)
     return json.loads((out / "bench.json").read_text()), done, out
@@ -22,6 +24,7 @@ def bench_report(tiny_bundle, samples, tmp_path_factory):
 
 def test_report_structure_and_units(bench_report):
     report, done, out = bench_report
+    assert report["tool_version"] == __version__
     assert report["machine"]["cpu"] and report["settings"]["threads"] == 1
     names = [m["role"] for m in report["models"]]
     assert names[:2] == ["model", "reference"] and "tutorial" in names
@@ -78,9 +81,10 @@ def test_energy_arithmetic_by_hand():
 def test_end_to_end_times_every_stage_on_one_core(tiny_bundle, samples, tmp_path):
     """Files in -> rows on disk: the sample cells repeated to 60 distinct paths, each stage timed, and
     edge-classify's own run timed on the same core."""
-    done = cli("edge-bench", "--end-to-end", "--model", tiny_bundle, "--images", samples, "--limit", 60,
-               "--e2e-batch", 1, "--e2e-batch", 8, "--json", tmp_path / "e2e.json", check=True)
+    done = cli("edge-bench", "e2e", "--model", tiny_bundle, "--images", samples, "--limit", 60,
+               "--batch", 1, "--batch", 8, "--json", tmp_path / "e2e.json", check=True)
     report = json.loads((tmp_path / "e2e.json").read_text())
+    assert report["tool_version"] == __version__
     assert report["cells"] == 60 and report["distinct_files"] == 41 and report["threads"] == 1
     assert [r["batch"] for r in report["runs"]] == [1, 8]
     for run in report["runs"]:
@@ -96,9 +100,10 @@ def test_fields_bench_reports_seconds_and_energy_per_field_and_slide(tiny_bundle
     fields = SHARED_FIELDS
     if not fields.is_dir():
         pytest.skip("../shared/data/fields is absent")
-    done = cli("edge-bench", "--fields", fields, "--limit", 1, "--model", tiny_bundle, "--json",
+    done = cli("edge-bench", "fields", fields, "--limit", 1, "--model", tiny_bundle, "--json",
                tmp_path / "fields.json", check=True)
     report = json.loads((tmp_path / "fields.json").read_text())
+    assert report["tool_version"] == __version__ and len(report["fields"]) == 1
     row = report["fields"][0]
     assert row["cells"] > 0 and row["total"] >= row["segment"] + row["classify"] > 0
     energy = report["energy"]
@@ -108,3 +113,42 @@ def test_fields_bench_reports_seconds_and_energy_per_field_and_slide(tiny_bundle
         assert energy["joules_per_field"] == pytest.approx(energy["watts"] * energy["seconds_per_field"])
     assert energy["slide_joules"] == pytest.approx(energy["joules_per_field"] * energy["fields_per_slide"])
     assert "J per field" in done.stdout
+
+
+@pytest.mark.parametrize("mode", ["cells", "fields", "e2e", "phone"])
+def test_each_mode_has_its_own_help_with_examples(mode):
+    done = cli("edge-bench", mode, "--help", check=True)
+    assert f"Usage: edge-bench {mode}" in done.stdout and "Examples:" in done.stdout
+    examples = done.stdout.split("Examples:")[1].split("Options:")[0]
+    assert f"edge-bench {mode}" in examples
+
+
+def test_limit_says_its_unit_in_each_mode():
+    assert "--limit CELLS" in cli("edge-bench", "cells", "--help", check=True).stdout
+    assert "--limit CELLS" in cli("edge-bench", "e2e", "--help", check=True).stdout
+    assert "--limit FIELDS" in cli("edge-bench", "fields", "--help", check=True).stdout
+
+
+def test_bare_edge_bench_lists_the_modes_and_measures_nothing():
+    done = cli("edge-bench", check=True)
+    assert all(mode in done.stdout for mode in ("cells", "fields", "e2e", "phone")) and "Examples:" in done.stdout
+
+
+def test_version_is_the_tools_version():
+    done = cli("edge-bench", "--version", check=True)
+    assert done.stdout.strip() == f"edge-bench (malaria-edge) {__version__}"
+
+
+def test_a_short_cells_run_of_the_bundled_model_writes_figures_with_units(samples, tmp_path):
+    """The README's quick look: the bundled int8 model against its fp32 model on 20 of the sample cells."""
+    done = cli("edge-bench", "cells", "--limit", 20, "--threads", 1, "--json", tmp_path / "cells.json",
+               check=True)
+    report = json.loads((tmp_path / "cells.json").read_text())
+    assert report["tool_version"] == __version__
+    assert report["settings"]["images"] == 20 and report["settings"]["limit"] == 20
+    assert [m["role"] for m in report["models"]][:2] == ["model", "reference"]
+    for m in report["models"]:
+        assert all(f["unit"] for f in m["figures"].values()) and m["figures"]["latency_p50"]["value"] > 0
+        assert m["energy"]["energy_per_cell"]["unit"] == "mJ"
+    for unit in (" ms ", " MB ", " mJ/cell", " s and ", " J"):
+        assert unit in done.stdout, unit

@@ -3,7 +3,7 @@
 The IML fields have no licence and may not be copied into the repository, so the samples that tests and
 ``make demo`` use are made here: NIH cells (masked on black, public domain) pasted onto a glass-coloured background
 with uneven light, some apart, some touching or overlapping, one cut by the border. Each cell's box and class go
-to ``annotations.json`` in the IML layout (``red blood cell`` / ``parasitized``), so ``edge-bench --fields`` can
+to ``annotations.json`` in the IML layout (``red blood cell`` / ``parasitized``), so ``edge-bench fields --annotations`` can
 score them. Seeded: the same command makes the same files.
 
     python tools/compose_fields.py --cells ../shared/data/cell_images --out edge_runtime/sample_fields

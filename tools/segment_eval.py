@@ -1,8 +1,9 @@
 """Segmentation alone on annotated fields of one split: red-cell recall, count error, parasites inside a found cell.
 
-Faster than ``edge-bench --fields`` (no classification), for tuning ``edge_runtime/segment.py`` on the train fields
-and checking on val; report test with ``edge-bench --fields`` once a design is chosen. Same matching (IoU >= 0.5,
-``benchmarks.fields.match``) and the same notion of a whole cell (annotated box not touching the border).
+Faster than ``edge-bench fields --annotations`` (no classification), for tuning ``edge_runtime/segment.py`` on the
+train fields and checking on val; report test with ``edge-bench fields --annotations`` once a design is chosen. The
+same split, matching (IoU >= 0.5) and notion of a whole cell (annotated box not touching the border) as the bench
+and training: all from ``edge_runtime.annotations``.
 
     python tools/segment_eval.py --split train [--fields DIR] [--worst 12]
 """
@@ -15,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from malaria_edge.benchmarks.fields import SPLITS, count_errors, load_annotations, match, touches_border
+from malaria_edge.benchmarks.fields import count_errors
+from malaria_edge.edge_runtime.annotations import SPLIT_CHOICES, load_annotations, match, touches_border
 from malaria_edge.edge_runtime.images import open_image
 from malaria_edge.edge_runtime.segment import field_diameter, segment_field
 
@@ -24,7 +26,7 @@ IML = Path(__file__).resolve().parents[2] / "shared" / "data" / "fields" / "iml_
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--split", choices=SPLITS, default="train")
+    parser.add_argument("--split", choices=SPLIT_CHOICES, default="train")
     parser.add_argument("--fields", type=Path, default=IML, help="folder with images/ and annotations.json")
     parser.add_argument("--worst", type=int, default=12, help="list this many fields with the lowest recall")
     args = parser.parse_args()

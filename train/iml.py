@@ -9,111 +9,48 @@ neighbouring fields sit on both sides of a split.
 from __future__ import annotations
 
 import hashlib
-import json
-import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
 
+from malaria_edge.edge_runtime.annotations import (MATCH_IOU, Annotation, AnnotationError, Box,  # noqa: F401
+                                                   capture_number, field_split, field_splits, iou, match)
+from malaria_edge.edge_runtime.annotations import read_objects
 from malaria_edge.edge_runtime.images import ImageError, open_image
-from malaria_edge.edge_runtime.labels import PARASITIZED, UNINFECTED
+from malaria_edge.edge_runtime.labels import PARASITIZED
 from malaria_edge.train.dataset import Cell, DatasetError
 
-UNINFECTED_TYPES = ("red blood cell",)
-PARASITE_TYPES = ("ring", "trophozoite", "schizont", "gametocyte")
-SKIP_TYPES = ("difficult",)
-BLOCK = 8                 # consecutive captures per block
-MATCH_IOU = 0.5           # a segmented cell is an annotated cell when their boxes overlap this much
 BOX_MARGIN = 0.15         # context around an annotated box when a parasite the segmentation missed is cut by box
 SOURCE = "IML"
-
-Box = Tuple[int, int, int, int]
 
 
 class FieldDataError(DatasetError):
     """Annotated fields that cannot be used; one line saying what to fix."""
 
 
-@dataclass
-class Annotation:
-    kind: str
-    box: Box
-
-    @property
-    def label(self) -> Optional[str]:
-        if self.kind in UNINFECTED_TYPES:
-            return UNINFECTED
-        if self.kind in PARASITE_TYPES:
-            return PARASITIZED
-        return None
-
-
 def read_annotations(path: Path) -> Dict[str, List[Annotation]]:
-    """annotations.json -> {image name: [Annotation]}; unknown object types are refused, not guessed."""
+    """annotations.json -> {image name: [Annotation]} (``edge_runtime.annotations``), refusals as a dataset error."""
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise FieldDataError(f"{path}: unreadable annotations ({exc})") from None
-    out: Dict[str, List[Annotation]] = {}
-    for entry in data:
-        objects = []
-        for obj in entry.get("objects", []):
-            kind = obj["type"]
-            if kind not in UNINFECTED_TYPES + PARASITE_TYPES + SKIP_TYPES:
-                raise FieldDataError(f"{path}: unknown object type {kind!r} in {entry['image_name']}")
-            b = obj["bbox"]
-            objects.append(Annotation(kind, (int(b["x"]), int(b["y"]), int(b["w"]), int(b["h"]))))
-        out[entry["image_name"]] = objects
-    return out
+        return read_objects(path)
+    except AnnotationError as exc:
+        raise FieldDataError(str(exc)) from None
 
 
-def capture_number(name: str) -> int:
-    """The sequential capture number in a camera file name (``PA171690.JPG`` -> 171690)."""
-    digits = re.findall(r"\d+", Path(name).stem)
-    if not digits:
-        raise FieldDataError(f"{name}: no capture number in the file name; fields are split by capture order")
-    return int(digits[-1])
-
-
-def field_split(name: str, first_capture: int) -> str:
-    """train / val / test for a field by its block of 8 consecutive captures: block % 4 == 3 -> test,
-    block % 8 == 1 -> val, else train (about 60/15/25 of blocks)."""
-    block = (capture_number(name) - first_capture) // BLOCK
-    if block % 4 == 3:
-        return "test"
-    if block % 8 == 1:
-        return "val"
-    return "train"
-
-
-def iou(a: Box, b: Box) -> float:
-    ax, ay, aw, ah = a
-    bx, by, bw, bh = b
-    ix = max(0, min(ax + aw, bx + bw) - max(ax, bx))
-    iy = max(0, min(ay + ah, by + bh) - max(ay, by))
-    inter = ix * iy
-    union = aw * ah + bw * bh - inter
-    return inter / union if union else 0.0
+def _splits(annotations: Dict[str, List[Annotation]]) -> Dict[str, str]:
+    """Every annotated field's split (``edge_runtime.annotations.field_splits``), refusals as a dataset error."""
+    try:
+        return field_splits(annotations)
+    except AnnotationError as exc:
+        raise FieldDataError(str(exc)) from None
 
 
 def match_regions(regions: Sequence, annotations: Sequence[Annotation]) -> List[Optional[Annotation]]:
-    """For each segmented region, the annotation it matches at IoU >= 0.5 (greedy, best pairs first), else None."""
-    pairs = []
-    for i, region in enumerate(regions):
-        for j, ann in enumerate(annotations):
-            score = iou(region.box, ann.box)
-            if score >= MATCH_IOU:
-                pairs.append((score, i, j))
-    matched: List[Optional[Annotation]] = [None] * len(regions)
-    used = set()
-    for score, i, j in sorted(pairs, reverse=True):
-        if matched[i] is None and j not in used:
-            matched[i] = annotations[j]
-            used.add(j)
-    return matched
+    """For each segmented region, the annotation it matches (``edge_runtime.annotations.match``: IoU >= MATCH_IOU,
+    greedy, best pairs first), else None."""
+    matched = match([r.box for r in regions], [a.box for a in annotations])
+    return [annotations[matched[i]] if i in matched else None for i in range(len(regions))]
 
 
 def _box_crop(rgb: np.ndarray, box: Box) -> np.ndarray:
@@ -140,7 +77,7 @@ def cut_field_cells(field_dir: Path, out_dir: Path, log=print) -> Tuple[List[Cel
     images = sorted(p for p in (field_dir / "images").iterdir() if p.name in annotations)
     if not images:
         raise FieldDataError(f"{field_dir}: no annotated images in images/; expected the IML-Malaria layout")
-    first = min(capture_number(p.name) for p in images)
+    splits = _splits(annotations)
     cells: List[Cell] = []
     stats = {"fields": 0, "segmented": 0, "matched": 0, "unmatched": 0, "difficult": 0,
              "parasites_annotated": 0, "parasites_segmented": 0, "parasites_by_box": 0, "bad_fields": []}
@@ -150,7 +87,7 @@ def cut_field_cells(field_dir: Path, out_dir: Path, log=print) -> Tuple[List[Cel
         except ImageError as exc:
             stats["bad_fields"].append({"path": path.name, "reason": str(exc)})
             continue
-        split = field_split(path.name, first)
+        split = splits[path.name]
         anns = annotations[path.name]
         regions = segment_field(rgb)
         matches = match_regions(regions, anns)
