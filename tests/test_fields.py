@@ -178,7 +178,7 @@ def test_resume_redoes_a_field_cut_short_and_loses_nothing(tmp_path):
 
 def test_edge_bench_scores_the_composed_fields(tmp_path):
     out = tmp_path / "fields.json"
-    done = cli("edge-bench", "--fields", FIELDS, "--annotations", ANNOTATIONS, "--split", "all", "--json", out,
+    done = cli("edge-bench", "fields", FIELDS, "--annotations", ANNOTATIONS, "--split", "all", "--json", out,
                check=True)
     report = json.loads(out.read_text())
     assert report["fields"] == 3 and report["recall_whole"] >= 0.95

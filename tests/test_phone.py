@@ -160,7 +160,7 @@ def test_mediapipe_agrees_with_edge_classify_on_the_bundled_model(bundled_phone_
     own = compare(bundled_phone_model, paths)
     text = report("bundled int8, MediaPipe's resize", own, record_property)
     # The target is 99.5% here too: with the shipped model 99.59% of the 4,397 NIH test cells and 99.51%
-    # of all 18,873 agree (python -m malaria_edge.benchmarks.phone), this sample of 541 gives 99.26%. The calls
+    # of all 18,873 agree (edge-bench phone), this sample of 541 gives 99.26%. The calls
     # that differ come from the resize, not the cut (next test). This floor catches a regression, not the target.
     if len(paths) >= 500:
         assert own["agreement"] >= 0.985, text

@@ -197,10 +197,10 @@ def test_absurd_threads_and_batch_sizes_are_refused(bundled_model, option, value
 
 def test_bench_refuses_zero_runs_and_leaves_no_temp_folder(bundled_model, tmp_path):
     before = set(Path(tempfile.gettempdir()).glob("edge-bench-*"))
-    done = cli("edge-bench", "--model", bundled_model, "--runs", "0", "--no-tutorial")
+    done = cli("edge-bench", "cells", "--model", bundled_model, "--runs", "0", "--no-tutorial")
     assert done.returncode == 2 and "--runs" in done.stderr
     (tmp_path / "broken.png").write_bytes(b"not a png")
-    done = cli("edge-bench", "--model", bundled_model, "--images", tmp_path, "--no-tutorial")
+    done = cli("edge-bench", "cells", "--model", bundled_model, "--images", tmp_path, "--no-tutorial")
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert set(Path(tempfile.gettempdir()).glob("edge-bench-*")) == before
 
