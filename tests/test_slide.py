@@ -133,7 +133,7 @@ def test_p_value_against_a_plain_binomial():
     assert p == pytest.approx(exact, rel=0.05)
 
 
-@pytest.mark.skipif(not (IML / "annotations.json").is_file(), reason="IML fields not present in /work/shared")
+@pytest.mark.skipif(not (IML / "annotations.json").is_file(), reason="IML fields not present in shared/data beside the repository")
 def test_a_real_slide_of_iml_fields(rule):
     """Eight consecutive IML captures read by the bundled model as one slide: a real call with its figures."""
     from malaria_edge.edge_runtime.classifier import Classifier

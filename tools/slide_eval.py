@@ -3,7 +3,7 @@
     python tools/slide_eval.py measure   # validation only -> docs/slide_rule.json
     python tools/slide_eval.py evaluate  # test only, with the rule from measure -> docs/slide_eval.json + table
 
-Data (default: $MALARIA_DATA or /work/shared/data):
+Data (default: $MALARIA_DATA, else shared/data beside the repository):
   IML fields  fields/iml_vivax/{images,annotations.json}; split in blocks of 8 consecutive captures
               (benchmarks.fields.iml_split: block % 4 == 3 test, block % 8 == 1 val). One block = one slide.
   NIH cells   cell_images/{Parasitized,Uninfected}; patients split as the model card records (data.patients),
@@ -36,7 +36,7 @@ BLOCK = 8
 
 
 def data_root() -> Path:
-    return Path(os.environ.get("MALARIA_DATA", "/work/shared/data"))
+    return Path(os.environ.get("MALARIA_DATA", ROOT.parent / "shared" / "data"))
 
 
 # ---------------------------------------------------------------------------------------------------- caching runs
