@@ -1,0 +1,79 @@
+"""The review folder round trip: the microscopist moves a crop, the slide is recounted; the folder is what
+edge-adapt reads."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from malaria_edge.edge_runtime.classifier import Classifier
+from malaria_edge.edge_runtime.review import (INDEX_NAME, field_crops, read_index, read_review, write_review)
+from malaria_edge.edge_runtime.slide import FOUND, NONE_FOUND, SlideRule, assess_slide
+
+REPO = Path(__file__).resolve().parent.parent
+FIELDS = sorted((REPO / "edge_runtime" / "sample_fields").glob("*.jpg"))
+
+
+@pytest.fixture(scope="module")
+def slide_cells():
+    """The three bundled sample fields read by the bundled model as one slide."""
+    clf = Classifier.load(threads=1)
+    fields = [clf.classify_field(p) for p in FIELDS]
+    rows = [{"path": f.source, "cell": c.index, "box": list(c.box), "prob_parasitized": c.prob_parasitized,
+             "prediction": c.prediction} for f in fields for c in f.cells]
+    rule = SlideRule.from_dict({**json.loads((REPO / "docs" / "slide_rule.json").read_text()), "min_cells": 20})
+    return fields, rows, rule
+
+
+def test_review_round_trip_recounts_what_the_microscopist_moved(tmp_path, slide_cells):
+    fields, rows, rule = slide_cells
+    folder = write_review(tmp_path, "slide 7", rows, field_crops(fields), rule)
+    assert folder == tmp_path / "slide_7"
+    para = sorted(p.name for p in (folder / "Parasitized").iterdir())
+    cands = [r for r in rows if r["prob_parasitized"] >= rule.candidate_threshold]
+    assert len(para) == len(cands) > 3
+    assert para[0].startswith("001_p0.99_nih_field_") and "_cell" in para[0]
+    assert 0 < len(list((folder / "Uninfected").iterdir())) <= 12
+    index = read_index(folder)
+    first = index[para[0]]
+    assert first["rank"] == "1" and first["path"].endswith(".jpg") and int(first["cell"]) >= 1
+    assert set(next(csv.reader(open(folder / INDEX_NAME)))) >= {"rank", "file", "path", "cell", "prob_parasitized",
+                                                                 "x", "y", "w", "h"}
+
+    before = read_review(tmp_path)["slide 7"]
+    assert before.reviewed and before.confirmed == len(cands) and before.call == FOUND
+    # The microscopist rejects candidate 1 and confirms a parasite spotted among the negatives.
+    shutil.move(folder / "Parasitized" / para[0], folder / "Uninfected" / para[0])
+    negative = sorted((folder / "Uninfected").glob("n*.png"))[0]
+    shutil.move(negative, folder / "Parasitized" / negative.name)
+    after = read_review(tmp_path)["slide 7"]
+    assert after.confirmed == before.confirmed and after.parasitemia == before.parasitemia
+    shutil.move(folder / "Parasitized" / negative.name, negative)
+    fewer = read_review(tmp_path)["slide 7"]
+    assert fewer.confirmed == before.confirmed - 1 and fewer.parasitemia < before.parasitemia and fewer.reviewed
+    # All rejected: nothing found, down to the detection limit.
+    for p in (folder / "Parasitized").iterdir():
+        shutil.move(p, folder / "Uninfected" / p.name)
+    none = read_review(tmp_path)["slide 7"]
+    assert none.call == NONE_FOUND and none.confirmed == 0 and none.detection_limit > 0
+
+
+def test_a_review_in_progress_is_never_overwritten(tmp_path, slide_cells):
+    fields, rows, rule = slide_cells
+    write_review(tmp_path, "s", rows, field_crops(fields), rule)
+    with pytest.raises(FileExistsError):
+        write_review(tmp_path, "s", rows, field_crops(fields), rule)
+
+
+def test_the_slide_folder_is_an_edge_adapt_cells_input(tmp_path, slide_cells):
+    adapt = pytest.importorskip("malaria_edge.train.adapt")
+    fields, rows, rule = slide_cells
+    folder = write_review(tmp_path, "s", rows, field_crops(fields), rule)
+    found = adapt.find_class_folders(folder)
+    assert set(found) == {"parasitized", "uninfected"}
+    # The parent of many slides is not (yet): find_class_folders looks only directly inside.
+    with pytest.raises(adapt.AdaptError):
+        adapt.find_class_folders(tmp_path)
