@@ -346,7 +346,7 @@ class OutputLock:
                 os.close(fd)
                 if exc.errno in (errno.EAGAIN, errno.EACCES):
                     raise OutputError(f"{self.path.with_suffix('')} is in use by {holder}; wait for that run to "
-                                      "finish or write to another file", code=1) from None
+                                      "finish or write to another file", exit_code=EXIT_FAILED) from None
                 raise OutputError(f"cannot lock {self.path}: {exc.strerror}", exit_code=EXIT_FAILED) from None
             try:
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
