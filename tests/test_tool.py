@@ -6,8 +6,6 @@ import csv
 import json
 import os
 import re
-import sys
-from pathlib import Path
 
 import pytest
 
