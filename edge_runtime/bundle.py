@@ -14,15 +14,16 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-from .backend import find_interpreter
+from .backend import find_interpreter, make_interpreter
 from .card import CardError, ModelCard, read_card
+from .errors import MalariaEdgeError
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "models"
 DEFAULT_MODEL = DEFAULT_MODEL_DIR / "malaria_int8.tflite"
 TFLITE_IDENTIFIER = b"TFL3"
 
 
-class ModelError(RuntimeError):
+class ModelError(MalariaEdgeError, RuntimeError):
     """A model file or card that cannot be used; the message is one line saying what to do."""
 
 
@@ -83,8 +84,7 @@ class ModelBundle:
         self.threads = threads
         started = time.perf_counter()
         try:
-            self.interpreter = interpreter_cls(model_path=str(self.path), num_threads=threads)
-            self.interpreter.allocate_tensors()
+            self.interpreter = make_interpreter(interpreter_cls, str(self.path), threads)
         except (ValueError, RuntimeError) as exc:
             raise ModelError(f"{self.path}: the interpreter cannot load this model ({exc})") from None
         self.load_seconds = time.perf_counter() - started

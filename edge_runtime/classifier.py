@@ -27,18 +27,36 @@ MAX_BATCH = 1024
 class Prediction:
     """One cell's result. ``latency_ms`` is the interpreter's time for this cell (its batch's time divided by the
     batch size); decoding is not included. ``error`` is set, and the rest empty, when the image failed.
-    ``unfamiliar`` is the cell's distance from the training data when the card carries the statistics (see
-    :meth:`Classifier.is_unfamiliar`)."""
+    ``unfamiliar_score`` is the cell's distance from the training data when the card carries the statistics (see
+    :meth:`Classifier.is_unfamiliar`); rows and dicts carry it under the column name ``unfamiliar``."""
     source: str
     prediction: Optional[str] = None
     prob_parasitized: Optional[float] = None
     latency_ms: Optional[float] = None
     true_label: Optional[str] = None
     error: Optional[str] = None
-    unfamiliar: Optional[float] = None
+    unfamiliar_score: Optional[float] = None
 
     def to_dict(self) -> Dict:
-        return asdict(self)
+        """All the fields, the score under its column name ``unfamiliar`` (the key external readers know)."""
+        out = asdict(self)
+        out["unfamiliar"] = out.pop("unfamiliar_score")
+        return out
+
+    def to_row(self, true_label: Optional[str] = None, reference: Optional["Prediction"] = None) -> Dict:
+        """The output row of a single-cell image (CELL_COLUMNS, rounded as written): ``true_label`` (e.g. from
+        --labels) wins over the folder's; ``reference`` adds the full model's REFERENCE_COLUMNS."""
+        row = {"path": self.source, "prediction": self.prediction, "prob_parasitized": round(self.prob_parasitized, 6),
+               "latency_ms": round(self.latency_ms, 4), "true_label": true_label or self.true_label,
+               "unfamiliar": None if self.unfamiliar_score is None else round(self.unfamiliar_score, 3)}
+        if reference is not None:
+            row.update(reference.reference_columns())
+        return row
+
+    def reference_columns(self) -> Dict:
+        """This result as the full model's columns beside another model's row (``--compare``)."""
+        return {"ref_prediction": self.prediction, "ref_prob_parasitized": round(self.prob_parasitized, 6),
+                "ref_latency_ms": round(self.latency_ms, 4)}
 
 
 def _is_single_image(item) -> bool:
@@ -109,11 +127,11 @@ class Classifier:
         """Find every red cell of a microscope field (path, PIL image or HxWx3 array), classify each, and return
         a :class:`~malaria_edge.edge_runtime.fields.FieldResult` (cells with boxes and calls, counts,
         parasitemia with its interval, ``plot()``, ``save_crops(dir)``)."""
-        from .fields import classify_field
+        from .fields import classify_field_pixels
         rgb = np.asarray(load_image(image), dtype=np.uint8)
         if source is None:
             source = str(image) if isinstance(image, (str, os.PathLike)) else "<field>"
-        return classify_field(self, rgb, source)
+        return classify_field_pixels(self, rgb, source)
 
     def unfamiliar_scores(self, pixels: np.ndarray) -> Optional[np.ndarray]:
         """How unlike the training data each cell of a uint8 batch looks (None when the card has no statistics)."""
@@ -140,14 +158,14 @@ class Classifier:
                 return
             pixels = np.stack([p[1] for p in pending])
             probs, seconds = self.probabilities(pixels)
-            unfamiliar = self.unfamiliar_scores(pixels)
+            scores = self.unfamiliar_scores(pixels)
             per_cell_ms = 1000.0 * seconds / len(pending)
             for i, ((result, _), prob) in enumerate(zip(pending, probs)):
                 result.prob_parasitized = float(prob)
                 result.prediction = self.decide(float(prob))
                 result.latency_ms = per_cell_ms
-                if unfamiliar is not None:
-                    result.unfamiliar = float(unfamiliar[i])
+                if scores is not None:
+                    result.unfamiliar_score = float(scores[i])
             done = [p[0] for p in pending]
             pending.clear()
             yield from done
@@ -187,7 +205,7 @@ class Classifier:
             row["group"] = keyer(row.get("source") or row.get("path") or "")
             if row["group"] is not None:  # a cell with no patient id is in no patient's call
                 rows.append(row)
-        return summarize_groups(rows, self.rule, unfamiliar=self.unfamiliar_limits)
+        return summarize_groups(rows, self.rule, unfamiliar_limits=self.unfamiliar_limits)
 
     @property
     def unfamiliar_limits(self) -> Optional[tuple]:

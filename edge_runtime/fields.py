@@ -9,10 +9,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from .classifier import Prediction
 from .images import ImageError, open_image, open_image_size
 from .labels import PARASITIZED, REVIEW, UNINFECTED
 from .metrics import wilson_interval
@@ -25,13 +26,26 @@ CALL_COLOURS = {PARASITIZED: (230, 30, 30), UNINFECTED: (40, 200, 60), REVIEW: (
 @dataclass
 class FieldCell:
     """One red cell of a field. ``index`` counts from 1 in reading order; ``box`` is (x, y, w, h) in the field's
-    own pixels; ``unfamiliar`` is the out-of-distribution score when the model card has one (else None)."""
+    own pixels; ``unfamiliar_score`` is the out-of-distribution score when the model card has one (else None)."""
     index: int
     box: Tuple[int, int, int, int]
     prediction: str
     prob_parasitized: float
-    unfamiliar: Optional[float] = None
+    unfamiliar_score: Optional[float] = None
     region: Optional[CellRegion] = field(default=None, repr=False)
+
+    def to_row(self, source: str, latency_ms: float, true_label: Optional[str] = None,
+               reference: Optional[Prediction] = None) -> Dict:
+        """The output row of this cell of the field ``source`` (CELL_COLUMNS, rounded as written): its index, its
+        box in the field's pixels, its call; ``reference`` adds the full model's REFERENCE_COLUMNS."""
+        x, y, w, h = self.box
+        row = {"path": source, "cell": self.index, "x": x, "y": y, "w": w, "h": h,
+               "prediction": self.prediction, "prob_parasitized": round(self.prob_parasitized, 6),
+               "latency_ms": round(latency_ms, 4), "true_label": true_label,
+               "unfamiliar": None if self.unfamiliar_score is None else round(self.unfamiliar_score, 3)}
+        if reference is not None:
+            row.update(reference.reference_columns())
+        return row
 
 
 @dataclass
@@ -94,6 +108,18 @@ class FieldResult:
                 "parasitemia": self.parasitemia, "parasitemia_low": ci[0] if ci else None,
                 "parasitemia_high": ci[1] if ci else None}
 
+    def to_rows(self, true_label: Optional[str] = None, reference=None) -> List[Dict]:
+        """One row per cell (:meth:`FieldCell.to_row`), each with its share of the field's classify time; with a
+        ``reference`` classifier (``--compare``) the same cells are run through it too, in one batch."""
+        per_cell_ms = 1000.0 * self.seconds_classify / max(1, self.n_cells)
+        references: List[Optional[Prediction]] = [None] * self.n_cells
+        if reference is not None and self.cells:
+            pixels = np.stack([reference.prepare_crop(cut_cell(self.image, c.region)) for c in self.cells])
+            probs, seconds = reference.probabilities(pixels)
+            references = [Prediction(self.source, reference.decide(float(p)), float(p),
+                                     1000.0 * seconds / self.n_cells) for p in probs]
+        return [cell.to_row(self.source, per_cell_ms, true_label, ref) for cell, ref in zip(self.cells, references)]
+
     def plot(self, image: Optional[np.ndarray] = None) -> np.ndarray:
         """The overlay as an RGB array: every cell outlined in the colour of its call, and a caption band."""
         import cv2
@@ -146,9 +172,11 @@ class FieldResult:
         return written
 
 
-def classify_field(classifier, rgb: np.ndarray, source: str = "<field>", keep_image: bool = True,
-                   diameter: Optional[float] = None) -> FieldResult:
-    """Segment ``rgb`` (HxWx3 uint8), cut every cell, classify them in one batch."""
+def classify_field_pixels(classifier, rgb: np.ndarray, source: str = "<field>", keep_image: bool = True,
+                          diameter: Optional[float] = None) -> FieldResult:
+    """Segment a field already decoded to ``rgb`` (HxWx3 uint8), cut every cell, classify them in one batch.
+    ``Classifier.classify_field`` takes any image input and comes here; benchmarks call this to time the pixels'
+    part alone (``keep_image=False``) or with a known ``diameter``."""
     start = time.perf_counter()
     regions = segment_field(rgb, diameter=diameter)
     found_diameter = float(np.median([r.diameter for r in regions])) if regions else None
@@ -158,9 +186,9 @@ def classify_field(classifier, rgb: np.ndarray, source: str = "<field>", keep_im
     if regions:
         pixels = np.stack([classifier.prepare_crop(cut_cell(rgb, r)) for r in regions])
         probs, _ = classifier.probabilities(pixels)
-        unfamiliar = classifier.unfamiliar_scores(pixels)
+        scores = classifier.unfamiliar_scores(pixels)
         for index, (region, prob) in enumerate(zip(regions, probs), start=1):
-            score = None if unfamiliar is None else float(unfamiliar[index - 1])
+            score = None if scores is None else float(scores[index - 1])
             cells.append(FieldCell(index, region.box, classifier.decide(float(prob)), float(prob), score, region))
     seconds_classify = time.perf_counter() - start
     return FieldResult(source, int(rgb.shape[1]), int(rgb.shape[0]), cells, found_diameter, seconds_segment,

@@ -14,6 +14,8 @@ from typing import Optional, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import MalariaEdgeError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif")
 
 # A segmented cell is ~100-150 px a side; a whole smear field from a phone is ~12 MP. Anything above this many
@@ -46,7 +48,7 @@ MIN_FOREGROUND_SPREAD = 2.0
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
 
 
-class ImageError(ValueError):
+class ImageError(MalariaEdgeError, ValueError):
     """An input that cannot be turned into a cell image; the message says why in one line."""
 
 

@@ -8,8 +8,18 @@ import numpy as np
 
 
 def pct(value: Optional[float]) -> str:
-    """A rate as a percentage with two decimals, or n/a when it is undefined (e.g. no positives)."""
-    return "n/a" if value is None else f"{100 * value:.2f}%"
+    """A rate as a percentage with two decimals, or n/a when it is undefined (None or NaN, e.g. no positives)."""
+    return "n/a" if is_undefined(value) else f"{100 * value:.2f}%"
+
+
+def is_undefined(value: Optional[float]) -> bool:
+    """True for a figure that has no value (None or NaN): printed as n/a, never as 0."""
+    return value is None or (isinstance(value, (float, np.floating)) and math.isnan(value))
+
+
+def figure(value: Optional[float], spec: str) -> str:
+    """A number in the given format spec (e.g. ".3f"), or n/a when it is undefined."""
+    return "n/a" if is_undefined(value) else format(value, spec)
 
 
 def roc_auc(y_true: Sequence[int], scores: Sequence[float]) -> Optional[float]:

@@ -24,11 +24,11 @@ DEFAULT_RULE = {"min_cells": 20, "min_parasitized": 3, "min_fraction": 0.1, "max
 
 
 def call_group(cells: int, parasitized: int, review: int, rule: Optional[Mapping], failed: int = 0,
-               unfamiliar: int = 0, warn_fraction: Optional[float] = None,
+               unfamiliar_cells: int = 0, warn_fraction: Optional[float] = None,
                no_rule_reason: str = NO_RULE_REASON) -> Dict:
     """Summarise one slide or patient: counts, parasitized fraction (of confidently classified cells) with its
     95% Wilson interval, and the call with its reason. Without a rule there is no call (never a default rule).
-    When more than ``warn_fraction`` of the cells look unlike the training data (``unfamiliar``), the call is
+    When more than ``warn_fraction`` of the cells look unlike the training data (``unfamiliar_cells``), the call is
     indeterminate whatever the counts say: the model is out of its depth on these images."""
     classified = cells - review
     fraction = parasitized / classified if classified else None
@@ -37,8 +37,8 @@ def call_group(cells: int, parasitized: int, review: int, rule: Optional[Mapping
         call, reason = NO_CALL, no_rule_reason
     elif cells == 0:
         call, reason = INDETERMINATE, "no readable cell images" + (f" ({failed} failed)" if failed else "")
-    elif warn_fraction is not None and cells and unfamiliar / cells > warn_fraction:
-        call, reason = INDETERMINATE, (f"unfamiliar images: {unfamiliar}/{cells} cells look unlike the training "
+    elif warn_fraction is not None and cells and unfamiliar_cells / cells > warn_fraction:
+        call, reason = INDETERMINATE, (f"unfamiliar images: {unfamiliar_cells}/{cells} cells look unlike the training "
                                        f"data (> {warn_fraction:.0%}); adapt the model with edge-adapt")
     elif cells < rule["min_cells"]:
         call, reason = INDETERMINATE, f"too few cells ({cells} < {rule['min_cells']})"
@@ -57,7 +57,7 @@ def call_group(cells: int, parasitized: int, review: int, rule: Optional[Mapping
         "parasitized": int(parasitized),
         "review": int(review),
         "failed": int(failed),
-        "unfamiliar": int(unfamiliar),
+        "unfamiliar": int(unfamiliar_cells),
         "parasitized_fraction": fraction,
         "fraction_ci95": [low, high] if classified else None,
         "call": call,
@@ -66,10 +66,11 @@ def call_group(cells: int, parasitized: int, review: int, rule: Optional[Mapping
 
 
 def summarize_groups(rows: Iterable[Mapping], rule: Optional[Mapping], key: str = "group",
-                     unfamiliar: Optional[Tuple[float, float]] = None) -> Dict[str, Dict]:
+                     unfamiliar_limits: Optional[Tuple[float, float]] = None) -> Dict[str, Dict]:
     """Group result rows (each with ``prediction`` and ``key``; failed rows carry ``error``) into per-group calls.
     When rows carry a ``true_label``, each group also gets its true status (infected if any cell is parasitized).
-    ``unfamiliar``: (score threshold, warn fraction) from the card; rows carry their ``unfamiliar`` score.
+    ``unfamiliar_limits``: (score threshold, warn fraction) from the card; rows carry their score in the
+    ``unfamiliar`` column, and each group counts its unfamiliar cells under the key ``unfamiliar``.
     A group holding cells cut from whole fields (rows with a ``cell`` index) gets no call: the card's rule was
     chosen on single-cell crops and does not transfer to a field slide's parasitemia (FIELD_RULE_REASON)."""
     groups: Dict[str, Dict] = {}
@@ -85,7 +86,7 @@ def summarize_groups(rows: Iterable[Mapping], rule: Optional[Mapping], key: str 
         g["parasitized"] += row["prediction"] == PARASITIZED
         g["review"] += row["prediction"] == REVIEW
         score = row.get("unfamiliar")
-        if unfamiliar is not None and score not in (None, "") and float(score) > unfamiliar[0]:
+        if unfamiliar_limits is not None and score not in (None, "") and float(score) > unfamiliar_limits[0]:
             g["unfamiliar"] += 1
         if row.get("true_label"):
             g["labelled"] += 1
@@ -94,7 +95,7 @@ def summarize_groups(rows: Iterable[Mapping], rule: Optional[Mapping], key: str 
     for name, g in sorted(groups.items(), key=lambda kv: (len(kv[0]), kv[0])):
         from_fields = g["field_cells"] > 0
         summary = call_group(g["cells"], g["parasitized"], g["review"], None if from_fields else rule, g["failed"],
-                             g["unfamiliar"], unfamiliar[1] if unfamiliar else None,
+                             g["unfamiliar"], unfamiliar_limits[1] if unfamiliar_limits else None,
                              FIELD_RULE_REASON if from_fields else NO_RULE_REASON)
         if g["labelled"]:
             summary["true_status"] = "infected" if g["labelled_parasitized"] else "healthy"

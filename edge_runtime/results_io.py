@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
+from .errors import EXIT_FAILED, EXIT_USAGE, MalariaEdgeError
 from .images import is_image_path
 from .labels import CLASSES
 
@@ -54,13 +55,11 @@ LABELS_MAX_FIELD = 4096
 TEXT_OPTIONS = {"encoding": "utf-8", "errors": "surrogateescape", "newline": ""}
 
 
-class OutputError(Exception):
-    """A problem with the outputs or inputs that stops the run before any row is written; ``code`` is the exit
-    status (2: the command line must change, 1: try again later, e.g. another run holds the output)."""
+class OutputError(MalariaEdgeError):
+    """A problem with the outputs or inputs that stops the run before any row is written; ``exit_code`` is the exit
+    status (2, the default: the command line must change; 1: try again later, e.g. another run holds the output)."""
 
-    def __init__(self, message: str, code: int = 2):
-        super().__init__(message)
-        self.code = code
+    exit_code = EXIT_USAGE
 
 
 # ---------------------------------------------------------------------------------------------------------- inputs
@@ -347,8 +346,8 @@ class OutputLock:
                 os.close(fd)
                 if exc.errno in (errno.EAGAIN, errno.EACCES):
                     raise OutputError(f"{self.path.with_suffix('')} is in use by {holder}; wait for that run to "
-                                      "finish or write to another file", code=1) from None
-                raise OutputError(f"cannot lock {self.path}: {exc.strerror}", code=1) from None
+                                      "finish or write to another file", exit_code=EXIT_FAILED) from None
+                raise OutputError(f"cannot lock {self.path}: {exc.strerror}", exit_code=EXIT_FAILED) from None
             try:
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:
@@ -442,15 +441,15 @@ def read_own_output(path: Path, fmt: str) -> Tuple[List[Dict], int, List[str]]:
         records, end = _complete_csv_records(text)
         if not records or records[0] not in ours:
             raise not_ours
-        fields = records[0]
+        columns = records[0]
         rows = []
         for number, record in enumerate(records[1:], start=2):
-            if len(record) != len(fields):
-                raise OutputError(f"{path}: record {number} has {len(record)} fields, not {len(fields)}; the file "
+            if len(record) != len(columns):
+                raise OutputError(f"{path}: record {number} has {len(record)} columns, not {len(columns)}; the file "
                                   "was changed by hand: use a new --output")
-            rows.append(dict(zip(fields, record)))
+            rows.append(dict(zip(columns, record)))
     else:
-        rows, end, fields = [], 0, []
+        rows, end, columns = [], 0, []
         for number, line in enumerate(re.findall(r"[^\n]*\n|[^\n]+\Z", text), start=1):
             if not line.endswith("\n"):
                 break  # torn last line
@@ -461,19 +460,19 @@ def read_own_output(path: Path, fmt: str) -> Tuple[List[Dict], int, List[str]]:
             if number == 1:
                 if not isinstance(row, dict) or sorted(row) not in (sorted(f) for f in ours):
                     raise not_ours
-                fields = list(row)
-            elif not isinstance(row, dict) or sorted(row) != sorted(fields):
+                columns = list(row)
+            elif not isinstance(row, dict) or sorted(row) != sorted(columns):
                 raise OutputError(f"{path}: line {number} is not one of our rows; the file was changed by hand: "
                                   "use a new --output")
             rows.append(row)
             end += len(line)
-        if not fields:
+        if not columns:
             raise not_ours
     for row in rows:
         for key in ("prob_parasitized", "latency_ms", "ref_prob_parasitized", "ref_latency_ms"):
             if row.get(key) not in (None, ""):
                 row[key] = float(row[key])
-    return rows, len(text[:end].encode("utf-8", "surrogateescape")), fields
+    return rows, len(text[:end].encode("utf-8", "surrogateescape")), columns
 
 
 def prepare_resume(output: Path, fmt: str, settings: Dict) -> Tuple[List[Dict], Set[str]]:
@@ -526,9 +525,9 @@ class RowWriter:
     and pipes (/dev/null, /dev/stdout, ``| head``) are written but never fsynced. File names that are not UTF-8
     are written byte for byte (surrogateescape), so a resume matches them."""
 
-    def __init__(self, path: Optional[Path], fmt: str, fields: List[str], append: bool,
+    def __init__(self, path: Optional[Path], fmt: str, columns: List[str], append: bool,
                  every_rows: int = FSYNC_EVERY_ROWS, every_seconds: float = FSYNC_EVERY_SECONDS):
-        self.fmt, self.fields = fmt, fields
+        self.fmt, self.columns = fmt, columns
         self.every_rows, self.every_seconds = every_rows, every_seconds
         self.pending, self.last_sync = 0, time.monotonic()
         if path is None:
@@ -543,14 +542,14 @@ class RowWriter:
             self.owned = True
         self.csv = csv.writer(self.fh) if fmt == "csv" else None
         if self.csv and new:
-            self.csv.writerow(fields)
+            self.csv.writerow(columns)
             self.fh.flush()
 
     def write(self, row: Dict) -> None:
         if self.csv:
-            self.csv.writerow(["" if row.get(k) is None else row.get(k) for k in self.fields])
+            self.csv.writerow(["" if row.get(k) is None else row.get(k) for k in self.columns])
         else:
-            self.fh.write(json.dumps({k: row.get(k) for k in self.fields}) + "\n")
+            self.fh.write(json.dumps({k: row.get(k) for k in self.columns}) + "\n")
         self.fh.flush()
         self.pending += 1
         if self.pending >= self.every_rows or time.monotonic() - self.last_sync >= self.every_seconds:
@@ -576,15 +575,15 @@ class RowWriter:
         self.fh = None
 
 
-def write_rows(path: Path, fmt: str, fields: List[str], rows: Iterable[Dict]) -> None:
+def write_rows(path: Path, fmt: str, columns: List[str], rows: Iterable[Dict]) -> None:
     """A whole small table (the per-group rows) written at once, atomically."""
     buffer = io.StringIO(newline="")
-    table = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore") if fmt == "csv" else None
+    table = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore") if fmt == "csv" else None
     if table:
         table.writeheader()
     for row in rows:
         if table:
-            table.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in fields})
+            table.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
         else:
-            buffer.write(json.dumps({k: row.get(k) for k in fields}) + "\n")
+            buffer.write(json.dumps({k: row.get(k) for k in columns}) + "\n")
     atomic_write_text(path, buffer.getvalue())

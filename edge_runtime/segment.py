@@ -23,6 +23,8 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
+from .errors import MalariaEdgeError
+
 try:
     import cv2
 except ImportError:  # the hint is raised where segmentation is first needed
@@ -95,7 +97,7 @@ SIZE_CIRCLE_PERFECTNESS = 0.6
 DIAMETER_AGREEMENT = 1.33
 
 
-class SegmentationUnavailable(RuntimeError):
+class SegmentationUnavailable(MalariaEdgeError, RuntimeError):
     """OpenCV is not installed; the message says how to install it."""
 
 
@@ -298,14 +300,14 @@ def seeding_circles(density: np.ndarray, mask: np.ndarray, diameter: float) -> T
     return np.array(used, np.float32).reshape(-1, 3), mask
 
 
-def cell_seeds(distance: np.ndarray, rims: np.ndarray, mask: np.ndarray, diameter: float) -> np.ndarray:
+def cell_seeds(distance: np.ndarray, cell_circles: np.ndarray, mask: np.ndarray, diameter: float) -> np.ndarray:
     """One seed per cell: a small disk at the centre of every seeding circle (:func:`seeding_circles`), plus each
     distance-map peak (:func:`markers`) that no circle centre lies near (a cell too irregular or too faint for a
     clean circle). Returns int32 seed labels, 0 where no seed."""
     seeds = np.zeros(mask.shape, np.int32)
-    for count, (x, y, _) in enumerate(rims, start=1):
+    for count, (x, y, _) in enumerate(cell_circles, start=1):
         cv2.circle(seeds, (int(round(x)), int(round(y))), max(1, int(round(diameter * 0.1))), count, -1)
-    count = len(rims)
+    count = len(cell_circles)
     peaks, peak_count = markers(distance, diameter)
     near_circle = cv2.dilate((seeds > 0).astype(np.uint8), disk(diameter * 0.4)) > 0
     covered = np.zeros(peak_count + 1, bool)
@@ -493,9 +495,10 @@ def field_diameter(rgb: np.ndarray) -> Optional[float]:
     rim_scale = min(1.0, 400.0 / max(rgb.shape[:2]))
     rim_copy = _resize(rgb, rim_scale)
     found = circles(stain_density(rim_copy), 3, max(rim_copy.shape[:2]) / 8.0, 4, SIZE_CIRCLE_PERFECTNESS)
-    rims = 2.0 * float(np.median(found[:, 2])) / rim_scale if len(found) >= 3 else None
-    if rims is not None and (blobs is None or not 1.0 / DIAMETER_AGREEMENT <= blobs / rims <= DIAMETER_AGREEMENT):
-        return rims
+    from_circles = 2.0 * float(np.median(found[:, 2])) / rim_scale if len(found) >= 3 else None
+    if from_circles is not None and (blobs is None
+                                     or not 1.0 / DIAMETER_AGREEMENT <= blobs / from_circles <= DIAMETER_AGREEMENT):
+        return from_circles
     return blobs
 
 
@@ -512,20 +515,21 @@ def label_cells(rgb: np.ndarray, diameter: float, drop_border: bool = True,
     _write_debug(debug_dir, "3_filled", mask)
     distance = distance_map(mask)
     _write_debug(debug_dir, "4_distance", distance)
-    rims, mask = seeding_circles(density, mask, diameter)
-    seeds = cell_seeds(distance, rims, mask, diameter)
+    cell_circles, mask = seeding_circles(density, mask, diameter)
+    seeds = cell_seeds(distance, cell_circles, mask, diameter)
     _write_debug(debug_dir, "5_markers", seeds > 0)
     labels = split_touching(mask, seeds)
-    labels = detach_beyond_circles(labels, rims, diameter, drop_border)
+    labels = detach_beyond_circles(labels, cell_circles, diameter, drop_border)
     if debug_dir is not None:
         rng = np.random.default_rng(0)
         palette = rng.integers(60, 255, size=(int(labels.max()) + 1, 3), dtype=np.uint8)
         palette[0] = 0
         _write_debug(debug_dir, "6_split", palette[labels])
-    return labels, density, rims
+    return labels, density, cell_circles
 
 
-def detach_beyond_circles(labels: np.ndarray, rims: np.ndarray, diameter: float, drop_border: bool) -> np.ndarray:
+def detach_beyond_circles(labels: np.ndarray, cell_circles: np.ndarray, diameter: float,
+                          drop_border: bool) -> np.ndarray:
     """Take from each circle-seeded region what lies well outside its circle. The split gives every pixel of a
     blob to some seed, so a neighbour without one is shared out among the cells around it: a cell cut by the image
     edge makes its whole neighbour reach the edge (and be dropped as cut), and a sliver of a neighbour widens a
@@ -535,7 +539,7 @@ def detach_beyond_circles(labels: np.ndarray, rims: np.ndarray, diameter: float,
     h, w = labels.shape
     next_label = int(labels.max()) + 1
     small = MIN_CELL_AREA * math.pi * diameter * diameter / 4.0
-    for label, (x, y, r) in circle_of_region(labels, rims).items():
+    for label, (x, y, r) in circle_of_region(labels, cell_circles).items():
         x0, y0 = max(0, int(x - 3 * r)), max(0, int(y - 3 * r))
         x1, y1 = min(w, int(x + 3 * r) + 1), min(h, int(y + 3 * r) + 1)
         window = labels[y0:y1, x0:x1]
@@ -578,16 +582,16 @@ def segment_field(rgb: np.ndarray, diameter: Optional[float] = None, drop_border
     scale = work_scale(rgb, diameter)
     small = _resize(rgb, scale)
     d_small = diameter * scale
-    labels, density, rims = label_cells(small, d_small, drop_border, debug_dir)
+    labels, density, cell_circles = label_cells(small, d_small, drop_border, debug_dir)
     labels = split_clumps(labels, d_small)
     nucleus = nucleus_mask(density, labels > 0)
-    rim_of = circle_of_region(labels, rims)
+    circle_of = circle_of_region(labels, cell_circles)
     full_h, full_w = rgb.shape[:2]
     cells = []
     for blob in regions_of(labels):
         if not keep_cell(blob, labels, nucleus, d_small, drop_border):
             continue
-        x0, y0, window = overlap_completed(blob, labels, rim_of.get(blob.label))
+        x0, y0, window = overlap_completed(blob, labels, circle_of.get(blob.label))
         cells.append(_to_full_scale(x0, y0, window, scale, full_w, full_h))
     cells.sort(key=lambda c: (c.box[1] // max(1, int(diameter)), c.box[0]))
     if debug_dir is not None:
@@ -595,25 +599,25 @@ def segment_field(rgb: np.ndarray, diameter: Optional[float] = None, drop_border
     return cells
 
 
-def circle_of_region(labels: np.ndarray, rims: np.ndarray) -> dict:
+def circle_of_region(labels: np.ndarray, cell_circles: np.ndarray) -> dict:
     """{region label: (x, y, radius)} for each region holding a seeding circle's centre (the first one)."""
     h, w = labels.shape
     out = {}
-    for x, y, r in rims:
+    for x, y, r in cell_circles:
         ix, iy = int(round(x)), int(round(y))
         if 0 <= ix < w and 0 <= iy < h and labels[iy, ix] > 0:
             out.setdefault(int(labels[iy, ix]), (float(x), float(y), float(r)))
     return out
 
 
-def overlap_completed(blob: _Blob, labels: np.ndarray, rim) -> Tuple[int, int, np.ndarray]:
+def overlap_completed(blob: _Blob, labels: np.ndarray, circle) -> Tuple[int, int, np.ndarray]:
     """A region's mask window (x, y, bool array) at working scale. Where the cell overlaps a neighbour, the split
     gave the shared part to one of them; a cell seeded by a circle gets back the neighbours' pixels inside its
     circle, so each of two overlapping cells is cut whole, as a microscopist outlines it (overlapping masks)."""
     own = labels[blob.y:blob.y + blob.h, blob.x:blob.x + blob.w] == blob.label
-    if rim is None:
+    if circle is None:
         return blob.x, blob.y, own
-    x, y, r = rim
+    x, y, r = circle
     h, w = labels.shape
     x0, y0 = max(0, min(blob.x, int(math.floor(x - r)))), max(0, min(blob.y, int(math.floor(y - r))))
     x1 = min(w, max(blob.x + blob.w, int(math.ceil(x + r)) + 1))

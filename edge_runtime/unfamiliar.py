@@ -14,8 +14,9 @@ from typing import Dict, List, Mapping, Sequence
 
 import numpy as np
 
+from .images import FOREGROUND_MIN_SUM
+
 METHOD = "colour-mahalanobis"
-FOREGROUND_MIN_SUM = 30          # as images.FOREGROUND_MIN_SUM: cells are masked on black
 FEATURES = ("mean_r", "mean_g", "mean_b", "std_r", "std_g", "std_b", "fill", "mean_saturation", "std_saturation",
             "mean_r_minus_g", "std_r_minus_g", "mean_g_minus_b", "std_g_minus_b")
 COVARIANCE_RIDGE = 1e-3          # relative ridge keeps a near-singular source covariance invertible
@@ -87,7 +88,7 @@ def cell_scores(cells: np.ndarray, statistics: Mapping) -> np.ndarray:
     return scores(colour_features(cells), statistics["components"])
 
 
-def choose_threshold(validation_scores: np.ndarray, quantile: float = 0.995) -> float:
+def choose_unfamiliar_threshold(validation_scores: np.ndarray, quantile: float = 0.995) -> float:
     """The score above which a cell is unfamiliar: the given quantile of in-distribution validation cells, so about
     0.5% of validation cells are flagged by construction. Validation holds few patients and staining varies by
     patient, so unseen patients of the same lab run about twice that; 0.5% keeps them under the 2% we allow."""

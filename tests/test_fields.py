@@ -255,10 +255,10 @@ def test_a_cut_neighbour_shared_out_to_a_whole_cell_is_given_back_to_the_edge():
     labels = np.zeros((80, 120), np.int32)
     cv2.circle(labels, (60, 40), 20, 1, -1)
     labels[30:50, 60:120] = 1  # the part of a cell cut by the right edge, given to the whole cell by the split
-    rims = np.array([[60.0, 40.0, 20.0]], np.float32)
-    kept = detach_beyond_circles(labels.copy(), rims, 40.0, drop_border=False)
+    cell_circles = np.array([[60.0, 40.0, 20.0]], np.float32)
+    kept = detach_beyond_circles(labels.copy(), cell_circles, 40.0, drop_border=False)
     assert np.array_equal(kept, labels), "cells cut by the edge are kept (single-cell crops): nothing to give back"
-    given_back = detach_beyond_circles(labels.copy(), rims, 40.0, drop_border=True)
+    given_back = detach_beyond_circles(labels.copy(), cell_circles, 40.0, drop_border=True)
     whole = np.argwhere(given_back == 1)
     assert whole[:, 1].max() < 119 and set(np.unique(given_back)) == {0, 1, 2}
     assert np.count_nonzero(given_back == 2) > 0 and np.all(given_back[30:50, 119] == 2)
