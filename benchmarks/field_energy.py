@@ -26,7 +26,7 @@ STEPS = ("decode", "segment", "classify")
 
 def time_fields(model: Path, paths: List[str]) -> Dict:
     """Classify every field in ``paths`` on one core with one interpreter thread; per-field seconds by step."""
-    from malaria_edge.edge_runtime.fields import classify_field
+    from malaria_edge.edge_runtime.fields import classify_field_pixels
 
     core = one_core()
     if core is not None:
@@ -43,7 +43,7 @@ def time_fields(model: Path, paths: List[str]) -> Dict:
             failed.append(f"{path}: {exc}")
             continue
         decoded = time.perf_counter()
-        result = classify_field(classifier, rgb, str(path), keep_image=False)
+        result = classify_field_pixels(classifier, rgb, str(path), keep_image=False)
         rows.append({"path": str(path), "cells": result.n_cells, "decode": decoded - started,
                      "segment": result.seconds_segment, "classify": result.seconds_classify,
                      "total": time.perf_counter() - started, "cpu": time.process_time() - cpu_started})

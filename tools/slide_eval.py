@@ -69,7 +69,7 @@ def iml_fields(classifier: Classifier, split: str) -> List[Dict]:
             else:
                 kind = "difficult" if i in left_out else "none"
             cells.append({"cell": c.index, "box": list(c.box), "prob": c.prob_parasitized,
-                          "unfamiliar": c.unfamiliar, "truth": kind})
+                          "unfamiliar": c.unfamiliar_score, "truth": kind})
         out.append({"field": truth.name, "annotated_cells": len(truth.cells),
                     "annotated_parasites": len(truth.parasites),
                     "parasites_segmented": sum(1 for j in matched.values() if j in parasite_idx),
@@ -95,7 +95,7 @@ def nih_cells(classifier: Classifier, split: str) -> List[Dict]:
             continue
         out.append({"path": str(p.relative_to(root)), "patient": patient_id(p.name),
                     "label": "parasite" if p.parent.name == "Parasitized" else "cell",
-                    "prob": pred.prob_parasitized, "unfamiliar": pred.unfamiliar})
+                    "prob": pred.prob_parasitized, "unfamiliar": pred.unfamiliar_score})
     path.write_text(json.dumps(out))
     return out
 
