@@ -143,7 +143,7 @@ def test_a_real_slide_of_iml_fields(rule):
     for name in names:
         f = clf.classify_field(IML / "images" / name)
         cells += [{"path": f.source, "cell": c.index, "box": c.box, "prob_parasitized": c.prob_parasitized,
-                   "prediction": c.prediction, "unfamiliar": c.unfamiliar} for c in f.cells]
+                   "prediction": c.prediction, "unfamiliar": c.unfamiliar_score} for c in f.cells]
     r = assess_slide(cells, rule, name="PA171842-45", unfamiliar=clf.unfamiliar_limits)
     assert r.cells > 300 and r.call in (FOUND, REVIEW_NEEDED)
     assert 0 <= r.parasitemia_ci[0] <= r.parasitemia <= r.parasitemia_ci[1] < 0.1
