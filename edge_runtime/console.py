@@ -6,10 +6,14 @@ and progress, ``-v`` adds details.
 """
 from __future__ import annotations
 
+import importlib.util
+import shlex
+import sys
 from typing import Callable
 
 import click
 
+from .errors import EXIT_USAGE
 from .version import __version__
 
 QUIET, NORMAL, VERBOSE = 0, 1, 2
@@ -60,3 +64,22 @@ class Console:
         click.echo(f"{self.prog}: {text}", err=True)
 
     error = warn
+
+
+def command_line(name: str) -> str:
+    """The command as typed, for the rebuild recipe a model card or report records."""
+    return " ".join([name] + [shlex.quote(a) for a in sys.argv[1:]])
+
+
+def require_tensorflow(command: str) -> None:
+    """Training and quantizing need TensorFlow, which the device install leaves out on purpose: say which extra to
+    install, in one line, and exit 2 (a usage problem, not a failed run). Looks the package up without importing
+    it, so this module stays free of TensorFlow."""
+    try:
+        present = importlib.util.find_spec("tensorflow") is not None
+    except (ImportError, ValueError):
+        present = False
+    if not present:
+        click.echo(f"{command}: needs TensorFlow, which this device install does not have; install the training "
+                   "extra: pip install 'malaria-edge[train]'", err=True)
+        sys.exit(EXIT_USAGE)
