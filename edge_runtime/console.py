@@ -9,11 +9,12 @@ from __future__ import annotations
 import importlib.util
 import shlex
 import sys
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator, Type
 
 import click
 
-from .errors import EXIT_USAGE
+from .errors import EXIT_FAILED, EXIT_USAGE, MalariaEdgeError
 from .version import __version__
 
 QUIET, NORMAL, VERBOSE = 0, 1, 2
@@ -64,6 +65,19 @@ class Console:
         click.echo(f"{self.prog}: {text}", err=True)
 
     error = warn
+
+    @contextmanager
+    def exit_on_error(self, *also: Type[BaseException]) -> Iterator[None]:
+        """Around a command's job: a domain error (or one of the ``also`` types) becomes its one line on stderr
+        and the command's exit status (the error's ``exit_code``; 1 for the others), never a traceback."""
+        try:
+            yield
+        except MalariaEdgeError as exc:
+            self.error(str(exc))
+            sys.exit(exc.exit_code)
+        except also as exc:
+            self.error(str(exc))
+            sys.exit(EXIT_FAILED)
 
 
 def command_line(name: str) -> str:

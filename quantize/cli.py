@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from malaria_edge.edge_runtime.console import Console, command_line, common_options, require_tensorflow
-from malaria_edge.edge_runtime.errors import EXIT_FAILED, MalariaEdgeError
+from malaria_edge.edge_runtime.errors import EXIT_FAILED
 from malaria_edge.quantize.job import check_card, format_card_summary, quantize
 
 PROG = "edge-quantize"
@@ -38,15 +38,9 @@ def main(model_path, manifest, out, name, calibration_size, max_drop, threads, v
     console = Console(PROG, verbosity)
     require_tensorflow(PROG)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    try:
+    with console.exit_on_error(OSError, ValueError):
         card = quantize(model_path, manifest, out, name, calibration_size, max_drop, threads, command_line(PROG),
                         log=console.info, warn=console.warn)
-    except MalariaEdgeError as exc:
-        console.error(str(exc))
-        sys.exit(exc.exit_code)
-    except (OSError, ValueError) as exc:
-        console.error(str(exc))
-        sys.exit(EXIT_FAILED)
     if not console.quiet:
         click.echo(format_card_summary(card))
         click.echo(f"bundle: {out / (name + '_int8.tflite')}, {out / (name + '_fp32.tflite')}, "

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from malaria_edge.edge_runtime.console import Console, command_line, common_options, require_tensorflow
-from malaria_edge.edge_runtime.errors import EXIT_FAILED, MalariaEdgeError
+from malaria_edge.edge_runtime.errors import EXIT_FAILED
 from malaria_edge.train.adapt import Recipe
 from malaria_edge.train.dataset import NIH_ZIP_URL, describe_bad, download_zip, format_counts, prepare
 
@@ -41,14 +41,11 @@ def prepare_main(data, out, seed, test_fraction, val_fraction, download, fields,
     console = Console("edge-prepare", verbosity)
     if not data and not download:
         raise click.UsageError("give --data DIR|ZIP or --download")
-    try:
+    with console.exit_on_error():
         if download:
             data = download_zip(out / "cell_images.zip")
         report = prepare(data, out, seed, test_fraction, val_fraction, command_line("edge-prepare"), fields=fields,
                          log=console.info)
-    except MalariaEdgeError as exc:
-        console.error(str(exc))
-        sys.exit(exc.exit_code)
     if report["bad_files"]:
         click.echo(describe_bad(report["bad_files"]), err=True, nl=False)
         click.echo(f"{len(report['bad_files'])} files skipped (listed in {out / 'prepare.json'})", err=True)
@@ -104,14 +101,8 @@ def train_main(manifest, out, preset, epochs, batch_size, input_size, learning_r
     options = TrainOptions(preset=preset, epochs=epochs, batch_size=batch_size, input_size=input_size,
                            learning_rate=learning_rate, no_stain=no_stain_norm, seed=seed, resume=bool(resume),
                            strategy=strategy, cache_dir=cache)
-    try:
+    with console.exit_on_error(FileNotFoundError, ValueError):
         report = train(manifest, out, options, command=command_line("edge-train"), log=console.info)
-    except MalariaEdgeError as exc:
-        console.error(str(exc))
-        sys.exit(exc.exit_code)
-    except (FileNotFoundError, ValueError) as exc:
-        console.error(str(exc))
-        sys.exit(EXIT_FAILED)
     if report["interrupted"]:
         sys.exit(INTERRUPTED)
 
@@ -158,11 +149,9 @@ def adapt_main(cells_dir, out, model_path, replay, name, strategy, epochs, learn
     recipe = Recipe(strategy=strategy, epochs=epochs, learning_rate=learning_rate, replay_cells=replay_cells,
                     seed=seed, folds=folds, min_sensitivity=min_sensitivity or None)
     try:
-        result = adapt(cells_dir, out, model_path, replay, name, recipe, holdout, command=command_line("edge-adapt"),
-                       log=console.info, warn=console.warn)
-    except MalariaEdgeError as exc:
-        console.error(str(exc))
-        sys.exit(exc.exit_code)
+        with console.exit_on_error():
+            result = adapt(cells_dir, out, model_path, replay, name, recipe, holdout,
+                           command=command_line("edge-adapt"), log=console.info, warn=console.warn)
     except KeyboardInterrupt:
         console.error(f"interrupted; nothing was written to {out}")
         sys.stdout.flush()
