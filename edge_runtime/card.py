@@ -6,6 +6,7 @@ first problem is refused with one line naming the field and its value.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -15,6 +16,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 
+from .errors import MalariaEdgeError
 from .outputs import HEADS
 from .results_io import atomic_write_text
 
@@ -24,7 +26,7 @@ MAX_INPUT_SIZE = 1024
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
-class CardError(ValueError):
+class CardError(MalariaEdgeError, ValueError):
     """A card field that is missing or out of range; the message names the field and the value."""
 
 
@@ -67,7 +69,13 @@ class ModelCard:
     patient_rule: Optional[PatientRule] = None
     reference: Optional[str] = None
     unfamiliar: Optional[Unfamiliar] = None
+    tool_version: Optional[str] = None     # the malaria-edge that wrote the card; None on cards older than the field
     raw: Dict = field(default_factory=dict, repr=False)
+
+    def to_json(self) -> Dict:
+        """The card as written to its JSON file: every field it was parsed from, so
+        ``parse_card(card.to_json()) == card`` and a card read, checked and written again loses nothing."""
+        return copy.deepcopy(self.raw)
 
 
 def _fail(name: str, value: Any, want: str) -> None:
@@ -186,13 +194,17 @@ def parse_card(card: Any) -> ModelCard:
     reference = card.get("reference")
     if reference is not None:
         _plain_file_name("reference", reference)
+    tool_version = card.get("tool_version")
+    if tool_version is not None and (not isinstance(tool_version, str) or not tool_version):
+        _fail("tool_version", tool_version, "must be a version string")
     preprocessing = card.get("preprocessing") or {}
     return ModelCard(
         schema=schema, name=str(card.get("name", "")), labels=list(labels), head=head, input_size=size,
         threshold=threshold, files={k: dict(v) for k, v in files.items()},
         stain=_stain(_mapping("preprocessing", preprocessing).get("stain")),
         patient_rule=_rule(card["patient_rule"]) if card.get("patient_rule") is not None else None,
-        reference=reference, unfamiliar=_unfamiliar(card.get("unfamiliar")), raw=dict(card))
+        reference=reference, unfamiliar=_unfamiliar(card.get("unfamiliar")), tool_version=tool_version,
+        raw=copy.deepcopy(dict(card)))
 
 
 def read_card(path: Path) -> ModelCard:

@@ -6,10 +6,15 @@ and progress, ``-v`` adds details.
 """
 from __future__ import annotations
 
-from typing import Callable
+import importlib.util
+import shlex
+import sys
+from contextlib import contextmanager
+from typing import Callable, Iterator, Type
 
 import click
 
+from .errors import EXIT_FAILED, EXIT_USAGE, MalariaEdgeError
 from .version import __version__
 
 QUIET, NORMAL, VERBOSE = 0, 1, 2
@@ -60,3 +65,35 @@ class Console:
         click.echo(f"{self.prog}: {text}", err=True)
 
     error = warn
+
+    @contextmanager
+    def exit_on_error(self, *also: Type[BaseException]) -> Iterator[None]:
+        """Around a command's job: a domain error (or one of the ``also`` types) becomes its one line on stderr
+        and the command's exit status (the error's ``exit_code``; 1 for the others), never a traceback."""
+        try:
+            yield
+        except MalariaEdgeError as exc:
+            self.error(str(exc))
+            sys.exit(exc.exit_code)
+        except also as exc:
+            self.error(str(exc))
+            sys.exit(EXIT_FAILED)
+
+
+def command_line(name: str) -> str:
+    """The command as typed, for the rebuild recipe a model card or report records."""
+    return " ".join([name] + [shlex.quote(a) for a in sys.argv[1:]])
+
+
+def require_tensorflow(command: str) -> None:
+    """Training and quantizing need TensorFlow, which the device install leaves out on purpose: say which extra to
+    install, in one line, and exit 2 (a usage problem, not a failed run). Looks the package up without importing
+    it, so this module stays free of TensorFlow."""
+    try:
+        present = importlib.util.find_spec("tensorflow") is not None
+    except (ImportError, ValueError):
+        present = False
+    if not present:
+        click.echo(f"{command}: needs TensorFlow, which this device install does not have; install the training "
+                   "extra: pip install 'malaria-edge[train]'", err=True)
+        sys.exit(EXIT_USAGE)

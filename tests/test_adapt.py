@@ -164,16 +164,16 @@ def test_a_minimum_sensitivity_moves_the_threshold_below_the_parasites_youden_gi
     """Ten parasitized cells, one scoring among the uninfected: Youden's J gives that one up for specificity; with
     a minimum sensitivity of 100% the threshold sits below it, in the middle of the gap to the next lower score."""
     import numpy as np
-    from malaria_edge.train.adapt import choose_threshold
+    from malaria_edge.train.adapt import choose_decision_threshold
     pos = np.array([0.95, 0.96, 0.97, 0.98, 0.99, 0.93, 0.94, 0.92, 0.91, 0.30])
     neg = np.array([0.02, 0.05, 0.10, 0.20, 0.25, 0.40, 0.45, 0.08, 0.12, 0.15])
     y = np.array([1] * 10 + [0] * 10)
     prob = np.concatenate([pos, neg])
-    youden = choose_threshold(y, prob)
+    youden = choose_decision_threshold(y, prob)
     assert 0.45 < youden < 0.91
-    screening = choose_threshold(y, prob, min_sensitivity=1.0)
+    screening = choose_decision_threshold(y, prob, min_sensitivity=1.0)
     assert 0.25 < screening < 0.30 and (pos >= screening).all() and (neg >= screening).sum() == 2
-    assert choose_threshold(y, prob, min_sensitivity=0.9) == youden
+    assert choose_decision_threshold(y, prob, min_sensitivity=0.9) == youden
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +198,7 @@ def cross_validated(tiny_bundle, samples, sample_manifest, tmp_path_factory):
 
 def test_cross_validated_threshold_rests_on_every_cell_out_of_fold(cross_validated, samples, tmp_path):
     import numpy as np
-    from malaria_edge.train.adapt import choose_threshold, format_adaptation
+    from malaria_edge.train.adapt import choose_decision_threshold, format_adaptation
     result, logged = cross_validated
     a = result.adaptation
     total = a["cells"]["parasitized"] + a["cells"]["uninfected"]
@@ -211,7 +211,7 @@ def test_cross_validated_threshold_rests_on_every_cell_out_of_fold(cross_validat
         assert any(line.startswith(f"fold {k}/3: epoch 2/2") for line in logged)
     assert [line.split()[1] for line in logged if line.startswith("epoch ")] == ["1/2", "2/2"]
     y, scores = result.threshold_cells
-    assert len(y) == total and result.card["threshold"] == choose_threshold(y, scores, 0.9)
+    assert len(y) == total and result.card["threshold"] == choose_decision_threshold(y, scores, 0.9)
     assert a["out_of_fold"]["after"]["metrics"]["sensitivity"] >= 0.9
     assert np.mean(scores[y == 1]) > np.mean(scores[y == 0])
     assert "out of fold (3 folds)" in format_adaptation(result.card)

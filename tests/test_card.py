@@ -109,3 +109,21 @@ def test_cells_unlike_the_training_data_are_flagged_and_the_group_gets_no_call(b
     assert "indeterminate" in group_line and "unfamiliar images" in group_line
     with open(tmp_path / "rows.csv", newline="") as fh:
         assert all(row["unfamiliar"] for row in csv.DictReader(fh))
+
+
+def test_a_card_written_through_the_typed_card_reads_back_the_same(bundled_model):
+    """to_json is what the bundle writer writes: parsing it again gives the same card, and nothing is lost."""
+    card = Classifier.load(bundled_model).bundle.card
+    assert parse_card(card.to_json()) == card
+    assert card.to_json() == json.loads((bundled_model.parent / "malaria.json").read_text())
+
+
+def test_the_tool_version_is_kept_and_older_cards_without_it_still_read(bundled_model):
+    from malaria_edge.edge_runtime.version import __version__
+    raw = json.loads((bundled_model.parent / "malaria.json").read_text())
+    older = parse_card({k: v for k, v in raw.items() if k != "tool_version"})
+    assert older.tool_version is None
+    stamped = parse_card(dict(raw, tool_version=__version__))
+    assert stamped.tool_version == __version__ and stamped.to_json()["tool_version"] == __version__
+    with pytest.raises(CardError, match="tool_version"):
+        parse_card(dict(raw, tool_version=3))

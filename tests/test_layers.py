@@ -1,7 +1,10 @@
 """The layering rule and the install layout (device layer: these run without TensorFlow).
 
-edge_runtime imports nothing of train, quantize or benchmarks and never TensorFlow; an install puts only
-malaria_edge into site-packages; the training commands on a device install say which extra to install."""
+edge_runtime imports nothing of train, quantize or benchmarks and never TensorFlow; quantize and train import
+nothing of each other (what both need lives in edge_runtime or malaria_edge.export); no module imports a command
+line module; no job function in train/ or quantize/ runs past a screen; an install puts only malaria_edge into
+site-packages; the training commands on a device install say which extra to install; every command says its
+version."""
 import ast
 import subprocess
 import sys
@@ -10,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, cli
 
 FORBIDDEN = ("tensorflow", "keras", "malaria_edge.train", "malaria_edge.quantize", "malaria_edge.benchmarks")
 
@@ -35,6 +38,70 @@ def test_edge_runtime_imports_nothing_of_the_training_side():
                     "train", "quantize", "benchmarks"):
                 offenders.append(f"{path.relative_to(REPO)}: {name}")
     assert not offenders, offenders
+
+
+PACKAGE_FOLDERS = {"malaria_edge": "malaria_edge", "edge_runtime": "malaria_edge.edge_runtime",
+                   "train": "malaria_edge.train", "quantize": "malaria_edge.quantize",
+                   "benchmarks": "malaria_edge.benchmarks"}
+
+
+def _absolute_imports(path):
+    """The modules ``path`` imports, relative imports resolved against its package."""
+    folder = path.relative_to(REPO).parts[0]
+    package = PACKAGE_FOLDERS[folder].split(".") + list(path.relative_to(REPO / folder).parent.parts)
+    for name in _imports(path):
+        level = len(name) - len(name.lstrip("."))
+        if level:
+            base = package[:len(package) - level + 1]
+            yield ".".join(base + ([name[level:]] if name[level:] else []))
+        else:
+            yield name
+
+
+def _package_modules(*folders):
+    for folder in folders or PACKAGE_FOLDERS:
+        yield from sorted((REPO / folder).rglob("*.py"))
+
+
+@pytest.mark.parametrize("folder,forbidden", [("quantize", "malaria_edge.train"),
+                                              ("train", "malaria_edge.quantize")])
+def test_quantize_and_train_import_nothing_of_each_other(folder, forbidden):
+    offenders = [f"{path.relative_to(REPO)}: {name}" for path in _package_modules(folder)
+                 for name in _absolute_imports(path) if name == forbidden or name.startswith(forbidden + ".")]
+    assert not offenders, offenders
+
+
+def test_the_shared_bundle_writer_imports_neither_quantize_nor_train():
+    offenders = [f"{path.relative_to(REPO)}: {name}" for path in sorted((REPO / "malaria_edge" / "export").rglob("*.py"))
+                 for name in _absolute_imports(path)
+                 if name.startswith(("malaria_edge.train", "malaria_edge.quantize", "malaria_edge.benchmarks"))]
+    assert not offenders, offenders
+
+
+def test_no_module_imports_a_command_line_module():
+    """Command line modules are the top of the stack: library code lives elsewhere, so nothing imports them."""
+    offenders = [f"{path.relative_to(REPO)}: {name}" for path in _package_modules()
+                 for name in _absolute_imports(path) if name.split(".")[-1] == "cli"]
+    assert not offenders, offenders
+
+
+def test_no_function_in_train_or_quantize_runs_past_sixty_lines():
+    long = []
+    for path in _package_modules("train", "quantize"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 60:
+                    long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, long
+
+
+@pytest.mark.parametrize("command", ["edge-prepare", "edge-train", "edge-adapt", "edge-quantize"])
+def test_every_training_side_command_says_its_version(command):
+    from malaria_edge.edge_runtime.version import __version__
+    done = cli(command, "--version")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"{command} (malaria-edge) {__version__}"
 
 
 def test_classifying_never_imports_tensorflow(samples, tmp_path):

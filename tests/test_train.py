@@ -59,7 +59,7 @@ def test_mirrored_strategy_on_two_logical_cpus(sample_manifest, tmp_path):
         from malaria_edge.train.train import make_strategy, train
         assert make_strategy("mirrored").num_replicas_in_sync == 2
         report = train({str(sample_manifest)!r}, {str(tmp_path / "mirrored")!r}, "tiny", epochs=1,
-                       strategy_name="mirrored", log=lambda m: None)
+                       strategy="mirrored", log=lambda m: None)
         print("REPLICAS_OK", report["epochs_run"])
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300,

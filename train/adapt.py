@@ -4,8 +4,8 @@ No model trained on one lab is right for every stain, camera and parasite specie
 bundle's Keras weights, fine-tunes them on the clinic's sorted crops (``Parasitized/`` and ``Uninfected/``) mixed
 with replayed training cells of the old lab (so it is not forgotten), re-chooses the decision threshold and the
 patient rule on clinic cells the fine-tuned model did not see (out-of-fold scores of every cell by default, or one
-held-out part), re-quantizes with the project's own converter and writes a complete bundle (int8 + fp32 + card +
-Keras weights) whose card records where it came from and what it gained.
+held-out part), re-quantizes through the one bundle writer (``malaria_edge.export``) and writes a complete bundle
+(int8 + fp32 + card + Keras weights) whose card records where it came from and what it gained.
 
 The bundle is written into a temporary folder beside ``out`` and renamed at the very end, so an interrupted run
 (Ctrl-C, a dead battery) leaves no half-written bundle.
@@ -28,14 +28,19 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from malaria_edge.edge_runtime.bundle import DEFAULT_MODEL, ModelBundle, ModelError, find_card, sha256_file
-from malaria_edge.edge_runtime.card import CardError, parse_card, write_json_atomic
+from malaria_edge.edge_runtime.card import CardError, parse_card
+from malaria_edge.edge_runtime.cell_arrays import bundle_probabilities, load_arrays
+from malaria_edge.edge_runtime.errors import EXIT_FAILED, EXIT_USAGE, MalariaEdgeError
 from malaria_edge.edge_runtime.evaluation import evaluate
 from malaria_edge.edge_runtime.images import ImageError, is_image_path, prepare_cell
 from malaria_edge.edge_runtime.labels import PARASITIZED, UNINFECTED, patient_id
 from malaria_edge.edge_runtime.machine import machine_info
+from malaria_edge.edge_runtime.manifest import DatasetError, calibration_cells, load_prepare_report, read_manifest
 from malaria_edge.edge_runtime.metrics import pct, wilson_interval
 from malaria_edge.edge_runtime.outputs import parasitized_probability
 from malaria_edge.edge_runtime.patients import DEFAULT_RULE, choose_rule, per_patient_counts
+from malaria_edge.export.writer import BundlePaths, load_written, write_bundle, write_card
+from malaria_edge.train.dataset import find_class_folders
 
 # The held-out cells must estimate sensitivity and specificity: 30 cells a class with 30% held out leaves 9 a class
 # there (one missed parasitized cell moves sensitivity by 11 points), 5 folds leave 6 a class per fold; fewer cannot
@@ -43,17 +48,16 @@ from malaria_edge.edge_runtime.patients import DEFAULT_RULE, choose_rule, per_pa
 MIN_CELLS_PER_CLASS = 30
 HOLDOUT_FRACTION = 0.3
 STRATEGIES = ("head", "last", "all")
-CLASS_FOLDERS = {"parasitized": PARASITIZED, "uninfected": UNINFECTED}
+Log = Callable[[str], None]
 
 
-class AdaptError(ValueError):
+class AdaptError(MalariaEdgeError, ValueError):
     """A request edge-adapt cannot honour; the message is one line saying what is wrong and what to do.
     ``exit_code`` is 2 for a wrong command line (a model that is not a bundle, an existing output folder) and 1 for
     data that cannot support an adaptation (too few readable cells)."""
 
-    def __init__(self, message: str, exit_code: int = 1):
-        super().__init__(message)
-        self.exit_code = exit_code
+    def __init__(self, message: str, exit_code: int = EXIT_FAILED):
+        super().__init__(message, exit_code)
 
 
 @dataclass
@@ -122,12 +126,12 @@ def find_base(model: Optional[os.PathLike]) -> BaseModel:
     path = Path(model) if model else DEFAULT_MODEL
     how = "re-create the bundle with edge-quantize (it writes <name>.keras beside the .tflite files)"
     if not path.exists():
-        raise AdaptError(f"{path}: no such bundle; pass a folder written by edge-quantize or edge-adapt", 2)
+        raise AdaptError(f"{path}: no such bundle; pass a folder written by edge-quantize or edge-adapt", EXIT_USAGE)
     if path.is_dir():
         cards = [p for p in sorted(path.glob("*.json")) if _is_card(p)]
         if len(cards) != 1:
             raise AdaptError(f"{path}: not a model bundle ({len(cards)} model cards in it, expected 1); pass a folder "
-                             "written by edge-quantize or edge-adapt, or its _int8.tflite file", 2)
+                             "written by edge-quantize or edge-adapt, or its _int8.tflite file", EXIT_USAGE)
         card_path = cards[0]
     elif path.suffix == ".json":
         card_path = path
@@ -135,26 +139,27 @@ def find_base(model: Optional[os.PathLike]) -> BaseModel:
         try:
             card_path = find_card(path)
         except ModelError as exc:
-            raise AdaptError(str(exc), 2) from None
+            raise AdaptError(str(exc), EXIT_USAGE) from None
     if not _is_card(card_path):
         raise AdaptError(f"{card_path}: not a model card (no malaria-edge schema); pass a bundle written by "
-                         "edge-quantize or edge-adapt", 2)
+                         "edge-quantize or edge-adapt", EXIT_USAGE)
     card = json.loads(card_path.read_text())
     try:
         parse_card(card)
     except CardError as exc:
-        raise AdaptError(f"{card_path}: {exc}", 2) from None
+        raise AdaptError(f"{card_path}: {exc}", EXIT_USAGE) from None
     int8 = [name for name, info in card.get("files", {}).items() if info.get("kind") == "int8"]
     if not int8:
-        raise AdaptError(f"{card_path}: the card describes no int8 model; pass a bundle written by edge-quantize", 2)
+        raise AdaptError(f"{card_path}: the card describes no int8 model; pass a bundle written by edge-quantize",
+                         EXIT_USAGE)
     keras_info = card.get("keras_model") or {}
     keras_path = card_path.parent / str(keras_info.get("file", ""))
     if not keras_info.get("file") or not keras_path.is_file() or keras_path.suffix != ".keras":
         raise AdaptError(f"{card_path.parent}: the bundle has no Keras weights ({keras_info.get('file') or '<name>.keras'}"
-                         f" missing), and adaptation fine-tunes them; {how}", 2)
+                         f" missing), and adaptation fine-tunes them; {how}", EXIT_USAGE)
     if keras_info.get("sha256") and sha256_file(keras_path) != keras_info["sha256"]:
         raise AdaptError(f"{keras_path}: SHA-256 does not match its card; the file is damaged or not the one the card "
-                         "describes: copy the bundle again", 2)
+                         "describes: copy the bundle again", EXIT_USAGE)
     return BaseModel(card, card_path, card_path.parent / int8[0], keras_path)
 
 
@@ -166,26 +171,23 @@ def _is_card(path: Path) -> bool:
     return isinstance(card, dict) and str(card.get("schema", "")).startswith("malaria-edge/model-card")
 
 
-def find_class_folders(cells_dir: Path) -> Dict[str, Path]:
-    """``Parasitized/`` and ``Uninfected/`` (any case) directly inside ``cells_dir``."""
+def clinic_class_folders(cells_dir: Path) -> Dict[str, Path]:
+    """``Parasitized/`` and ``Uninfected/`` (any case) directly inside ``cells_dir``, or a one-line refusal."""
     if not cells_dir.is_dir():
-        raise AdaptError(f"{cells_dir}: no such folder; --cells takes a folder holding Parasitized/ and Uninfected/", 2)
-    found = {}
-    for child in sorted(cells_dir.iterdir()):
-        label = CLASS_FOLDERS.get(child.name.lower())
-        if child.is_dir() and label:
-            found[label] = child
+        raise AdaptError(f"{cells_dir}: no such folder; --cells takes a folder holding Parasitized/ and Uninfected/",
+                         EXIT_USAGE)
+    found = find_class_folders(cells_dir)
     missing = [name for name, label in (("Parasitized", PARASITIZED), ("Uninfected", UNINFECTED)) if label not in found]
     if missing:
         raise AdaptError(f"{cells_dir}: no {' or '.join(m + '/' for m in missing)} folder; put the clinic's sorted "
-                         "crops in Parasitized/ and Uninfected/ (edge-classify --save-crops writes them)", 2)
+                         "crops in Parasitized/ and Uninfected/ (edge-classify --save-crops writes them)", EXIT_USAGE)
     return found
 
 
 def read_clinic_cells(cells_dir: Path, size: int, stain: Optional[Dict]) -> ClinicCells:
     """Decode every image under the class folders through the runtime's own ``prepare_cell``; unreadable files are
     collected with their reason, never fatal. The cell list hash covers label, relative path and file content."""
-    folders = find_class_folders(cells_dir)
+    folders = clinic_class_folders(cells_dir)
     paths, labels, pixels, failed = [], [], [], []
     digest = hashlib.sha256()
     for label in (PARASITIZED, UNINFECTED):
@@ -245,7 +247,7 @@ def check_counts(cells: ClinicCells, minimum: int = MIN_CELLS_PER_CLASS) -> None
                          "sort more cells into Parasitized/ and Uninfected/")
 
 
-def choose_threshold(y: np.ndarray, prob: np.ndarray, min_sensitivity: Optional[float] = None) -> float:
+def choose_decision_threshold(y: np.ndarray, prob: np.ndarray, min_sensitivity: Optional[float] = None) -> float:
     """The threshold on P(parasitized) chosen on cells the model was not fine-tuned on: by default the best Youden's
     J (sensitivity + specificity - 1); with ``min_sensitivity``, the best specificity among the thresholds that keep
     at least that sensitivity. Taken in the middle of the best range (in logit space) so the margin to either side
@@ -317,14 +319,66 @@ def set_trainable(model, strategy: str) -> int:
         before = [a for a in adds if strided and a < strided[-1]]
         first = before[-1] + 1 if before else 0
     else:
-        raise AdaptError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}", 2)
+        raise AdaptError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}", EXIT_USAGE)
     for i, layer in enumerate(layers):
         layer.trainable = i >= first
     return int(sum(np.prod(w.shape) for w in model.trainable_weights))
 
 
+def compile_for_fine_tuning(model, recipe: Recipe, head: str, steps: int) -> None:
+    """AdamW with a cosine decay over the whole fine-tune, and the loss of the model's own head."""
+    import keras
+
+    schedule = keras.optimizers.schedules.CosineDecay(recipe.learning_rate, steps)
+    optimizer = keras.optimizers.AdamW(schedule, weight_decay=1e-4)
+    if head == "softmax2":
+        loss, metric = keras.losses.CategoricalCrossentropy(), keras.metrics.CategoricalAccuracy(name="accuracy")
+    else:
+        loss = keras.losses.BinaryCrossentropy(from_logits=True)
+        metric = keras.metrics.BinaryAccuracy(name="accuracy", threshold=0.0)
+    model.compile(optimizer=optimizer, loss=loss, metrics=[metric])
+
+
+def fit_until_interrupted(model, dataset, recipe: Recipe, log: Log):
+    """``model.fit`` with one line per epoch through ``log``. Ctrl-C during fit stops after the running batch
+    instead of raising inside TensorFlow's threads (which can crash the process), then raises KeyboardInterrupt
+    here, where the caller removes the unfinished bundle."""
+    import keras
+
+    class EpochLine(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.started = time.time()
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = logs or {}
+            log(f"epoch {epoch + 1}/{recipe.epochs}  loss {logs.get('loss', float('nan')):.4f}  "
+                f"acc {logs.get('accuracy', float('nan')):.4f}  {time.time() - self.started:.0f}s")
+
+    interrupted = []
+
+    def stop(signum, frame):
+        interrupted.append(signum)
+        model.stop_training = True
+
+    class StopOnInterrupt(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if interrupted:
+                self.model.stop_training = True
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, stop) if in_main else None
+    try:
+        history = model.fit(dataset, epochs=recipe.epochs, callbacks=[EpochLine(), StopOnInterrupt()], verbose=0)
+    finally:
+        if in_main:
+            signal.signal(signal.SIGINT, previous)
+    if interrupted:
+        raise KeyboardInterrupt
+    return history
+
+
 def fine_tune(model, x: np.ndarray, y: np.ndarray, replay: Optional[Tuple[np.ndarray, np.ndarray]], recipe: Recipe,
-              head: str, log: Callable[[str], None]) -> Dict:
+              head: str, log: Log) -> Dict:
     """Fine-tune ``model`` in place on the clinic's cells (each repeated ``recipe.repeats`` times per epoch) mixed
     with the replayed old-lab cells, with the training pipeline's augmentation. One line per epoch through ``log``."""
     import keras
@@ -339,50 +393,11 @@ def fine_tune(model, x: np.ndarray, y: np.ndarray, replay: Optional[Tuple[np.nda
         ys.append(replay[1])
     train_x, train_y = np.concatenate(xs), np.concatenate(ys)
     dataset = make_dataset(train_x, train_y, recipe.batch_size, True, "dihedral_color", head, recipe.seed)
-    steps = steps_per_epoch(len(train_x), recipe.batch_size) * recipe.epochs
-    schedule = keras.optimizers.schedules.CosineDecay(recipe.learning_rate, steps)
-    optimizer = keras.optimizers.AdamW(schedule, weight_decay=1e-4)
-    if head == "softmax2":
-        loss, metric = keras.losses.CategoricalCrossentropy(), keras.metrics.CategoricalAccuracy(name="accuracy")
-    else:
-        loss = keras.losses.BinaryCrossentropy(from_logits=True)
-        metric = keras.metrics.BinaryAccuracy(name="accuracy", threshold=0.0)
-    model.compile(optimizer=optimizer, loss=loss, metrics=[metric])
+    compile_for_fine_tuning(model, recipe, head, steps_per_epoch(len(train_x), recipe.batch_size) * recipe.epochs)
     log(f"fine-tuning '{recipe.strategy}' ({trainable:,} weights) for {recipe.epochs} epochs on {len(x)} clinic cells "
         f"x{recipe.repeats} + {len(train_x) - len(x) * recipe.repeats} replayed cells")
-
-    class EpochLine(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            self.started = time.time()
-
-        def on_epoch_end(self, epoch, logs=None):
-            logs = logs or {}
-            log(f"epoch {epoch + 1}/{recipe.epochs}  loss {logs.get('loss', float('nan')):.4f}  "
-                f"acc {logs.get('accuracy', float('nan')):.4f}  {time.time() - self.started:.0f}s")
-
-    # Ctrl-C during fit: stop after the running batch instead of raising inside TensorFlow's threads (which can
-    # crash the process), then raise KeyboardInterrupt here, where the caller removes the unfinished bundle.
-    interrupted = []
-
-    def stop(signum, frame):
-        interrupted.append(signum)
-        model.stop_training = True
-
-    class StopOnInterrupt(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch, logs=None):
-            if interrupted:
-                self.model.stop_training = True
-
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, stop) if in_main else None
     started = time.time()
-    try:
-        history = model.fit(dataset, epochs=recipe.epochs, callbacks=[EpochLine(), StopOnInterrupt()], verbose=0)
-    finally:
-        if in_main:
-            signal.signal(signal.SIGINT, previous)
-    if interrupted:
-        raise KeyboardInterrupt
+    history = fit_until_interrupted(model, dataset, recipe, log)
     for layer in model.layers:
         layer.trainable = True
     return {"trainable_weights": trainable, "samples_per_epoch": int(len(train_x)),
@@ -397,7 +412,7 @@ def keras_probability(model, pixels: np.ndarray, head: str) -> np.ndarray:
 
 
 def out_of_fold_scores(keras_path: Path, clinic: ClinicCells, replay, recipe: Recipe, head: str,
-                       log: Callable[[str], None]) -> Tuple[np.ndarray, List[np.ndarray]]:
+                       log: Log) -> Tuple[np.ndarray, List[np.ndarray]]:
     """Every clinic cell scored by a model fine-tuned (from the base, same recipe) without it: ``recipe.folds``
     stratified parts, each held out once. Returns the scores and the parts."""
     import keras
@@ -411,13 +426,6 @@ def out_of_fold_scores(keras_path: Path, clinic: ClinicCells, replay, recipe: Re
         scores[held] = keras_probability(model, clinic.pixels[held], head)
         keras.backend.clear_session()
     return scores, parts
-
-
-def run_int8(bundle: ModelBundle, pixels: np.ndarray, batch: int = 64) -> np.ndarray:
-    """P(parasitized) for uint8 cells through the runtime's interpreter wrapper."""
-    out = [parasitized_probability(bundle.run(pixels[i:i + batch])[0], bundle.head)
-           for i in range(0, len(pixels), batch)]
-    return np.concatenate(out) if out else np.zeros(0)
 
 
 def evaluate_on(split: str, source: str, y: np.ndarray, prob: np.ndarray, threshold: float, groups: Sequence[str],
@@ -454,14 +462,11 @@ def _replay_and_old_test(manifest: Optional[Path], size: int, stain: Optional[Di
     """Balanced training cells of the old lab for replay, and its test split for measuring what is forgotten."""
     if manifest is None:
         return None, None, None
-    from malaria_edge.quantize.convert import calibration_cells
-    from malaria_edge.train.dataset import DatasetError, load_prepare_report, read_manifest
-    from malaria_edge.train.pipeline import load_arrays
     try:
         cells = read_manifest(manifest)
         info = load_prepare_report(manifest)
     except DatasetError as exc:
-        raise AdaptError(str(exc), 2) from None
+        raise AdaptError(str(exc), EXIT_USAGE) from None
     replay_cells = calibration_cells(cells, count, seed) if count else []
     cache = Path(manifest).parent / "cache"
     replay = load_arrays(replay_cells, size, stain, None) if replay_cells else None
@@ -480,7 +485,7 @@ def _old_lab_block(before: ModelBundle, after: ModelBundle, test, base_threshold
     out = {"split": "test", "patients": len(set(patients)), "cells": int(len(y)),
            "cells_parasitized": int(y.sum()), "cells_uninfected": int(len(y) - y.sum())}
     for key, bundle, t in (("before", before, base_threshold), ("after", after, threshold)):
-        out[key] = evaluate_on("test", "old lab", y, run_int8(bundle, x), t, patients, "patients")
+        out[key] = evaluate_on("test", "old lab", y, bundle_probabilities(bundle, x), t, patients, "patients")
         out[key]["model"] = bundle.path.name
     return out
 
@@ -488,7 +493,8 @@ def _old_lab_block(before: ModelBundle, after: ModelBundle, test, base_threshold
 def check_out(out: Path) -> None:
     """Refuse an output folder that holds anything: a bundle is never overwritten or mixed with other files."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise AdaptError(f"{out} exists and is not empty; edge-adapt never overwrites a bundle: choose a new --out", 2)
+        raise AdaptError(f"{out} exists and is not empty; edge-adapt never overwrites a bundle: choose a new --out",
+                         EXIT_USAGE)
 
 
 def _cpu_seconds() -> float:
@@ -508,10 +514,263 @@ def _prepare_out(out: Path) -> Path:
     return tmp
 
 
+@dataclass
+class MeasuredCells:
+    """The clinic cells the threshold is chosen and the adaptation measured on: every cell, scored out of fold
+    (``folds`` >= 2), or one stratified held-out part that is never trained on."""
+    keep: np.ndarray                  # indices the bundle is fine-tuned on
+    held: np.ndarray                  # indices measured on
+    cross_validated: bool
+    labels: np.ndarray
+    pixels: np.ndarray
+    groups: List[Optional[str]]       # patient ids from the held cells' file names (None where there is none)
+
+    @property
+    def where(self) -> str:
+        return "out-of-fold" if self.cross_validated else "held-out"
+
+    @property
+    def with_patients(self) -> bool:
+        return all(self.groups) and len(set(self.groups)) >= 4
+
+    @property
+    def unit(self) -> str:
+        return "patients" if self.with_patients else "cells"
+
+    @property
+    def ci_groups(self) -> List[str]:
+        """What the 95% intervals resample: patients when the file names say, cells otherwise."""
+        return list(self.groups) if self.with_patients else [str(i) for i in range(len(self.held))]
+
+    def evaluate(self, prob: np.ndarray, threshold: float) -> Dict:
+        return evaluate_on(self.where, "clinic", self.labels, prob, threshold, self.ci_groups, self.unit)
+
+
+@dataclass
+class FineTuned:
+    """The fine-tuned Keras model, its training record, and (cross-validated) the out-of-fold scores."""
+    model: object
+    training: Dict
+    out_of_fold: Optional[np.ndarray] = None
+    folds: Optional[Dict] = None
+
+
+@dataclass
+class Measured:
+    """What the adapted bundle was measured to do, for the card and the summary."""
+    before: Dict
+    after: Dict
+    rule_text: str
+    prob: np.ndarray
+    old_lab: Optional[Dict]
+    unfamiliar: Dict
+
+
+def check_request(recipe: Recipe, holdout: float) -> None:
+    """Refuse, as a usage error, a recipe or hold-out share outside what adaptation supports."""
+    if recipe.strategy not in STRATEGIES:
+        raise AdaptError(f"unknown strategy {recipe.strategy!r}; use one of {', '.join(STRATEGIES)}", EXIT_USAGE)
+    if not 0.1 <= holdout <= 0.5:
+        raise AdaptError(f"holdout {holdout} is outside 0.1-0.5", EXIT_USAGE)
+    if recipe.folds == 1 or not 0 <= recipe.folds <= 10:
+        raise AdaptError(f"folds {recipe.folds} is not 0 (one held-out part) or 2-10", EXIT_USAGE)
+    if recipe.min_sensitivity is not None and not 0.5 <= recipe.min_sensitivity <= 1:
+        raise AdaptError(f"minimum sensitivity {recipe.min_sensitivity} is outside 0.5-1", EXIT_USAGE)
+
+
+def split_clinic(clinic: ClinicCells, recipe: Recipe, holdout: float, log: Log) -> MeasuredCells:
+    """Which cells are fine-tuned on and which measure the adaptation (see :class:`MeasuredCells`)."""
+    cross_validated = recipe.folds >= 2
+    counts = f"{len(clinic.paths)} clinic cells ({clinic.count(1)} parasitized, {clinic.count(0)} uninfected); "
+    if cross_validated:
+        keep = held = np.arange(len(clinic.labels))
+        log(counts + f"{recipe.folds} folds choose the threshold on out-of-fold scores, then the bundle is fine-tuned "
+            f"on all of them (stratified, seed {recipe.seed})")
+    else:
+        keep, held = holdout_split(clinic.labels, holdout, recipe.seed)
+        log(counts + f"fine-tuning on {len(keep)}, holding out {len(held)} (stratified, seed {recipe.seed})")
+    return MeasuredCells(keep, held, cross_validated, clinic.labels[held], clinic.pixels[held],
+                         [patient_id(clinic.paths[i]) for i in held])
+
+
+def measure_base(base_bundle: ModelBundle, cells: MeasuredCells, log: Log) -> Dict:
+    """The base int8 model on the measured cells at its own threshold: the "before"."""
+    before = cells.evaluate(bundle_probabilities(base_bundle, cells.pixels), base_bundle.threshold)
+    m = before["metrics"]
+    log(f"before: {cells.where} AUC {m['roc_auc']:.4f}, sensitivity {pct(m['sensitivity'])}, "
+        f"specificity {pct(m['specificity'])} (base int8, threshold {base_bundle.threshold})")
+    return before
+
+
+def fine_tune_base(base: BaseModel, clinic: ClinicCells, cells: MeasuredCells, replay_xy, recipe: Recipe,
+                   log: Log) -> FineTuned:
+    """Cross-validated: first one fine-tune per fold for the out-of-fold scores; then the bundle's own fine-tune
+    of the base Keras weights on the kept cells."""
+    import keras
+
+    keras_model = keras.models.load_model(base.keras_path)
+    # The Keras model's own head decides the training labels; the card's head describes the TFLite files, which
+    # the bundle writer wraps into two scores for phones.
+    head = "softmax2" if keras_model.output_shape[-1] == 2 else "logit"
+    out_of_fold = folds = None
+    if cells.cross_validated:
+        del keras_model
+        out_of_fold, parts = out_of_fold_scores(base.keras_path, clinic, replay_xy, recipe, head, log)
+        folds = {"folds": recipe.folds, "seed": recipe.seed, "stratified": True,
+                 "cells_per_fold": [int(len(part)) for part in parts],
+                 "scored_by": "each fold's float Keras model, fine-tuned without that fold"}
+        keras_model = keras.models.load_model(base.keras_path)
+    training = fine_tune(keras_model, clinic.pixels[cells.keep], clinic.labels[cells.keep], replay_xy, recipe, head,
+                         log)
+    return FineTuned(keras_model, training, out_of_fold, folds)
+
+
+def write_adapted_bundle(tuned: FineTuned, base: BaseModel, calibration: np.ndarray, paths: BundlePaths,
+                         log: Log) -> Dict:
+    """The adapted bundle through the one bundle writer, its card started from the base's (without the base's
+    test figures) at a provisional threshold of 0.5 until the clinic's is chosen."""
+    card = copy.deepcopy(base.card)
+    for stale in ("test", "test_sources", "sizes"):
+        card.pop(stale, None)
+    card["name"] = paths.name
+    card["threshold"] = 0.5
+    started = time.time()
+    write_bundle(tuned.model, calibration, paths, card)
+    log(f"quantized in {time.time() - started:.0f}s: {paths.int8.name} {paths.int8.stat().st_size / 1024:.0f} KiB")
+    return card
+
+
+def choose_clinic_threshold(card: Dict, base: BaseModel, bundles: Dict, cells: MeasuredCells, tuned: FineTuned,
+                            recipe: Recipe, log: Log) -> Tuple[Dict, str, np.ndarray]:
+    """The clinic's threshold and patient rule, chosen on the measured cells' scores (out-of-fold, or the adapted
+    int8 file's on the held-out part) and written into ``card``. Returns (the "after" evaluation, how the threshold
+    was chosen, the scores)."""
+    prob = tuned.out_of_fold if cells.cross_validated else bundle_probabilities(bundles["int8"], cells.pixels)
+    threshold = choose_decision_threshold(cells.labels, prob, recipe.min_sensitivity)
+    rule_text = ("best Youden's J" if recipe.min_sensitivity is None else
+                 f"most specific keeping sensitivity >= {pct(recipe.min_sensitivity)}")
+    after = cells.evaluate(prob, threshold)
+    card["threshold"] = threshold
+    card["patient_rule"] = clinic_rule(cells.labels, prob, threshold, cells.groups if cells.with_patients else None,
+                                       base.card.get("patient_rule") or DEFAULT_RULE, cells.where)
+    m = after["metrics"]
+    scored = "fold models, float" if cells.cross_validated else "int8"
+    log(f"after:  {cells.where} AUC {m['roc_auc']:.4f}, sensitivity {pct(m['sensitivity'])}, "
+        f"specificity {pct(m['specificity'])} ({scored}, threshold {threshold}: {rule_text} on these cells)")
+    return after, rule_text, prob
+
+
+def measure_old_lab_and_unfamiliar(card: Dict, base_bundle: ModelBundle, adapted: ModelBundle, old_test,
+                                   clinic: ClinicCells, cells: MeasuredCells, log: Log) -> Tuple[Optional[Dict], Dict]:
+    """What the old lab's test split lost (when a replay manifest was given), and the unfamiliar score refitted to
+    the clinic."""
+    old_lab = (_old_lab_block(base_bundle, adapted, old_test, base_bundle.threshold, card["threshold"])
+               if old_test is not None else None)
+    if old_lab:
+        b, a = old_lab["before"]["metrics"], old_lab["after"]["metrics"]
+        log(f"old lab test split ({old_lab['patients']} patients, {old_lab['cells']} cells): AUC "
+            f"{b['roc_auc']:.4f} -> {a['roc_auc']:.4f}, accuracy {pct(b['accuracy'])} -> {pct(a['accuracy'])}")
+    unfamiliar = refit_unfamiliar(card, clinic.pixels[cells.keep], cells.pixels)
+    if cells.cross_validated:
+        unfamiliar["measured_on"] = "the clinic cells it was fitted on (every cell is fine-tuned on)"
+    if unfamiliar["refitted"]:
+        log(f"unfamiliar score refitted to the clinic: {100 * unfamiliar['held_out_flagged_before']:.1f}% of "
+            f"{'clinic' if cells.cross_validated else 'held-out clinic'} cells flagged before, "
+            f"{100 * unfamiliar['held_out_flagged_after']:.1f}% after")
+    return old_lab, unfamiliar
+
+
+def cells_record(clinic: ClinicCells, cells: MeasuredCells, tuned: FineTuned, recipe: Recipe,
+                 holdout: float) -> Dict:
+    """The card's account of the clinic's cells: counts, list hash, and how they were split."""
+    y, kept = cells.labels, clinic.labels[cells.keep]
+    record = {"parasitized": clinic.count(1), "uninfected": clinic.count(0),
+              "list_sha256": clinic.list_sha256, "skipped": len(clinic.failed),
+              "fine_tuned": {"parasitized": int(kept.sum()), "uninfected": int(len(kept) - kept.sum())}}
+    measured = {"parasitized": int(y.sum()), "uninfected": int(len(y) - y.sum())}
+    if cells.cross_validated:
+        record["out_of_fold"] = {**measured, **tuned.folds}
+    else:
+        record["held_out"] = {**measured, "fraction": holdout, "seed": recipe.seed, "stratified": True}
+    return record
+
+
+def evaluation_record(measured: Measured, cells: MeasuredCells, bundles: Dict, threshold: float) -> Dict:
+    """The card's before/after on the measured cells, with what the figures can and cannot claim."""
+    if cells.cross_validated:
+        note = ("after: each cell scored by the float fold model that was not fine-tuned on it; the threshold and "
+                "patient rule were chosen on these scores, so after-sensitivity/specificity are optimistic; the "
+                "bundle itself is fine-tuned on every clinic cell and has no untouched clinic cells to report")
+    else:
+        note = ("the threshold and patient rule were chosen on these held-out cells, so the after sensitivity and "
+                "specificity are optimistic; AUC does not depend on the threshold")
+    evaluation = {"unit": cells.unit, "before": measured.before, "after": measured.after,
+                  "threshold_rule": measured.rule_text, "note": note}
+    if not cells.cross_validated:
+        evaluation["after_fp32"] = cells.evaluate(bundle_probabilities(bundles["fp32"], cells.pixels), threshold)
+    return evaluation
+
+
+def record_adaptation(card: Dict, base: BaseModel, base_bundle: ModelBundle, clinic: ClinicCells,
+                      cells: MeasuredCells, tuned: FineTuned, measured: Measured, bundles: Dict, recipe: Recipe,
+                      holdout: float, replay_meta: Optional[Dict], started: Tuple[float, float]) -> None:
+    """Everything the adapted card says about where it came from and what it gained."""
+    import keras
+    import tensorflow as tf
+
+    evaluation = evaluation_record(measured, cells, bundles, card["threshold"])
+    card["adaptation"] = {
+        "base_model": {"name": base.card.get("name"), "file": base.int8_path.name,
+                       "sha256": sha256_file(base.int8_path), "keras_sha256": sha256_file(base.keras_path),
+                       "threshold": base_bundle.threshold},
+        "cells": cells_record(clinic, cells, tuned, recipe, holdout),
+        "recipe": recipe.to_dict(),
+        "training": dict(tuned.training),
+        "replay": replay_meta,
+        ("out_of_fold" if cells.cross_validated else "held_out"): evaluation,
+        "old_lab_test": measured.old_lab,
+        "unfamiliar": measured.unfamiliar,
+        "wall_seconds": time.time() - started[0],
+        "cpu_seconds": _cpu_seconds() - started[1],
+        "machine": machine_info(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+    }
+
+
+def finish_card(card: Dict, paths: BundlePaths, calibration: np.ndarray, clinic_cells: int, replayed: bool,
+                command: str) -> None:
+    """The calibration set, file sizes and rebuild command of the adapted bundle."""
+    card["data"] = {**card.get("data", {}), "calibration": {
+        "cells": int(len(calibration)), "clinic_cells": clinic_cells,
+        "replayed_cells": int(len(calibration) - clinic_cells)}}
+    card["quantization"] = {**card.get("quantization", {}), "calibrated_on": "clinic fine-tuning cells"
+                            + (" + 200 replayed training cells" if replayed else "")}
+    card["sizes"] = {"keras_bytes": paths.keras.stat().st_size, "fp32_bytes": paths.fp32.stat().st_size,
+                     "int8_bytes": paths.int8.stat().st_size}
+    if command:
+        card["commands"] = list(card.get("commands", [])) + [command]
+
+
+def load_replay(replay: Optional[os.PathLike], size: int, stain: Optional[Dict], recipe: Recipe, log: Log):
+    """The old lab's replayed training cells, its test split and their record (all None without ``replay``)."""
+    loaded = _replay_and_old_test(Path(replay) if replay else None, size, stain, recipe.replay_cells, recipe.seed)
+    if replay is None:
+        log("no --replay manifest: fine-tuning on the clinic's cells alone; what the old lab loses is not measured")
+    return loaded
+
+
+def open_base_bundle(base: BaseModel) -> ModelBundle:
+    try:
+        return ModelBundle(base.int8_path)
+    except ModelError as exc:
+        raise AdaptError(str(exc), EXIT_USAGE) from None
+
+
 def adapt(cells: os.PathLike, out: os.PathLike, model: Optional[os.PathLike] = None,
           replay: Optional[os.PathLike] = None, name: Optional[str] = None, recipe: Optional[Recipe] = None,
           holdout: float = HOLDOUT_FRACTION, min_cells: int = MIN_CELLS_PER_CLASS, command: str = "",
-          log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> AdaptResult:
+          log: Log = lambda m: print(m, file=sys.stderr, flush=True), warn: Optional[Log] = None) -> AdaptResult:
     """Fine-tune a bundle on a clinic's labelled cells and write a new bundle into ``out``.
 
     ``cells``: a folder with ``Parasitized/`` and ``Uninfected/`` crops. ``model``: the base bundle (folder, its
@@ -520,195 +779,50 @@ def adapt(cells: os.PathLike, out: os.PathLike, model: Optional[os.PathLike] = N
     measures what the adapted model forgot (without it, nothing is replayed and forgetting is not measured).
     With ``recipe.folds`` >= 2 the threshold is chosen on out-of-fold scores of every clinic cell and the bundle is
     fine-tuned on all of them; otherwise ``holdout`` of each class is held out to choose it and never trained on.
-    Raises :class:`AdaptError` with a one-line reason; unreadable images are skipped and listed in the result.
+    Raises :class:`AdaptError` with a one-line reason; unreadable images are skipped, named through ``warn``
+    (default: ``log``) and listed in the result.
     """
-    import keras
-    import tensorflow as tf
-
-    from malaria_edge.quantize.convert import OUTPUT_HEAD, convert
-    from malaria_edge.quantize.metadata import write_bundle_metadata
-
-    started, started_cpu = time.time(), _cpu_seconds()
+    started = (time.time(), _cpu_seconds())
     recipe = recipe or Recipe()
-    if recipe.strategy not in STRATEGIES:
-        raise AdaptError(f"unknown strategy {recipe.strategy!r}; use one of {', '.join(STRATEGIES)}", 2)
-    if not 0.1 <= holdout <= 0.5:
-        raise AdaptError(f"holdout {holdout} is outside 0.1-0.5", 2)
-    if recipe.folds == 1 or not 0 <= recipe.folds <= 10:
-        raise AdaptError(f"folds {recipe.folds} is not 0 (one held-out part) or 2-10", 2)
-    if recipe.min_sensitivity is not None and not 0.5 <= recipe.min_sensitivity <= 1:
-        raise AdaptError(f"minimum sensitivity {recipe.min_sensitivity} is outside 0.5-1", 2)
-    cross_validated = recipe.folds >= 2
-    cells_dir, out = Path(cells), Path(out)
+    check_request(recipe, holdout)
+    out = Path(out)
     check_out(out)
     base = find_base(model)
     size, stain = int(base.card["input"]["size"]), base.card.get("preprocessing", {}).get("stain")
-    name = name or f"{base.card.get('name', 'malaria')}_adapted"
-    clinic = read_clinic_cells(cells_dir, size, stain)
+    clinic = read_clinic_cells(Path(cells), size, stain)
     for path, reason in clinic.failed:
-        log(f"skipped {path}: {reason}")
+        (warn or log)(f"skipped {path}: {reason}")
     check_counts(clinic, min_cells)
-    tmp = _prepare_out(out)
+    paths = BundlePaths(_prepare_out(out), name or f"{base.card.get('name', 'malaria')}_adapted")
     try:
-        try:
-            base_bundle = ModelBundle(base.int8_path)
-        except ModelError as exc:
-            raise AdaptError(str(exc), 2) from None
-        everyone = np.arange(len(clinic.labels))
-        if cross_validated:
-            keep, held = everyone, everyone
-            log(f"{len(clinic.paths)} clinic cells ({clinic.count(1)} parasitized, {clinic.count(0)} uninfected); "
-                f"{recipe.folds} folds choose the threshold on out-of-fold scores, then the bundle is fine-tuned on "
-                f"all of them (stratified, seed {recipe.seed})")
-        else:
-            keep, held = holdout_split(clinic.labels, holdout, recipe.seed)
-            log(f"{len(clinic.paths)} clinic cells ({clinic.count(1)} parasitized, {clinic.count(0)} uninfected); "
-                f"fine-tuning on {len(keep)}, holding out {len(held)} (stratified, seed {recipe.seed})")
-        where = "out-of-fold" if cross_validated else "held-out"
-        held_groups = [patient_id(clinic.paths[i]) for i in held]
-        with_patients = all(held_groups) and len(set(held_groups)) >= 4
-        unit = "patients" if with_patients else "cells"
-        ci_groups = held_groups if with_patients else [str(i) for i in range(len(held))]
-        y_held, x_held = clinic.labels[held], clinic.pixels[held]
-        before = evaluate_on(where, "clinic", y_held, run_int8(base_bundle, x_held), base_bundle.threshold,
-                             ci_groups, unit)
-        m = before["metrics"]
-        log(f"before: {where} AUC {m['roc_auc']:.4f}, sensitivity {pct(m['sensitivity'])}, "
-            f"specificity {pct(m['specificity'])} (base int8, threshold {base_bundle.threshold})")
-
-        replay_xy, old_test, replay_meta = _replay_and_old_test(Path(replay) if replay else None, size, stain,
-                                                                recipe.replay_cells, recipe.seed)
-        if replay is None:
-            log("no --replay manifest: fine-tuning on the clinic's cells alone; what the old lab loses is not "
-                "measured")
-        keras_model = keras.models.load_model(base.keras_path)
-        # The Keras model's own head decides the training labels; the card's head describes the TFLite files, which
-        # edge-quantize wraps into two scores for phones.
-        head = "softmax2" if keras_model.output_shape[-1] == 2 else "logit"
-        folds_meta = None
-        if cross_validated:
-            del keras_model
-            out_of_fold, parts = out_of_fold_scores(base.keras_path, clinic, replay_xy, recipe, head, log)
-            folds_meta = {"folds": recipe.folds, "seed": recipe.seed, "stratified": True,
-                          "cells_per_fold": [int(len(part)) for part in parts],
-                          "scored_by": "each fold's float Keras model, fine-tuned without that fold"}
-            keras_model = keras.models.load_model(base.keras_path)
-        training = fine_tune(keras_model, clinic.pixels[keep], clinic.labels[keep], replay_xy, recipe, head, log)
-
-        keras_path = tmp / f"{name}.keras"
-        keras_model.save(keras_path)
-        fp32_path, int8_path = tmp / f"{name}_fp32.tflite", tmp / f"{name}_int8.tflite"
-        calibration = clinic.pixels[keep]
+        base_bundle = open_base_bundle(base)
+        measured_cells = split_clinic(clinic, recipe, holdout, log)
+        before = measure_base(base_bundle, measured_cells, log)
+        replay_xy, old_test, replay_meta = load_replay(replay, size, stain, recipe, log)
+        tuned = fine_tune_base(base, clinic, measured_cells, replay_xy, recipe, log)
+        calibration = clinic.pixels[measured_cells.keep]
         if replay_xy is not None:
             calibration = np.concatenate([calibration, replay_xy[0][:200]])
-        t0 = time.time()
-        convert(keras_model, calibration, fp32_path, int8_path)
-        write_bundle_metadata(int8_path, fp32_path, [PARASITIZED, UNINFECTED], size)
-        log(f"quantized in {time.time() - t0:.0f}s: {int8_path.name} {int8_path.stat().st_size / 1024:.0f} KiB")
-
-        card = copy.deepcopy(base.card)
-        for stale in ("test", "test_sources", "sizes"):
-            card.pop(stale, None)
-        card["name"] = name
-        # convert() writes [parasitized, uninfected] scores whatever the base wrote (an older bundle's one logit).
-        card["head"] = OUTPUT_HEAD
-        card["reference"] = fp32_path.name
-        card["files"] = {p.name: {"kind": kind, "bytes": p.stat().st_size, "sha256": sha256_file(p)}
-                         for p, kind in ((int8_path, "int8"), (fp32_path, "fp32"))}
-        card["keras_model"] = {"file": keras_path.name, "bytes": keras_path.stat().st_size,
-                               "sha256": sha256_file(keras_path)}
-        card["threshold"] = 0.5
-        card_path = tmp / f"{name}.json"
-        write_json_atomic(card_path, card)
-        bundles = {kind: ModelBundle(p) for p, kind in ((int8_path, "int8"), (fp32_path, "fp32"))}
-        for b in bundles.values():
-            card["files"][b.path.name].update({"input_dtype": b.input_dtype, "output_dtype": b.output_dtype})
-
-        prob_held = out_of_fold if cross_validated else run_int8(bundles["int8"], x_held)
-        threshold = choose_threshold(y_held, prob_held, recipe.min_sensitivity)
-        rule_text = ("best Youden's J" if recipe.min_sensitivity is None else
-                     f"most specific keeping sensitivity >= {pct(recipe.min_sensitivity)}")
-        after = evaluate_on(where, "clinic", y_held, prob_held, threshold, ci_groups, unit)
-        rule = clinic_rule(y_held, prob_held, threshold, held_groups if with_patients else None,
-                           base.card.get("patient_rule") or DEFAULT_RULE, where)
-        card["threshold"] = threshold
-        card["patient_rule"] = rule
-        m = after["metrics"]
-        scored = "fold models, float" if cross_validated else "int8"
-        log(f"after:  {where} AUC {m['roc_auc']:.4f}, sensitivity {pct(m['sensitivity'])}, "
-            f"specificity {pct(m['specificity'])} ({scored}, threshold {threshold}: {rule_text} on these cells)")
-        old_lab = (_old_lab_block(base_bundle, bundles["int8"], old_test, base_bundle.threshold, threshold)
-                   if old_test is not None else None)
-        if old_lab:
-            b, a = old_lab["before"]["metrics"], old_lab["after"]["metrics"]
-            log(f"old lab test split ({old_lab['patients']} patients, {old_lab['cells']} cells): AUC "
-                f"{b['roc_auc']:.4f} -> {a['roc_auc']:.4f}, accuracy {pct(b['accuracy'])} -> {pct(a['accuracy'])}")
-        unfamiliar = refit_unfamiliar(card, clinic.pixels[keep], x_held)
-        if cross_validated:
-            unfamiliar["measured_on"] = "the clinic cells it was fitted on (every cell is fine-tuned on)"
-        if unfamiliar["refitted"]:
-            log(f"unfamiliar score refitted to the clinic: {100 * unfamiliar['held_out_flagged_before']:.1f}% of "
-                f"{'clinic' if cross_validated else 'held-out clinic'} cells flagged before, "
-                f"{100 * unfamiliar['held_out_flagged_after']:.1f}% after")
-
-        card["data"] = {**card.get("data", {}), "calibration": {
-            "cells": int(len(calibration)), "clinic_cells": int(len(keep)),
-            "replayed_cells": int(len(calibration) - len(keep))}}
-        card["quantization"] = {**card.get("quantization", {}), "calibrated_on": "clinic fine-tuning cells"
-                                + (" + 200 replayed training cells" if replay_xy is not None else "")}
-        cells_block = {"parasitized": clinic.count(1), "uninfected": clinic.count(0),
-                       "list_sha256": clinic.list_sha256, "skipped": len(clinic.failed),
-                       "fine_tuned": {"parasitized": int(clinic.labels[keep].sum()),
-                                      "uninfected": int(len(keep) - clinic.labels[keep].sum())}}
-        if cross_validated:
-            cells_block["out_of_fold"] = {"parasitized": int(y_held.sum()), "uninfected": int(len(y_held) - y_held.sum()),
-                                          **folds_meta}
-        else:
-            cells_block["held_out"] = {"parasitized": int(y_held.sum()), "uninfected": int(len(y_held) - y_held.sum()),
-                                       "fraction": holdout, "seed": recipe.seed, "stratified": True}
-        if cross_validated:
-            note = ("after: each cell scored by the float fold model that was not fine-tuned on it; the threshold and "
-                    "patient rule were chosen on these scores, so after-sensitivity/specificity are optimistic; the "
-                    "bundle itself is fine-tuned on every clinic cell and has no untouched clinic cells to report")
-        else:
-            note = ("the threshold and patient rule were chosen on these held-out cells, so the after sensitivity and "
-                    "specificity are optimistic; AUC does not depend on the threshold")
-        evaluation = {"unit": unit, "before": before, "after": after, "threshold_rule": rule_text, "note": note}
-        if not cross_validated:
-            evaluation["after_fp32"] = evaluate_on(where, "clinic", y_held, run_int8(bundles["fp32"], x_held),
-                                                   threshold, ci_groups, unit)
-        card["adaptation"] = {
-            "base_model": {"name": base.card.get("name"), "file": base.int8_path.name,
-                           "sha256": sha256_file(base.int8_path), "keras_sha256": sha256_file(base.keras_path),
-                           "threshold": base_bundle.threshold},
-            "cells": cells_block,
-            "recipe": recipe.to_dict(),
-            "training": {k: v for k, v in training.items()},
-            "replay": replay_meta,
-            ("out_of_fold" if cross_validated else "held_out"): evaluation,
-            "old_lab_test": old_lab,
-            "unfamiliar": unfamiliar,
-            "wall_seconds": time.time() - started,
-            "cpu_seconds": _cpu_seconds() - started_cpu,
-            "machine": machine_info(),
-            "tensorflow": tf.__version__,
-            "keras": keras.__version__,
-        }
-        card["sizes"] = {"keras_bytes": keras_path.stat().st_size, "fp32_bytes": fp32_path.stat().st_size,
-                         "int8_bytes": int8_path.stat().st_size}
-        if command:
-            card["commands"] = list(card.get("commands", [])) + [command]
-        parse_card(card)
-        write_json_atomic(card_path, card)
-        ModelBundle(int8_path)
+        card = write_adapted_bundle(tuned, base, calibration, paths, log)
+        bundles = load_written(paths, card)
+        after, rule_text, prob = choose_clinic_threshold(card, base, bundles, measured_cells, tuned, recipe, log)
+        old_lab, unfamiliar = measure_old_lab_and_unfamiliar(card, base_bundle, bundles["int8"], old_test, clinic,
+                                                             measured_cells, log)
+        measured = Measured(before, after, rule_text, prob, old_lab, unfamiliar)
+        finish_card(card, paths, calibration, len(measured_cells.keep), replay_xy is not None, command)
+        record_adaptation(card, base, base_bundle, clinic, measured_cells, tuned, measured, bundles, recipe, holdout,
+                          replay_meta, started)
+        write_card(paths.card, card)
+        ModelBundle(paths.int8)
         if out.is_dir():
             out.rmdir()
-        os.replace(tmp, out)
+        os.replace(paths.folder, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(paths.folder, ignore_errors=True)
         raise
-    return AdaptResult(out, out / int8_path.name, out / fp32_path.name, out / card_path.name, out / keras_path.name,
-                       card, clinic.failed, (y_held, prob_held))
+    final = BundlePaths(out, paths.name)
+    return AdaptResult(out, final.int8, final.fp32, final.card, final.keras, card, clinic.failed,
+                       (measured_cells.labels, prob))
 
 
 def format_adaptation(card: Dict) -> str:

@@ -1,34 +1,20 @@
-"""Console entry points ``edge-prepare`` and ``edge-train``."""
+"""Console entry points ``edge-prepare``, ``edge-train`` and ``edge-adapt``: click options in, the library's job
+functions called, their results shown through a :class:`Console` (``-q`` hides summaries and progress)."""
 from __future__ import annotations
 
-import importlib.util
+import json
 import os
-import shlex
 import sys
 from pathlib import Path
 
 import click
 
-from malaria_edge.train.dataset import DatasetError, NIH_ZIP_URL, describe_bad, download_zip, format_counts, prepare
+from malaria_edge.edge_runtime.console import Console, command_line, common_options, require_tensorflow
+from malaria_edge.edge_runtime.errors import EXIT_FAILED
 from malaria_edge.train.adapt import Recipe
+from malaria_edge.train.dataset import NIH_ZIP_URL, describe_bad, download_zip, format_counts, prepare
 
-
-def require_tensorflow(command: str) -> None:
-    """Training and quantizing need TensorFlow, which the device install leaves out on purpose: say which extra to
-    install, in one line, and exit 2 (a usage problem, not a failed run)."""
-    try:
-        present = importlib.util.find_spec("tensorflow") is not None
-    except (ImportError, ValueError):
-        present = False
-    if not present:
-        click.echo(f"{command}: needs TensorFlow, which this device install does not have; install the training "
-                   "extra: pip install 'malaria-edge[train]'", err=True)
-        sys.exit(2)
-
-
-def command_line(name: str) -> str:
-    """The command as typed, for the model card's rebuild recipe."""
-    return " ".join([name] + [shlex.quote(a) for a in sys.argv[1:]])
+INTERRUPTED = 130
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -41,7 +27,8 @@ def command_line(name: str) -> str:
 @click.option("--fields", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Annotated whole fields (images/ + annotations.json, IML-Malaria layout) to add as a second "
                    "source: their red cells are cut by the runtime's segmentation, split by blocks of fields.")
-def prepare_main(data, out, seed, test_fraction, val_fraction, download, fields):
+@common_options
+def prepare_main(data, out, seed, test_fraction, val_fraction, download, fields, verbosity):
     """Split the NIH malaria cells by patient into train/val/test and write a manifest (no images are copied).
 
     \b
@@ -51,18 +38,19 @@ def prepare_main(data, out, seed, test_fraction, val_fraction, download, fields)
       edge-prepare --download --out runs/data
       edge-prepare --data ../shared/data/cell_images --fields ../shared/data/fields/iml_vivax --out runs/data2
     """
+    console = Console("edge-prepare", verbosity)
     if not data and not download:
         raise click.UsageError("give --data DIR|ZIP or --download")
-    try:
+    with console.exit_on_error():
         if download:
             data = download_zip(out / "cell_images.zip")
-        report = prepare(data, out, seed, test_fraction, val_fraction, command_line("edge-prepare"), fields=fields)
-    except DatasetError as exc:
-        click.echo(f"edge-prepare: {exc}", err=True)
-        sys.exit(1)
+        report = prepare(data, out, seed, test_fraction, val_fraction, command_line("edge-prepare"), fields=fields,
+                         log=console.info)
     if report["bad_files"]:
         click.echo(describe_bad(report["bad_files"]), err=True, nl=False)
         click.echo(f"{len(report['bad_files'])} files skipped (listed in {out / 'prepare.json'})", err=True)
+    if console.quiet:
+        return
     click.echo(format_counts(report["counts"]))
     for source, info in report["sources"].items():
         if info["unit"] == "fields":
@@ -89,8 +77,9 @@ def prepare_main(data, out, seed, test_fraction, val_fraction, download, fields)
               show_default=True, help="tf.distribute strategy (multiworker reads TF_CONFIG).")
 @click.option("--cache", type=click.Path(path_type=Path), help="Where decoded cells are cached "
               "(default: <manifest folder>/cache).")
+@common_options
 def train_main(manifest, out, preset, epochs, batch_size, input_size, learning_rate, no_stain_norm, seed, resume,
-               strategy, cache):
+               strategy, cache, verbosity):
     """Train a ResNet on the training patients of a manifest; report on the test patients.
 
     \b
@@ -99,24 +88,23 @@ def train_main(manifest, out, preset, epochs, batch_size, input_size, learning_r
       edge-train --manifest runs/data/manifest.csv --out runs/seed --preset seed --epochs 5
       edge-train --resume runs/edge
     """
+    console = Console("edge-train", verbosity)
     require_tensorflow("edge-train")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if resume:
         out = resume
         if manifest is None:
-            import json
             manifest = Path(json.loads((resume / "config.json").read_text())["manifest"])
     if manifest is None or out is None:
         raise click.UsageError("give --manifest and --out (or --resume DIR)")
-    from malaria_edge.train.train import train
-    try:
-        report = train(manifest, out, preset, epochs, batch_size, input_size, learning_rate, seed, bool(resume),
-                       strategy, cache, no_stain_norm, command=command_line("edge-train"))
-    except (DatasetError, FileNotFoundError, ValueError) as exc:
-        click.echo(f"edge-train: {exc}", err=True)
-        sys.exit(1)
+    from malaria_edge.train.train import TrainOptions, train
+    options = TrainOptions(preset=preset, epochs=epochs, batch_size=batch_size, input_size=input_size,
+                           learning_rate=learning_rate, no_stain=no_stain_norm, seed=seed, resume=bool(resume),
+                           strategy=strategy, cache_dir=cache)
+    with console.exit_on_error(FileNotFoundError, ValueError):
+        report = train(manifest, out, options, command=command_line("edge-train"), log=console.info)
     if report["interrupted"]:
-        sys.exit(130)
+        sys.exit(INTERRUPTED)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -144,8 +132,9 @@ def train_main(manifest, out, preset, epochs, batch_size, input_size, learning_r
               help="The threshold is the most specific one that keeps at least this sensitivity on the clinic's "
                    "out-of-fold (or held-out) cells; 0: the best Youden's J instead.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the held-out split, replay draw and training.")
+@common_options
 def adapt_main(cells_dir, out, model_path, replay, name, strategy, epochs, learning_rate, replay_cells, holdout, folds,
-               min_sensitivity, seed):
+               min_sensitivity, seed, verbosity):
     """Fine-tune a model bundle on a clinic's own labelled cells and write a new bundle for edge-classify.
 
     \b
@@ -154,26 +143,27 @@ def adapt_main(cells_dir, out, model_path, replay, name, strategy, epochs, learn
       edge-adapt --cells clinic_cells --out clinic_model --model runs/bundle --replay runs/data/manifest.csv
       edge-classify new_slide/ --model clinic_model/malaria_adapted_int8.tflite
     """
+    console = Console("edge-adapt", verbosity)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from malaria_edge.train.adapt import AdaptError, adapt, format_adaptation
+    from malaria_edge.train.adapt import adapt, format_adaptation
     recipe = Recipe(strategy=strategy, epochs=epochs, learning_rate=learning_rate, replay_cells=replay_cells,
                     seed=seed, folds=folds, min_sensitivity=min_sensitivity or None)
     try:
-        result = adapt(cells_dir, out, model_path, replay, name, recipe, holdout, command=command_line("edge-adapt"))
-    except AdaptError as exc:
-        click.echo(f"edge-adapt: {exc}", err=True)
-        sys.exit(exc.exit_code)
+        with console.exit_on_error():
+            result = adapt(cells_dir, out, model_path, replay, name, recipe, holdout,
+                           command=command_line("edge-adapt"), log=console.info, warn=console.warn)
     except KeyboardInterrupt:
-        click.echo(f"edge-adapt: interrupted; nothing was written to {out}", err=True)
+        console.error(f"interrupted; nothing was written to {out}")
         sys.stdout.flush()
         sys.stderr.flush()
         # TensorFlow's input-pipeline threads can hold a normal interpreter exit for minutes after an interrupted
         # fit; the temporary folder is already removed, so leave at once.
-        os._exit(130)
-    click.echo(format_adaptation(result.card))
-    click.echo(f"bundle: {result.int8_path}, {result.fp32_path}, {result.card_path}, {result.keras_path}")
-    click.echo(f"use it: edge-classify CELLS --model {result.int8_path}")
+        os._exit(INTERRUPTED)
+    if not console.quiet:
+        click.echo(format_adaptation(result.card))
+        click.echo(f"bundle: {result.int8_path}, {result.fp32_path}, {result.card_path}, {result.keras_path}")
+        click.echo(f"use it: edge-classify CELLS --model {result.int8_path}")
     if result.failed:
-        click.echo(f"edge-adapt: {len(result.failed)} unreadable images skipped (named above); the bundle is written "
-                   "from the others", err=True)
-        sys.exit(1)
+        console.warn(f"{len(result.failed)} unreadable images skipped (named above); the bundle is written from the "
+                     "others")
+        sys.exit(EXIT_FAILED)

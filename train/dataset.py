@@ -1,11 +1,10 @@
 """The NIH cell dataset: scan, verify, split by patient, and the manifest CSV that every later step reads.
 
-The manifest never copies images: one row per cell (path, label, patient, split, sha256). Its hash is computed over
-the NIH-relative names, not the absolute paths, so the same split has the same hash on every machine.
+The manifest itself (its cells, reading, hash and counts) lives in :mod:`malaria_edge.edge_runtime.manifest`, where
+quantizing and adapting read it too; this module makes it.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import json
@@ -18,13 +17,15 @@ import urllib.request
 import zipfile
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
 from malaria_edge.edge_runtime.bundle import sha256_file
 from malaria_edge.edge_runtime.images import ImageError, is_image_path, open_image
-from malaria_edge.edge_runtime.labels import CLASSES, PARASITIZED, patient_id
+from malaria_edge.edge_runtime.labels import PARASITIZED, UNINFECTED, patient_id
+# Cell, DatasetError and read_manifest stay importable from here for the modules that make and test manifests.
+from malaria_edge.edge_runtime.manifest import (NIH, SPLITS, Cell, DatasetError, manifest_hash,  # noqa: F401
+                                                read_manifest, split_counts, write_manifest)
 
 NIH_ZIP_URL = "https://data.lhncbc.nlm.nih.gov/public/Malaria/cell_images.zip"
 # Size of the official archive as published by the NLM (337 MiB); used to resume and to check the download.
@@ -35,47 +36,26 @@ NIH_ZIP_BYTES = 353_452_851
 ZIP_MAX_MEMBER_BYTES = 16 * 2**20
 ZIP_MAX_TOTAL_BYTES = 4 * 2**30
 ZIP_MAX_RATIO = 100.0
-FOLDERS = {"Parasitized": PARASITIZED, "Uninfected": "uninfected"}
-SPLITS = ("train", "val", "test")
-MANIFEST_FIELDS = ("path", "label", "patient", "split", "sha256", "source")
-NIH = "NIH"
+CLASS_FOLDERS = {"parasitized": PARASITIZED, "uninfected": UNINFECTED}   # folder names, in any case
 
 
-class DatasetError(RuntimeError):
-    """A dataset problem the user must fix; the message is one line that says what to do."""
+def find_class_folders(root: Path, one_level_down: bool = False) -> Dict[str, Path]:
+    """``Parasitized/`` and ``Uninfected/`` (any case) directly inside ``root``, or with ``one_level_down`` in the
+    first subfolder holding both (the NIH zip nests ``cell_images/``). Returns {label: folder} for those found; the
+    caller says in its own words what is missing."""
+    def inside(base: Path) -> Dict[str, Path]:
+        found = {}
+        for child in sorted(base.iterdir()):
+            label = CLASS_FOLDERS.get(child.name.lower())
+            if label and child.is_dir():
+                found[label] = child
+        return found
 
-
-@dataclass
-class Cell:
-    path: str
-    label: str
-    patient: str
-    split: str = ""
-    sha256: str = ""
-    source: str = NIH         # which lab the cell comes from; ``patient`` is then a patient (NIH) or a field (IML)
-
-    @property
-    def nih_name(self) -> str:
-        """``Parasitized/C100P61ThinF_..._cell_162`` without the extension (other sources prefixed with their name):
-        the same on every machine and format."""
-        folder = "Parasitized" if self.label == PARASITIZED else "Uninfected"
-        prefix = "" if self.source == NIH else f"{self.source}/"
-        return f"{prefix}{folder}/{Path(self.path).stem}"
-
-
-def group_order(name: str):
-    """Patients numerically (NIH ids), then any other group names (fields) alphabetically."""
-    return (0, int(name), "") if name.isdigit() else (1, 0, name)
-
-
-def find_class_folders(root: Path) -> Dict[str, Path]:
-    """Locate ``Parasitized/`` and ``Uninfected/`` in ``root`` or one level below (the zip nests ``cell_images/``)."""
-    for base in [root] + sorted(p for p in root.iterdir() if p.is_dir()):
-        found = {label: base / name for name, label in FOLDERS.items() if (base / name).is_dir()}
+    for base in [root] + (sorted(p for p in root.iterdir() if p.is_dir()) if one_level_down else []):
+        found = inside(base)
         if len(found) == 2:
             return found
-    raise DatasetError(f"{root}: no Parasitized/ and Uninfected/ folders found; point --data at the NIH cell_images "
-                       "folder or at cell_images.zip")
+    return inside(root)
 
 
 def _check_file(path: Path) -> Tuple[str, Optional[str]]:
@@ -92,7 +72,10 @@ def _check_file(path: Path) -> Tuple[str, Optional[str]]:
 
 def scan(root: Path, workers: int = 4) -> Tuple[List[Cell], List[Tuple[str, str]]]:
     """List every cell under the class folders; verify that each decodes. Returns (cells, [(path, reason), ...])."""
-    folders = find_class_folders(root)
+    folders = find_class_folders(root, one_level_down=True)
+    if len(folders) != 2:
+        raise DatasetError(f"{root}: no Parasitized/ and Uninfected/ folders found; point --data at the NIH "
+                           "cell_images folder or at cell_images.zip")
     candidates: List[Cell] = []
     bad: List[Tuple[str, str]] = []
     for label, folder in folders.items():
@@ -148,70 +131,6 @@ def split_patients(cells: Iterable[Cell], seed: int = 42, test_fraction: float =
         for p in rest[n_val:]:
             assignment[p] = "train"
     return assignment
-
-
-def manifest_hash(cells: Iterable[Cell]) -> str:
-    """SHA-256 over (NIH name, label, patient, split, image sha256): independent of where the data lives."""
-    digest = hashlib.sha256()
-    for cell in sorted(cells, key=lambda c: c.nih_name):
-        extra = "" if cell.source == NIH else f",{cell.source}"
-        digest.update(f"{cell.nih_name},{cell.label},{cell.patient},{cell.split},{cell.sha256}{extra}\n".encode())
-    return digest.hexdigest()
-
-
-def write_manifest(cells: List[Cell], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(MANIFEST_FIELDS)
-        for c in sorted(cells, key=lambda c: (SPLITS.index(c.split), c.source != NIH, group_order(c.patient),
-                                              c.path)):
-            writer.writerow([c.path, c.label, c.patient, c.split, c.sha256, c.source])
-    os.replace(tmp, path)
-
-
-def read_manifest(path) -> List[Cell]:
-    """Read a manifest CSV; relative paths are taken relative to the manifest's folder."""
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"{path}: manifest not found; run edge-prepare --data DIR --out DIR first")
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        missing = set(MANIFEST_FIELDS) - {"source"} - set(reader.fieldnames or ())
-        if missing:
-            raise DatasetError(f"{path}: not a manifest (missing columns {sorted(missing)}); run edge-prepare")
-        cells = []
-        for row in reader:
-            p = Path(row["path"])
-            if not p.is_absolute():
-                p = path.parent / p
-            cells.append(Cell(str(p), row["label"], row["patient"], row["split"], row["sha256"],
-                              row.get("source") or NIH))
-    return cells
-
-
-def split_counts(cells: Iterable[Cell], source: Optional[str] = NIH) -> Dict[str, Dict]:
-    """Patients (fields, for field sources) and cells per split and label of one source, as stored in reports and
-    model cards."""
-    counts: Dict[str, Dict] = {}
-    by_split = defaultdict(list)
-    for c in cells:
-        if source is None or c.source == source:
-            by_split[c.split].append(c)
-    for split in SPLITS:
-        group = by_split.get(split, [])
-        labels = Counter(c.label for c in group)
-        infected = {c.patient for c in group if c.label == PARASITIZED}
-        patients = {c.patient for c in group}
-        counts[split] = {
-            "patients": len(patients),
-            "infected_patients": len(infected),
-            "healthy_patients": len(patients - infected),
-            "cells": len(group),
-            **{f"cells_{label}": labels.get(label, 0) for label in CLASSES},
-        }
-    return counts
 
 
 def format_counts(counts: Dict[str, Dict], unit: str = "patients") -> str:
@@ -368,18 +287,6 @@ def prepare(data: Path, out: Path, seed: int = 42, test_fraction: float = 0.2, v
                                      "segmentation": field_stats}
     (out / "prepare.json").write_text(json.dumps(report, indent=2))
     return report
-
-
-def load_prepare_report(manifest: Path) -> Dict:
-    """The prepare.json written beside a manifest, or a report rebuilt from the manifest itself."""
-    side = Path(manifest).parent / "prepare.json"
-    cells = read_manifest(manifest)
-    info = json.loads(side.read_text()) if side.is_file() else {}
-    info["manifest_sha256"] = manifest_hash(cells)
-    info["counts"] = split_counts(cells)
-    for source in sorted({c.source for c in cells} - {NIH}):
-        info.setdefault("sources", {})[source] = {"unit": "fields", "counts": split_counts(cells, source)}
-    return info
 
 
 def describe_bad(bad: List[Dict]) -> str:

@@ -1,66 +1,16 @@
-"""Input pipeline: decode each cell once with the runtime's own preprocessing, cache the uint8 arrays, and feed
-tf.data with augmentation that runs inside the TensorFlow graph, one batch at a time.
+"""Input pipeline: tf.data over the cached uint8 cell arrays (decoded once by
+:func:`malaria_edge.edge_runtime.cell_arrays.load_arrays`), with augmentation that runs inside the TensorFlow graph,
+one batch at a time.
 
 Decoding 128 px WebP files with Pillow costs about a millisecond per cell; doing it once instead of every epoch is
 what keeps the two CPU cores on the arithmetic (the first probe of this project spent most of its step time there).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
-
-from malaria_edge.edge_runtime.images import ImageError, prepare_cell
-from malaria_edge.edge_runtime.labels import PARASITIZED
-from malaria_edge.train.dataset import NIH, Cell
-
-
-# Bump when prepare_cell's output changes, so no stale cache is trained on.
-PREPROCESSING_VERSION = 2  # 2: single cells cut to their central cell; field cells kept as the segmentation cut them
-
-
-def cache_key(cells: List[Cell], size: int, stain: Optional[Dict]) -> str:
-    digest = hashlib.sha256(json.dumps([size, stain, PREPROCESSING_VERSION], sort_keys=True).encode())
-    for c in cells:
-        digest.update(f"{c.path},{c.sha256}\n".encode())
-    return digest.hexdigest()[:16]
-
-
-def load_arrays(cells: List[Cell], size: int, stain: Optional[Dict] = None, cache_dir: Optional[Path] = None,
-                workers: int = 4) -> Tuple[np.ndarray, np.ndarray]:
-    """Return (pixels uint8 [N, size, size, 3], labels int [N], 1 = parasitized), cached as .npz when asked.
-
-    Cells of a field source were cut by the runtime's segmentation (``segment.cut_cell``) and go in as they are,
-    exactly as the field path feeds them to the model; single-cell crops (NIH) are cut to their central cell, as
-    the runtime does for any single-cell image."""
-    cache_file = None
-    if cache_dir is not None:
-        cache_file = Path(cache_dir) / f"cells_{size}_{cache_key(cells, size, stain)}.npz"
-        if cache_file.is_file():
-            with np.load(cache_file) as data:
-                return data["x"], data["y"]
-    def prepare(cell: Cell) -> np.ndarray:
-        try:
-            return prepare_cell(cell.path, size, stain, central=cell.source == NIH)
-        except ImageError as exc:
-            raise ImageError(f"{cell.path}: {exc}; run edge-prepare again if the data moved") from None
-
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        pixels = list(pool.map(prepare, cells))
-    x = np.stack(pixels).astype(np.uint8) if pixels else np.zeros((0, size, size, 3), np.uint8)
-    y = np.array([1 if c.label == PARASITIZED else 0 for c in cells], dtype=np.int64)
-    if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp.npz")
-        np.savez(tmp, x=x, y=y)
-        tmp.replace(cache_file)
-    return x, y
 
 
 def _dihedral_color(images: tf.Tensor, seed_stream) -> tf.Tensor:

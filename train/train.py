@@ -7,24 +7,69 @@ import math
 import os
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
+from malaria_edge.edge_runtime.cell_arrays import load_arrays
+from malaria_edge.edge_runtime.evaluation import evaluate, format_evaluation
+from malaria_edge.edge_runtime.labels import PARASITIZED
 from malaria_edge.edge_runtime.machine import machine_info
+from malaria_edge.edge_runtime.manifest import NIH, Cell, load_prepare_report, read_manifest
 from malaria_edge.edge_runtime.outputs import parasitized_probability
 from malaria_edge.edge_runtime.patients import choose_rule
-from malaria_edge.edge_runtime.labels import PARASITIZED
-from malaria_edge.train.dataset import NIH, load_prepare_report, read_manifest
 from malaria_edge.train.model import PRESETS, Preset, build_resnet, count_macs
-from malaria_edge.edge_runtime.evaluation import evaluate, format_evaluation
 from malaria_edge.train.report import plot_history, write_json
 
 BEST = "model.keras"
 LAST = "checkpoint_last.keras"
 STATE = "train_state.json"
+SPLITS = ("train", "val", "test")
+Log = Callable[[str], None]
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@dataclass
+class TrainOptions:
+    """What edge-train is asked for: a preset and the overrides of it (None keeps the preset's), the seed, and how
+    to run. ``resume`` continues the run in ``out`` with its own saved preset and seed."""
+    preset: str = "edge"
+    epochs: Optional[int] = None
+    batch_size: Optional[int] = None
+    input_size: Optional[int] = None
+    learning_rate: Optional[float] = None
+    no_stain: bool = False
+    seed: int = 42
+    resume: bool = False
+    strategy: Optional[str] = None        # tf.distribute: None/"none", "mirrored" or "multiworker"
+    cache_dir: Optional[Path] = None      # decoded cells; default <manifest folder>/cache
+
+
+@dataclass
+class Splits:
+    """The manifest's cells by split, decoded (pixels, labels) at the preset's size."""
+    cells: List[Cell]
+    by_split: Dict[str, List[Cell]]
+    arrays: Dict[str, Tuple[np.ndarray, np.ndarray]]
+    data_info: Dict
+
+    @property
+    def sources(self) -> List[str]:
+        return sorted({c.source for c in self.cells})
+
+
+@dataclass
+class Fitted:
+    """How the fit went: epochs' history, whether Ctrl-C stopped it, and its wall and CPU seconds."""
+    history: Dict
+    interrupted: bool
+    wall: float
+    cpu: float
 
 
 def make_strategy(name: Optional[str]):
@@ -62,9 +107,9 @@ def _compile(model, preset: Preset, steps_total: int):
 
 
 class EpochLog:
-    """Keras callback: one line per epoch on stderr; history.json and the resumable checkpoint after each epoch."""
+    """Keras callback: one line per epoch through ``log``; history.json and the resumable checkpoint after each epoch."""
 
-    def __init__(self, out: Path, history: Dict, started: float, start_cpu: float, epochs: int):
+    def __init__(self, out: Path, history: Dict, started: float, start_cpu: float, epochs: int, log: Log = _stderr):
         import keras
 
         class _Callback(keras.callbacks.Callback):
@@ -83,10 +128,10 @@ class EpochLog:
                 write_json(out / STATE, {"epoch": epoch + 1, "best_val_loss": best,
                                          "wall_seconds": time.time() - started + history.get("_resumed_wall", 0),
                                          "cpu_seconds": _cpu_seconds() - start_cpu + history.get("_resumed_cpu", 0)})
-                print(f"epoch {epoch + 1}/{epochs}  loss {logs.get('loss', float('nan')):.4f}  "
-                      f"acc {logs.get('accuracy', float('nan')):.4f}  val_loss {logs.get('val_loss', float('nan')):.4f}"
-                      f"  val_acc {logs.get('val_accuracy', float('nan')):.4f}  "
-                      f"{history['epoch_seconds'][-1]:.0f}s", file=sys.stderr, flush=True)
+                log(f"epoch {epoch + 1}/{epochs}  loss {logs.get('loss', float('nan')):.4f}  "
+                    f"acc {logs.get('accuracy', float('nan')):.4f}  val_loss {logs.get('val_loss', float('nan')):.4f}"
+                    f"  val_acc {logs.get('val_accuracy', float('nan')):.4f}  "
+                    f"{history['epoch_seconds'][-1]:.0f}s")
 
         self.callback = _Callback()
 
@@ -114,38 +159,29 @@ def balance_sources(cells, x: np.ndarray, y: np.ndarray, log) -> tuple:
     return np.repeat(x, repeats, axis=0), np.repeat(y, repeats, axis=0)
 
 
-def train(manifest: Path, out: Path, preset_name: str = "edge", epochs: Optional[int] = None,
-          batch_size: Optional[int] = None, input_size: Optional[int] = None, learning_rate: Optional[float] = None,
-          seed: int = 42, resume: bool = False, strategy_name: Optional[str] = None, cache_dir: Optional[Path] = None,
-          no_stain: bool = False, command: str = "", log=lambda m: print(m, file=sys.stderr, flush=True)) -> Dict:
-    """Train ``preset_name`` on the manifest's training patients and write everything to ``out``."""
-    import keras
-    import tensorflow as tf
 
-    from malaria_edge.train.pipeline import load_arrays, make_dataset, steps_per_epoch
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    state_file = out / STATE
-    if resume:
-        if not (out / LAST).is_file() or not state_file.is_file():
+def resolve_preset(out: Path, options: TrainOptions) -> Tuple[Preset, int]:
+    """The preset and seed to train with: the saved ones when resuming, else the named preset with the overrides."""
+    if options.resume:
+        if not (out / LAST).is_file() or not (out / STATE).is_file():
             raise FileNotFoundError(f"{out}: nothing to resume (no {LAST}); start without --resume")
         saved = json.loads((out / "config.json").read_text())
         preset = Preset(**{**saved["preset"], "stages": tuple(saved["preset"]["stages"]),
                            "filters": tuple(saved["preset"]["filters"])})
-        seed = saved["seed"]
-    else:
-        preset = PRESETS[preset_name]
-        overrides = {k: v for k, v in (("epochs", epochs), ("batch_size", batch_size), ("input_size", input_size),
-                                       ("learning_rate", learning_rate)) if v is not None}
-        if no_stain:
-            overrides["stain"] = None
-        preset = replace(preset, **overrides)
-    keras.utils.set_random_seed(seed)
+        return preset, saved["seed"]
+    overrides = {k: getattr(options, k) for k in ("epochs", "batch_size", "input_size", "learning_rate")
+                 if getattr(options, k) is not None}
+    if options.no_stain:
+        overrides["stain"] = None
+    return replace(PRESETS[options.preset], **overrides), options.seed
 
+
+def load_splits(manifest: Path, preset: Preset, cache_dir: Optional[Path], log: Log) -> Splits:
+    """Every split of the manifest decoded at the preset's size; an empty split is refused."""
     cells = read_manifest(manifest)
     data_info = load_prepare_report(manifest)
-    by_split = {s: [c for c in cells if c.split == s] for s in ("train", "val", "test")}
+    by_split = {s: [c for c in cells if c.split == s] for s in SPLITS}
     for split, group in by_split.items():
         if not group:
             raise ValueError(f"{manifest}: the {split} split is empty; prepare a dataset with more patients")
@@ -153,49 +189,75 @@ def train(manifest: Path, out: Path, preset_name: str = "edge", epochs: Optional
     t0 = time.time()
     arrays = {s: load_arrays(group, preset.input_size, preset.stain, cache_dir) for s, group in by_split.items()}
     log(f"decoded {len(cells)} cells at {preset.input_size}px in {time.time() - t0:.0f}s (cached in {cache_dir})")
+    return Splits(cells, by_split, arrays, data_info)
 
+
+def write_config(out: Path, preset: Preset, seed: int, manifest: Path, splits: Splits, options: TrainOptions,
+                 command: str) -> None:
+    """config.json: what --resume and edge-quantize read back, with the commands that built the run."""
     config = {"preset": preset.to_dict(), "seed": seed, "manifest": str(Path(manifest).resolve()),
-              "manifest_sha256": data_info["manifest_sha256"], "strategy": strategy_name or "none",
-              "commands": [data_info.get("command", ""), command]}
-    if resume:
+              "manifest_sha256": splits.data_info["manifest_sha256"], "strategy": options.strategy or "none",
+              "commands": [splits.data_info.get("command", ""), command]}
+    if options.resume:
         config["commands"] = json.loads((out / "config.json").read_text()).get("commands", []) + [command]
     write_json(out / "config.json", config)
 
-    arrays["train"] = balance_sources(by_split["train"], *arrays["train"], log)
-    strategy = make_strategy(strategy_name)
-    steps = steps_per_epoch(len(arrays["train"][0]), preset.batch_size)
-    replicas = strategy.num_replicas_in_sync
-    train_ds = make_dataset(*arrays["train"], preset.batch_size, True, preset.augment, preset.head, seed,
+
+def make_datasets(splits: Splits, preset: Preset, seed: int, replicas: int):
+    """tf.data for training (augmented) and for the validation monitor."""
+    from malaria_edge.train.pipeline import make_dataset
+
+    train_ds = make_dataset(*splits.arrays["train"], preset.batch_size, True, preset.augment, preset.head, seed,
                             drop_remainder=replicas > 1)
     # Keras cannot merge unevenly split batches across replicas, so under tf.distribute the validation monitor
     # uses a whole number of cells per replica (at most replicas - 1 cells fewer); the report uses every cell.
-    val_x, val_y = arrays["val"]
+    val_x, val_y = splits.arrays["val"]
     keep = len(val_x) - len(val_x) % replicas
     val_ds = make_dataset(val_x[:keep], val_y[:keep], 256 - 256 % replicas, False, head=preset.head,
                           drop_remainder=False)
-    history: Dict = {}
-    initial_epoch = 0
+    return train_ds, val_ds
+
+
+def build_or_resume(out: Path, preset: Preset, strategy, steps_total: int, resume: bool, log: Log):
+    """The model to fit, under the strategy's scope: new and compiled, or the last checkpoint with its history.
+    Returns (model, history, first epoch)."""
+    import keras
+
     with strategy.scope():
-        if resume:
-            model = keras.models.load_model(out / LAST)
-            state = json.loads(state_file.read_text())
-            initial_epoch = state["epoch"]
-            history = json.loads((out / "history.json").read_text())
-            history["_resumed_wall"] = state["wall_seconds"]
-            history["_resumed_cpu"] = state["cpu_seconds"]
-            log(f"resuming {out} at epoch {initial_epoch + 1}/{preset.epochs}")
-        else:
+        if not resume:
             model = build_resnet(preset)
-            _compile(model, preset, steps * preset.epochs)
-    log(f"strategy {strategy_name or 'none'}: {replicas} replica(s)")
+            _compile(model, preset, steps_total)
+            return model, {}, 0
+        model = keras.models.load_model(out / LAST)
+        state = json.loads((out / STATE).read_text())
+        history = json.loads((out / "history.json").read_text())
+        history["_resumed_wall"] = state["wall_seconds"]
+        history["_resumed_cpu"] = state["cpu_seconds"]
+        log(f"resuming {out} at epoch {state['epoch'] + 1}/{preset.epochs}")
+        return model, history, state["epoch"]
+
+
+def fit(out: Path, preset: Preset, seed: int, splits: Splits, options: TrainOptions, log: Log) -> Fitted:
+    """Fit on the training cells (rare field parasites repeated), keeping the best checkpoint by validation loss
+    and a resumable last one; Ctrl-C ends the fit early with what it has."""
+    import keras
+
+    from malaria_edge.train.pipeline import steps_per_epoch
+
+    splits.arrays["train"] = balance_sources(splits.by_split["train"], *splits.arrays["train"], log)
+    strategy = make_strategy(options.strategy)
+    steps = steps_per_epoch(len(splits.arrays["train"][0]), preset.batch_size)
+    replicas = strategy.num_replicas_in_sync
+    train_ds, val_ds = make_datasets(splits, preset, seed, replicas)
+    model, history, initial_epoch = build_or_resume(out, preset, strategy, steps * preset.epochs, options.resume, log)
+    log(f"strategy {options.strategy or 'none'}: {replicas} replica(s)")
     log(f"preset {preset.name}: {model.count_params():,} parameters, {count_macs(model) / 1e6:.1f}M MACs per cell, "
         f"{preset.input_size}px, {preset.epochs} epochs, batch {preset.batch_size}; train "
-        f"{len(arrays['train'][0])} cells, val {len(arrays['val'][0])} cells")
-
+        f"{len(splits.arrays['train'][0])} cells, val {len(splits.arrays['val'][0])} cells")
     started, start_cpu = time.time(), _cpu_seconds()
-    logger = EpochLog(out, history, started, start_cpu, preset.epochs)
+    logger = EpochLog(out, history, started, start_cpu, preset.epochs, log)
     best_cb = keras.callbacks.ModelCheckpoint(out / BEST, monitor="val_loss", save_best_only=True)
-    if resume and "val_loss" in history:
+    if options.resume and "val_loss" in history:
         best_cb.best = min(history["val_loss"])
     interrupted = False
     try:
@@ -209,20 +271,22 @@ def train(manifest: Path, out: Path, preset_name: str = "edge", epochs: Optional
     wall = time.time() - started + history.pop("_resumed_wall", 0)
     cpu = _cpu_seconds() - start_cpu + history.pop("_resumed_cpu", 0)
     write_json(out / "history.json", history)
-    sources = sorted({c.source for c in cells})
-    plot_history(history, out / "plot.png", f"ResNet '{preset.name}' on {' + '.join(sources)} cells "
+    plot_history(history, out / "plot.png", f"ResNet '{preset.name}' on {' + '.join(splits.sources)} cells "
                                              "(split by patient / field block)")
+    return Fitted(history, interrupted, wall, cpu)
 
-    best = keras.models.load_model(out / BEST)
+
+def evaluate_best(best, preset: Preset, splits: Splits) -> Tuple[Dict, Dict, Dict, Dict]:
+    """The best checkpoint on val and test, per source: the patient rule chosen on NIH val at threshold 0.5.
+    Returns (val evaluation, rule, NIH test evaluation, other sources' test evaluations)."""
     evaluations = {}
     for split in ("val", "test"):
-        x, y = arrays[split]
-        raw = best.predict(x.astype(np.float32), batch_size=256, verbose=0)
-        prob = parasitized_probability(raw, preset.head)
-        for source in sources:
-            keep = np.array([c.source == source for c in by_split[split]])
+        x, y = splits.arrays[split]
+        prob = parasitized_probability(best.predict(x.astype(np.float32), batch_size=256, verbose=0), preset.head)
+        for source in splits.sources:
+            keep = np.array([c.source == source for c in splits.by_split[split]])
             if keep.any():
-                groups = [c.patient for c in by_split[split] if c.source == source]
+                groups = [c.patient for c in splits.by_split[split] if c.source == source]
                 evaluations[(split, source)] = (y[keep], prob[keep], groups)
     threshold = 0.5
     val_eval = evaluate("val", *evaluations[("val", NIH)], threshold)
@@ -230,35 +294,67 @@ def train(manifest: Path, out: Path, preset_name: str = "edge", epochs: Optional
     test_eval = evaluate("test", *evaluations[("test", NIH)], threshold, rule=rule)
     other_sources = {source: evaluate("test", *evaluations[("test", source)], threshold, unit="fields",
                                       source=source)
-                     for source in sources if source != NIH and ("test", source) in evaluations}
+                     for source in splits.sources if source != NIH and ("test", source) in evaluations}
+    return val_eval, rule, test_eval, other_sources
+
+
+def write_report(out: Path, preset: Preset, seed: int, splits: Splits, fitted: Fitted, log: Log) -> Dict:
+    """report.json and report.txt of the best checkpoint: what edge-quantize builds the card from."""
+    import keras
+    import tensorflow as tf
+
+    best = keras.models.load_model(out / BEST)
+    val_eval, rule, test_eval, other_sources = evaluate_best(best, preset, splits)
+    history, data_info = fitted.history, splits.data_info
     report = {
         "model": BEST,
         "preset": preset.to_dict(),
         "parameters": int(best.count_params()),
         "macs_per_cell": count_macs(best),
         "epochs_run": len(history.get("loss", [])),
-        "interrupted": interrupted,
+        "interrupted": fitted.interrupted,
         "best_epoch": int(np.argmin(history["val_loss"]) + 1) if history.get("val_loss") else None,
-        "training_wall_seconds": wall,
-        "training_cpu_seconds": cpu,
+        "training_wall_seconds": fitted.wall,
+        "training_cpu_seconds": fitted.cpu,
         "machine": machine_info(),
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
         "seed": seed,
         "data": {"manifest_sha256": data_info["manifest_sha256"], "counts": data_info["counts"],
                  "patients": data_info.get("patients")},
-        "threshold": threshold,
+        "threshold": 0.5,
         "patient_rule": rule,
         "validation": {k: v for k, v in val_eval.items() if k != "patient_counts"},
         "test": test_eval,
         "test_other_sources": other_sources,
-        "sources": sources,
+        "sources": splits.sources,
     }
     write_json(out / "report.json", report)
     text = ("\n\n".join(format_evaluation(ev) for ev in [test_eval, *other_sources.values()]) + "\n\n" +
-            f"trained {report['epochs_run']} epochs in {wall / 60:.1f} min wall, {cpu / 60:.1f} min CPU on "
-            f"{report['machine']['cpu']} ({report['machine']['cores']} cores); best epoch {report['best_epoch']}; "
-            f"{report['parameters']:,} parameters\n")
+            f"trained {report['epochs_run']} epochs in {fitted.wall / 60:.1f} min wall, {fitted.cpu / 60:.1f} min "
+            f"CPU on {report['machine']['cpu']} ({report['machine']['cores']} cores); best epoch "
+            f"{report['best_epoch']}; {report['parameters']:,} parameters\n")
     (out / "report.txt").write_text(text)
     log(text)
     return report
+
+
+def train(manifest: Path, out: Path, options: Union[TrainOptions, str, None] = None, *, command: str = "",
+          log: Log = _stderr, **changes) -> Dict:
+    """Train on the manifest's training patients and write model, history, plot and report to ``out``.
+
+    ``options``: a :class:`TrainOptions`, or just a preset name; keyword ``changes`` replace its fields, so
+    ``train(manifest, out, "tiny", epochs=30)`` is ``train(manifest, out, TrainOptions("tiny", epochs=30))``."""
+    import keras
+
+    if not isinstance(options, TrainOptions):
+        options = TrainOptions(preset=options or TrainOptions.preset)
+    options = replace(options, **changes)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    preset, seed = resolve_preset(out, options)
+    keras.utils.set_random_seed(seed)
+    splits = load_splits(manifest, preset, options.cache_dir, log)
+    write_config(out, preset, seed, manifest, splits, options, command)
+    fitted = fit(out, preset, seed, splits, options, log)
+    return write_report(out, preset, seed, splits, fitted, log)

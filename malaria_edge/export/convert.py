@@ -1,4 +1,5 @@
-"""Keras -> float32 TFLite (the "full model") and full-integer int8 TFLite, calibrated on training patients only.
+"""Keras -> float32 TFLite (the "full model") and full-integer int8 TFLite, calibrated on cells the
+caller draws (training patients for edge-quantize, the clinic's fine-tuning cells for edge-adapt).
 
 Both files are built for a phone's standard client as much as for our runtime: the Keras model is first wrapped so it
 returns class scores ``[parasitized, uninfected]`` (a one-logit model gets ``[sigmoid(z), 1 - sigmoid(z)]``; a 2-way
@@ -11,45 +12,13 @@ The path that works with Keras 3 on TF 2.21: ``model.export(dir)`` writes a Save
 """
 from __future__ import annotations
 
-import random
 import tempfile
-from collections import defaultdict
 from pathlib import Path
-from typing import List
 
 import numpy as np
 
-from malaria_edge.train.dataset import Cell
-
 # What the TFLite files return, whatever the Keras model's own head: probabilities in label order.
 OUTPUT_HEAD = "softmax2"
-
-
-def calibration_cells(cells: List[Cell], count: int = 400, seed: int = 0) -> List[Cell]:
-    """Draw ``count`` training cells balanced by class and spread over patients (round-robin over patients
-    within each class), so no single patient's staining dominates the activation ranges."""
-    train = [c for c in cells if c.split == "train"]
-    if not train:
-        raise ValueError("the manifest has no training cells to calibrate on")
-    rng = random.Random(seed)
-    chosen: List[Cell] = []
-    labels = sorted({c.label for c in train})
-    for label in labels:
-        by_patient = defaultdict(list)
-        for c in train:
-            if c.label == label:
-                by_patient[c.patient].append(c)
-        queues = [rng.sample(v, len(v)) for _, v in sorted(by_patient.items())]
-        rng.shuffle(queues)
-        want = count // len(labels)
-        picked: List[Cell] = []
-        while len(picked) < want and any(queues):
-            for q in queues:
-                if q and len(picked) < want:
-                    picked.append(q.pop())
-        chosen.extend(picked)
-    rng.shuffle(chosen)
-    return chosen
 
 
 def with_class_scores(model):
@@ -94,7 +63,7 @@ def _export(model, folder: Path) -> Path:
 
 def convert(model, calibration: np.ndarray, fp32_path: Path, int8_path: Path) -> None:
     """Write the float32 and the full-integer int8 TFLite files of a Keras model, both returning class scores
-    ``[parasitized, uninfected]``, without metadata (see :mod:`malaria_edge.quantize.metadata`).
+    ``[parasitized, uninfected]``, without metadata (see :mod:`malaria_edge.export.metadata`).
 
     ``calibration``: uint8 cells [N, size, size, 3], resized exactly as the runtime does.
     """
