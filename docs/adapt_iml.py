@@ -157,7 +157,7 @@ def sweep(cells_root, model, replay, work, split, names, rule_names, seed):
     the val (or test) fields' cells under every threshold rule of RULES (or those of --rule, with 95% intervals
     over fields), the rule applied to the cells edge-adapt chose its threshold on; one JSON line per recipe, scores
     kept in WORK/NAME_seedS/scores.npz."""
-    from malaria_edge.train.adapt import Recipe, adapt, choose_threshold
+    from malaria_edge.train.adapt import Recipe, adapt, choose_decision_threshold
     for name in names or RECIPES:
         out = work / f"{name}_seed{seed}"
         saved = out / "scores.npz"
@@ -173,7 +173,7 @@ def sweep(cells_root, model, replay, work, split, names, rule_names, seed):
         y, prob, fields = score_cells(cells_root / f"{split}_cells", next(out.glob("*_int8.tflite")))
         rules = {}
         for rule in rule_names or RULES:
-            t = choose_threshold(chosen["y_choose"], chosen["p_choose"], RULES[rule])
+            t = choose_decision_threshold(chosen["y_choose"], chosen["p_choose"], RULES[rule])
             m = binary_metrics(y, prob, t)
             rules[rule] = {"threshold": t, "sensitivity": round(m["sensitivity"], 4),
                            "specificity": round(m["specificity"], 4)}

@@ -269,9 +269,9 @@ def fit_unfamiliar(trained: TrainedModel, cells: List[Cell], pixels: Dict, cache
         val.append(unfamiliar.colour_features(vx))
         val_feats.append(feature_model.predict(vx.astype(np.float32), batch_size=256, verbose=0))
     components = unfamiliar.fit_components(fit)
-    threshold = unfamiliar.choose_threshold(unfamiliar.scores(np.concatenate(val), components))
+    threshold = unfamiliar.choose_unfamiliar_threshold(unfamiliar.scores(np.concatenate(val), components))
     feature_components = unfamiliar.fit_components(fit_feats)
-    feature_threshold = unfamiliar.choose_threshold(unfamiliar.scores(np.concatenate(val_feats),
+    feature_threshold = unfamiliar.choose_unfamiliar_threshold(unfamiliar.scores(np.concatenate(val_feats),
                                                                       feature_components))
     flagged = {}
     for (split, source), x in sorted(pixels.items()):

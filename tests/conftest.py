@@ -85,7 +85,7 @@ def tiny_run(sample_manifest, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_run, sample_manifest, tmp_path_factory) -> Path:
     """fp32 + int8 TFLite files and card of the tiny model; returns the int8 path."""
-    from malaria_edge.quantize.cli import quantize
+    from malaria_edge.quantize.job import quantize
     out = tmp_path_factory.mktemp("bundle")
     quantize(tiny_run / "model.keras", sample_manifest, out, name="tiny", calibration_size=40, log=lambda m: None)
     return out / "tiny_int8.tflite"

@@ -42,7 +42,7 @@ def test_adapted_bundle_is_complete_and_classifies(adapted, samples, tmp_path):
 def test_adapted_files_carry_the_phone_metadata(adapted):
     """A clinic's adapted int8 file goes to its phones too: labels and the input description, as edge-quantize
     writes them."""
-    from malaria_edge.quantize.metadata import read_metadata
+    from malaria_edge.export.metadata import read_metadata
     info = read_metadata(adapted[0].int8_path)
     assert list(info["packed_labels"].values())[0] == ["parasitized", "uninfected"]
     assert info["subgraph_metadata"][0]["input_tensor_metadata"][0]["content"]["content_properties"][

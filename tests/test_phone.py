@@ -70,7 +70,7 @@ def shared_sample(shared_data):
 
 
 def test_the_int8_file_carries_labels_and_input_metadata(tiny_bundle):
-    from malaria_edge.quantize.metadata import read_metadata
+    from malaria_edge.export.metadata import read_metadata
     info = read_metadata(tiny_bundle)
     assert info["packed_labels"] and list(info["packed_labels"].values())[0] == ["parasitized", "uninfected"]
     graph = info["subgraph_metadata"][0]
@@ -81,7 +81,7 @@ def test_the_int8_file_carries_labels_and_input_metadata(tiny_bundle):
 
 
 def test_the_fp32_file_says_how_to_normalise_its_float_input(tiny_bundle):
-    from malaria_edge.quantize.metadata import read_metadata
+    from malaria_edge.export.metadata import read_metadata
     fp32 = tiny_bundle.parent / "tiny_fp32.tflite"
     cell = read_metadata(fp32)["subgraph_metadata"][0]["input_tensor_metadata"][0]
     norm = cell["process_units"][0]["options"]

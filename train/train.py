@@ -192,10 +192,20 @@ def load_splits(manifest: Path, preset: Preset, cache_dir: Optional[Path], log: 
     return Splits(cells, by_split, arrays, data_info)
 
 
+def project_relative(path: Path) -> str:
+    """A path as the config records it: relative to the folder the command ran in when it lies under it, so a
+    committed config names no folder of the machine that trained it."""
+    resolved = Path(path).resolve()
+    try:
+        return str(resolved.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def write_config(out: Path, preset: Preset, seed: int, manifest: Path, splits: Splits, options: TrainOptions,
                  command: str) -> None:
     """config.json: what --resume and edge-quantize read back, with the commands that built the run."""
-    config = {"preset": preset.to_dict(), "seed": seed, "manifest": str(Path(manifest).resolve()),
+    config = {"preset": preset.to_dict(), "seed": seed, "manifest": project_relative(manifest),
               "manifest_sha256": splits.data_info["manifest_sha256"], "strategy": options.strategy or "none",
               "commands": [splits.data_info.get("command", ""), command]}
     if options.resume:
