@@ -9,6 +9,7 @@ A field device (a Raspberry Pi in a clinic) has no internet. This command, run o
                        wheels/ only (pip --no-index), classifies the bundled samples as a self-check
       README.txt       the three commands, and what the bundle was made for
       bundle.json      the same, for a program: target, versions, each wheel's SHA-256, the model's SHA-256
+      malaria-edge-watch.service   an example systemd unit (watch an inbox folder, from boot)
       SHA256SUMS       of every other file; install.sh checks it before anything else
     OUT.tar.gz         the same folder, one file to copy
 
@@ -392,6 +393,9 @@ def build_bundle(out: Path, target: Target = Target(), wheel: Optional[Path] = N
                                                            name=out.name, spec=install_spec, n=len(wheels),
                                                            wheels="\n".join(f"  {w}" for w in wheels)),
                                          encoding="utf-8")
+        unit = _service_unit(own_path)
+        if unit is not None:
+            (work / SERVICE_UNIT).write_bytes(unit)
         files = sorted(p.relative_to(work).as_posix() for p in work.rglob("*") if p.is_file())
         (work / "SHA256SUMS").write_text("".join(f"{_sha256(work / f)}  {f}\n" for f in files), encoding="utf-8")
         for path in work.rglob("*"):
@@ -415,6 +419,19 @@ def build_bundle(out: Path, target: Target = Target(), wheel: Optional[Path] = N
     return BundleResult(out, archive, target, own, wheels, size, archive.stat().st_size, time.monotonic() - started)
 
 
+SERVICE_UNIT = "malaria-edge-watch.service"
+
+
+def _service_unit(wheel: Path) -> Optional[bytes]:
+    """The example systemd unit: from our wheel when it ships it, else from the running package (a checkout)."""
+    with zipfile.ZipFile(wheel) as z:
+        name = f"malaria_edge/edge_runtime/service/{SERVICE_UNIT}"
+        if name in z.namelist():
+            return z.read(name)
+    local = Path(__file__).resolve().parent / "service" / SERVICE_UNIT
+    return local.read_bytes() if local.is_file() else None
+
+
 def _write_archive(folder: Path, archive: Path, top: str) -> None:
     """``folder`` as ``top/...`` in a gzip tar: sorted, owner-neutral (root:root), so it unpacks for any user."""
     def neutral(info: tarfile.TarInfo) -> tarfile.TarInfo:
@@ -433,6 +450,7 @@ INSTALL_SH = r"""#!/bin/sh
 #   PYTHON=python3.11 ./install.sh    another Python than python3
 # Made for linux @MACHINE@, CPython @PYTHON@, glibc >= @GLIBC@ (64-bit Raspberry Pi OS bookworm: aarch64, 3.11, 2.36).
 set -eu
+# python -I everywhere: neither the current folder nor PYTHON* variables may put other code in front of the venv's.
 HERE=$(cd "$(dirname "$0")" && pwd)
 DIR=${1:-"$HERE/venv"}
 PYTHON=${PYTHON:-python3}
@@ -441,11 +459,11 @@ say() { printf 'install.sh: %s\n' "$*" >&2; }
 die() { say "$*"; exit 1; }
 
 say "checking the bundle's files against SHA256SUMS"
-(cd "$HERE" && sha256sum --quiet --strict -c SHA256SUMS) \
+(cd "$HERE" && sha256sum --quiet --strict -c SHA256SUMS >&2) \
     || die "a file of the bundle is damaged or missing (named above); copy the bundle again"
 
 command -v "$PYTHON" >/dev/null 2>&1 || die "no $PYTHON here; this bundle needs CPython @PYTHON@"
-found=$("$PYTHON" -c 'import platform, struct, sys; print("%d.%d %s %d" % (sys.version_info[0], sys.version_info[1], platform.machine(), struct.calcsize("P") * 8))')
+found=$("$PYTHON" -I -c 'import platform, struct, sys; print("%d.%d %s %d" % (sys.version_info[0], sys.version_info[1], platform.machine(), struct.calcsize("P") * 8))')
 py=${found%% *}; rest=${found#* }; machine=${rest%% *}; bits=${rest#* }
 [ "$bits" = 64 ] || die "$PYTHON is a $bits-bit Python ($machine): this bundle is for 64-bit @MACHINE@ (on a Pi: 64-bit Raspberry Pi OS)"
 [ "$machine" = @MACHINE@ ] || die "this machine is $machine; the bundle is for @MACHINE@ (make one with edge-bundle --platform $machine)"
@@ -453,21 +471,21 @@ py=${found%% *}; rest=${found#* }; machine=${rest%% *}; bits=${rest#* }
 
 if [ ! -x "$DIR/bin/python" ]; then
     say "creating a venv in $DIR"
-    "$PYTHON" -m venv "$DIR" || die "cannot create a venv (Debian: the python3-venv package; Raspberry Pi OS has it)"
+    "$PYTHON" -I -m venv "$DIR" || die "cannot create a venv (Debian: the python3-venv package; Raspberry Pi OS has it)"
 fi
 say "installing $SPEC from $HERE/wheels (no network)"
-"$DIR/bin/python" -m pip install --isolated --disable-pip-version-check --no-index --find-links "$HERE/wheels" "$SPEC" \
+"$DIR/bin/python" -I -m pip install --isolated --disable-pip-version-check --no-index --find-links "$HERE/wheels" "$SPEC" \
     || die "pip could not install from the bundle (see above)"
 
 say "self-check: classifying the sample cells and one sample field that ship with the package"
-PKG=$("$DIR/bin/python" -c 'import os, malaria_edge.edge_runtime as e; print(os.path.dirname(e.__file__))')
+PKG=$("$DIR/bin/python" -I -c 'import os, malaria_edge.edge_runtime as e; print(os.path.dirname(e.__file__))')
 CHECK=$(mktemp -d)
 trap 'rm -rf "$CHECK"' EXIT
 "$DIR/bin/edge-classify" "$PKG/samples" --threads 1 -o "$CHECK/cells.csv" \
     || die "the self-check on the sample cells failed (see above)"
 "$DIR/bin/edge-classify" "$PKG/sample_fields/nih_field_sparse.jpg" --threads 1 -o "$CHECK/field.csv" \
     || die "the self-check on a sample field failed (see above)"
-"$DIR/bin/python" - "$CHECK/cells.csv" "$CHECK/field.csv" <<'PY'
+"$DIR/bin/python" -I - "$CHECK/cells.csv" "$CHECK/field.csv" <<'PY'
 import csv, sys
 from malaria_edge.edge_runtime.version import __version__
 cells = [r for r in csv.DictReader(open(sys.argv[1], newline="")) if not r["error"]]
@@ -493,6 +511,8 @@ install.sh checks SHA256SUMS, creates the venv, runs
 and classifies the bundled sample cells and one sample field as a self-check.
 The default model (int8 TFLite + card) and the sample images are inside the malaria_edge wheel.
 bundle.json says what this was made for and each wheel's SHA-256.
+malaria-edge-watch.service: an example systemd unit that classifies what lands in an inbox folder
+(docs/field_device.md in the source, "Run it on a Raspberry Pi").
 
 {n} wheels:
 {wheels}
