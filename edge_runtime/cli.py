@@ -23,7 +23,7 @@ def _open_unit_interval(ctx, param, value):
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @common_options
-@click.argument("paths", nargs=-1, required=True)
+@click.argument("paths", nargs=-1)
 @click.option("--model", "model_path", type=click.Path(path_type=Path),
               help="A .tflite with its card (default: the bundled int8 model).")
 @click.option("--compare", metavar="[FILE]", is_flag=False, flag_value="", default=None,
@@ -57,12 +57,17 @@ def _open_unit_interval(ctx, param, value):
               help="Write each field with every cell outlined by its call, and a caption, here.")
 @click.option("--save-crops", "crops_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Write each field's cells as <field>_cell<index>.png here, to sort into Parasitized/Uninfected.")
+@click.option("--watch", "watch_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Instead of PATHS: classify each image as it arrives in this folder (slide subfolders), once it "
+                   "is complete, until Ctrl-C/SIGTERM. Needs --output, which it continues like --resume; "
+                   "--summary-json and --groups-output are rewritten after each image.")
 def main(paths, model_path, compare, threads, backend, batch_size, threshold, min_confidence, labels_csv, output,
          fmt, resume, overwrite, summary_json, group_by, groups_output, input_kind, overlays_dir, crops_dir,
-         verbosity):
+         watch_dir, verbosity):
     """Classify cell images as parasitized or uninfected, offline, with a TFLite model.
 
-    PATHS are image files, folders (searched recursively) or globs; any format and mode Pillow reads.
+    PATHS are image files, folders (searched recursively) or globs; any format and mode Pillow reads. With
+    --watch DIR, no PATHS: the images are those that arrive in DIR.
 
     \b
     Examples:
@@ -71,13 +76,14 @@ def main(paths, model_path, compare, threads, backend, batch_size, threshold, mi
       edge-classify 'slides/**/*.jpg' --group-by folder --groups-output slides.csv
       edge-classify cells/ --model my_int8.tflite --format jsonl --summary-json summary.json
       edge-classify fields/ --input-kind field --overlays overlays/ --save-crops crops/ -o cells.csv
+      edge-classify --watch inbox/ -o cells.csv --group-by folder --summary-json slides.json
     """
     options = ClassifyOptions(
         paths=tuple(paths), model=model_path, compare=compare, threads=threads, backend=backend,
         batch_size=batch_size, threshold=threshold, min_confidence=min_confidence, labels=labels_csv, output=output,
         format=fmt, resume=resume, overwrite=overwrite, summary_json=summary_json, group_by=group_by,
         groups_output=groups_output, input_kind=input_kind, overlays_dir=overlays_dir, crops_dir=crops_dir,
-        verbosity=verbosity)
+        verbosity=verbosity, watch=watch_dir)
     problem = options.usage_problem()
     if problem:
         raise click.UsageError(problem)

@@ -60,13 +60,34 @@ class ClassifyOptions:
     overlays_dir: Optional[Path] = None
     crops_dir: Optional[Path] = None
     verbosity: int = NORMAL
+    watch: Optional[Path] = None     # classify what arrives in this folder until SIGINT/SIGTERM (watch_run.py)
+
+    def __post_init__(self):
+        if self.watch is not None and not self.resume:
+            object.__setattr__(self, "resume", True)   # a watch always continues its --output: a restart resumes
 
     def usage_problem(self) -> Optional[str]:
         """Why these options cannot go together, or None."""
+        if self.watch is not None or not self.paths:
+            return self.watch_problem()
         if self.resume and not self.output:
             return "--resume needs --output FILE"
         if self.resume and not is_regular_target(self.output):
             return f"--resume needs a regular --output file; {self.output} is a folder, device or pipe"
+        if self.groups_output and not self.group_by:
+            return "--groups-output needs --group-by"
+        return None
+
+    def watch_problem(self) -> Optional[str]:
+        """What --watch needs: no PATHS, a regular --output it continues, and never --overwrite."""
+        if self.watch is None:
+            return "give PATHS to classify, or --watch DIR"
+        if self.paths:
+            return "--watch DIR takes no PATHS: it classifies what arrives in DIR"
+        if not self.output or not is_regular_target(self.output):
+            return "--watch needs --output FILE (a regular file: rows are appended, and a restart continues it)"
+        if self.overwrite:
+            return "--watch always continues its --output; to start afresh, move the old file away"
         if self.groups_output and not self.group_by:
             return "--groups-output needs --group-by"
         return None
@@ -109,6 +130,9 @@ def run(options: ClassifyOptions, console: Console) -> int:
         settings = run_settings_of(options, models)
         labels = check_run_outputs(options, models, found)
         with output_lock(options):
+            if options.watch is not None:
+                from .watch_run import watch_and_report   # here: watch_run imports this module's steps
+                return watch_and_report(options, console, models, labels, settings)
             return classify_and_report(options, console, models, found, labels, settings)
     except MalariaEdgeError as exc:
         console.error(str(exc))
@@ -166,7 +190,7 @@ def check_run_outputs(options: ClassifyOptions, models: Models, found: Inputs) -
     check_outputs(targets, found.images + used, options.resume, options.overwrite,
                   recorded_side_files(options.output), found.real)
     labels = Labels.read(options.labels) if options.labels else None
-    if not found.images:
+    if not found.images and options.watch is None:
         raise MalariaEdgeError("no images to classify", exit_code=EXIT_FAILED)
     return labels
 
@@ -199,6 +223,14 @@ def classify_and_report(options: ClassifyOptions, console: Console, models: Mode
 def resume_point(options: ClassifyOptions, settings: Dict, found: Inputs) -> Tuple[List[Dict], List[str]]:
     """Step 4: with --resume, the rows already written (same settings only) and the images still to do; the
     settings are recorded beside --output. A field cut short at the end of the file is classified again."""
+    previous, done = resume_rows(options, settings)
+    todo = [p for p in found.images if found.real(p) not in done] if done else list(found.images)
+    return previous, todo
+
+
+def resume_rows(options: ClassifyOptions, settings: Dict) -> Tuple[List[Dict], Set[str]]:
+    """Step 4 without the inputs (``--watch`` meets them one by one): the rows already written and the resolved
+    paths of the images they cover; the settings are recorded beside --output."""
     previous: List[Dict] = []
     done: Set[str] = set()
     if options.resume:
@@ -209,8 +241,7 @@ def resume_point(options: ClassifyOptions, settings: Dict, found: Inputs) -> Tup
     if dropped is not None:
         previous = [r for r in previous if r.get("path") != dropped]
         done.discard(os.path.realpath(dropped))
-    todo = [p for p in found.images if found.real(p) not in done] if done else list(found.images)
-    return previous, todo
+    return previous, done
 
 
 def drop_last_field(path: Path, fmt: str) -> Optional[str]:
@@ -260,11 +291,8 @@ def classify(options: ClassifyOptions, console: Console, models: Models, todo: L
              labels: Optional[Labels], progress: Progress) -> None:
     """Step 5: classify every image still to do, writing each row as soon as its batch has run; SIGTERM stops
     the run like Ctrl-C, with the rows written so far made durable."""
-    columns = CELL_COLUMNS + (REFERENCE_COLUMNS if models.reference else [])
-    writer = RowWriter(options.output, options.format, columns, append=bool(options.resume))
-    if models.reference:
-        share_preprocessing(models.classifier, models.reference)
-    job = _Job(options, console, models, labels, writer, progress)
+    job = open_job(options, console, models, labels, progress)
+    writer = job.writer
     show_bar = sys.stderr.isatty() and len(todo) > 1 and not console.quiet
     previous_handler = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
@@ -276,6 +304,16 @@ def classify(options: ClassifyOptions, console: Console, models: Models, todo: L
     finally:
         writer.close()
         signal.signal(signal.SIGTERM, previous_handler)
+
+
+def open_job(options: ClassifyOptions, console: Console, models: Models, labels: Optional[Labels],
+             progress: Progress) -> "_Job":
+    """The classify step's row writer (appending on --resume) and loop; the caller closes ``job.writer``."""
+    columns = CELL_COLUMNS + (REFERENCE_COLUMNS if models.reference else [])
+    writer = RowWriter(options.output, options.format, columns, append=bool(options.resume))
+    if models.reference:
+        share_preprocessing(models.classifier, models.reference)
+    return _Job(options, console, models, labels, writer, progress)
 
 
 class _Job:
@@ -395,10 +433,7 @@ def write_results(options: ClassifyOptions, console: Console, summary: Dict, fou
     """Step 7: the human summary (hidden by -q), --summary-json, --groups-output, and what failed. Returns the
     exit status: 1 when an image or an argument could not be used."""
     console.info(format_summary(summary))
-    if options.summary_json:
-        atomic_write_text(options.summary_json, json.dumps(summary, indent=2))
-    if options.groups_output and summary.get("groups") is not None:
-        write_rows(options.groups_output, options.format, GROUP_COLUMNS, group_table_rows(summary["groups"]))
+    write_side_files(options, summary)
     if progress.failed:
         console.warn(f"{len(progress.failed)} of {len(found.images)} images failed (named above); the other results "
                      "are written")
@@ -406,3 +441,11 @@ def write_results(options: ClassifyOptions, console: Console, summary: Dict, fou
         console.warn(f"{len(found.problems)} input path(s) could not be used (named above); the images found are "
                      "classified")
     return EXIT_FAILED if progress.failed or found.problems else 0
+
+
+def write_side_files(options: ClassifyOptions, summary: Dict) -> None:
+    """--summary-json and --groups-output, each replaced atomically (``--watch`` rewrites them after each image)."""
+    if options.summary_json:
+        atomic_write_text(options.summary_json, json.dumps(summary, indent=2))
+    if options.groups_output and summary.get("groups") is not None:
+        write_rows(options.groups_output, options.format, GROUP_COLUMNS, group_table_rows(summary["groups"]))
