@@ -179,3 +179,21 @@ def test_watch_refuses_to_continue_an_output_made_with_other_settings(tmp_path):
     cli("edge-classify", inbox, "--output", out, check=True)
     done = cli("edge-classify", "--watch", inbox, "--output", out, "--threshold", "0.3")
     assert done.returncode == 2 and "other settings" in done.stderr, done.stderr
+
+
+def test_the_example_service_command_runs_and_stops_with_exit_0(tmp_path):
+    """The unit's ExecStart, with /srv/malaria-edge moved under tmp_path: every flag exists, the watch starts,
+    classifies what arrives, and systemd's stop (SIGTERM) ends it with exit 0 and the per-slide files written."""
+    unit = (REPO / "edge_runtime" / "service" / "malaria-edge-watch.service").read_text()
+    command = next(line for line in unit.splitlines() if line.startswith("ExecStart=")).split("=", 1)[1].split()
+    assert command[0] == "/srv/malaria-edge/venv/bin/edge-classify"
+    args = [a.replace("/srv/malaria-edge", str(tmp_path)) for a in command[1:]]
+    (tmp_path / "inbox").mkdir()
+    (tmp_path / "results").mkdir()
+    watch = Watch(args, tmp_path / "service.log")
+    (tmp_path / "inbox" / "slide1").mkdir()
+    shutil.copyfile(SOURCES[0], tmp_path / "inbox" / "slide1" / SOURCES[0].name)
+    watch.wait_for(lambda: _rows(tmp_path / "results" / "slides.csv"), "the slide's row was never written")
+    assert watch.stop() == 0, watch.log.read_text()
+    assert _rows(tmp_path / "results" / "slides.csv")[0]["group"] == str(tmp_path / "inbox" / "slide1")
+    assert json.loads((tmp_path / "results" / "slides.json").read_text())["images"] == 1
