@@ -92,7 +92,7 @@ def _plain_row(row: Mapping) -> Dict:
 
 def write_review(directory, slide_name: str, cell_records: Iterable[Mapping], crops: CropSource, rule: SlideRule,
                  source: Optional[str] = None, negatives: int = NEGATIVE_SAMPLE, rbc_per_ul: Optional[float] = None,
-                 unfamiliar: Optional[Tuple[float, float]] = None) -> Path:
+                 unfamiliar_limits: Optional[Tuple[float, float]] = None) -> Path:
     """Write one slide's review folder (see the module docstring) and return it. ``crops``: {cell_key: crop} (see
     :func:`field_crops`) or a function of the row. Refuses a slide folder that already exists: a review in
     progress is never overwritten."""
@@ -120,7 +120,8 @@ def write_review(directory, slide_name: str, cell_records: Iterable[Mapping], cr
             w.writerow([rank, name, where, r.get("path", ""), r.get("cell", ""),
                         f"{float(r['prob_parasitized']):.6f}", *box])
     meta = {"slide": slide_name, "source": source, "rule": rule.as_dict(), "rbc_per_ul": rbc_per_ul,
-            "unfamiliar": list(unfamiliar) if unfamiliar else None, "rows": [_plain_row(r) for r in rows]}
+            "unfamiliar_limits": list(unfamiliar_limits) if unfamiliar_limits else None,
+            "rows": [_plain_row(r) for r in rows]}
     (folder / SLIDE_NAME).write_text(json.dumps(meta), encoding="utf-8")
     return folder
 
@@ -154,8 +155,9 @@ def read_slide_folder(folder) -> SlideResult:
     rule = SlideRule.from_dict(meta["rule"])
     confirmed, unknown = confirmed_cells(folder)
     kwargs = {"rbc_per_ul": meta["rbc_per_ul"]} if meta.get("rbc_per_ul") else {}
+    limits = meta.get("unfamiliar_limits")
     result = assess_slide(meta["rows"], rule, name=meta["slide"], source=meta.get("source"), reviewed=confirmed,
-                          unfamiliar=tuple(meta["unfamiliar"]) if meta.get("unfamiliar") else None, **kwargs)
+                          unfamiliar_limits=tuple(limits) if limits else None, **kwargs)
     if unknown:
         result.warnings.append(f"{len(unknown)} file(s) in {PARASITIZED_DIR}/ not in {INDEX_NAME} (not counted): "
                                + ", ".join(unknown[:5]))
