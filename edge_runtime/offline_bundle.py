@@ -332,6 +332,69 @@ def _is_our_bundle(folder: Path) -> bool:
         return False
 
 
+def gather_wheels(wheels_dir: Path, wheel: Optional[Path], target: Target, extras: Sequence[str], index_url: str,
+                  cert: Optional[str], log: Log) -> Tuple[OwnWheel, List[str]]:
+    """Our wheel (built from the checkout, or the ``wheel`` given) and every wheel it needs on ``target``, in
+    ``wheels_dir``; refuses an incomplete set. Returns (our wheel's OwnWheel, the wheel file names)."""
+    wheels_dir.mkdir()
+    if wheel is None:
+        root = source_root()
+        if root is None:
+            raise BundleError("this malaria-edge is installed from a wheel, not a source checkout, so edge-bundle "
+                              "cannot build our wheel: pass --wheel FILE (the malaria_edge-*.whl you installed "
+                              "from, or `pip wheel --no-deps -w dist .` in a checkout)", exit_code=EXIT_USAGE)
+        own_path = build_own_wheel(root, wheels_dir, log)
+    else:
+        own_path = wheels_dir / Path(wheel).name
+        shutil.copy2(wheel, own_path)
+    own = inspect_own_wheel(own_path)
+    log(f"our wheel {own_path.name}: model bundle inside ({', '.join(Path(m).name for m in own.models)}), "
+        f"{own.samples} sample images")
+    spec = f"{own_path}[{','.join(extras)}]" if extras else str(own_path)
+    download_wheels([spec], target, wheels_dir, index_url, cert, log)
+    missing = check_closure(wheels_dir, DISTRIBUTION, extras, target)
+    if missing:
+        raise BundleError(f"the wheels for {target.label} are incomplete (pip on the device would fail): "
+                          + "; ".join(missing))
+    return own, sorted(p.name for p in wheels_dir.glob("*.whl"))
+
+
+def write_bundle_files(work: Path, bundle_name: str, own: OwnWheel, target: Target, extras: Sequence[str], index_url: str,
+                       wheels: List[str]) -> None:
+    """Beside the wheels in ``work``: the bundle marker, install.sh, README.txt, the service unit and SHA256SUMS,
+    with the permissions a device install expects."""
+    wheels_dir = work / "wheels"
+    install_spec = f"{DISTRIBUTION}[{','.join(extras)}]=={own.version}" if extras else \
+        f"{DISTRIBUTION}=={own.version}"
+    meta = {"tool": "edge-bundle", "bundle_version": 1, "malaria_edge": own.version,
+            "made_with": __version__, "made_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "target": {"machine": target.machine, "python": target.python, "glibc": target.glibc,
+                       "platform_tags": target.platform_tags()},
+            "install": install_spec, "index_url": index_url, "extras": list(extras),
+            "model": {"files": [Path(m).name for m in own.models], "default_int8_sha256": own.model_sha256},
+            "wheels": {name: _sha256(wheels_dir / name) for name in wheels}}
+    (work / BUNDLE_MARKER).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    install = work / "install.sh"
+    install.write_text(INSTALL_SH.replace("@SPEC@", install_spec).replace("@PYTHON@", target.python)
+                       .replace("@MACHINE@", target.machine).replace("@GLIBC@", target.glibc)
+                       .replace("@VERSION@", own.version), encoding="utf-8")
+    install.chmod(0o755)
+    (work / "README.txt").write_text(README_TXT.format(version=own.version, label=target.label,
+                                                       name=bundle_name, spec=install_spec, n=len(wheels),
+                                                       wheels="\n".join(f"  {w}" for w in wheels)),
+                                     encoding="utf-8")
+    unit = _service_unit(own.path)
+    if unit is not None:
+        (work / SERVICE_UNIT).write_bytes(unit)
+    files = sorted(p.relative_to(work).as_posix() for p in work.rglob("*") if p.is_file())
+    (work / "SHA256SUMS").write_text("".join(f"{_sha256(work / f)}  {f}\n" for f in files), encoding="utf-8")
+    for path in work.rglob("*"):
+        if path.is_file() and path != install:
+            path.chmod(0o644)
+    work.chmod(0o755)
+    wheels_dir.chmod(0o755)
+
+
 def build_bundle(out: Path, target: Target = Target(), wheel: Optional[Path] = None, index_url: str = PYPI,
                  cert: Optional[str] = None, extras: Sequence[str] = DEFAULT_EXTRAS, overwrite: bool = False,
                  log: Log = lambda m: None) -> BundleResult:
@@ -352,57 +415,8 @@ def build_bundle(out: Path, target: Target = Target(), wheel: Optional[Path] = N
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        wheels_dir = work / "wheels"
-        wheels_dir.mkdir()
-        if wheel is None:
-            root = source_root()
-            if root is None:
-                raise BundleError("this malaria-edge is installed from a wheel, not a source checkout, so edge-bundle "
-                                  "cannot build our wheel: pass --wheel FILE (the malaria_edge-*.whl you installed "
-                                  "from, or `pip wheel --no-deps -w dist .` in a checkout)", exit_code=EXIT_USAGE)
-            own_path = build_own_wheel(root, wheels_dir, log)
-        else:
-            own_path = wheels_dir / Path(wheel).name
-            shutil.copy2(wheel, own_path)
-        own = inspect_own_wheel(own_path)
-        log(f"our wheel {own_path.name}: model bundle inside ({', '.join(Path(m).name for m in own.models)}), "
-            f"{own.samples} sample images")
-        spec = f"{own_path}[{','.join(extras)}]" if extras else str(own_path)
-        download_wheels([spec], target, wheels_dir, index_url, cert, log)
-        missing = check_closure(wheels_dir, DISTRIBUTION, extras, target)
-        if missing:
-            raise BundleError(f"the wheels for {target.label} are incomplete (pip on the device would fail): "
-                              + "; ".join(missing))
-        wheels = sorted(p.name for p in wheels_dir.glob("*.whl"))
-        install_spec = f"{DISTRIBUTION}[{','.join(extras)}]=={own.version}" if extras else \
-            f"{DISTRIBUTION}=={own.version}"
-        meta = {"tool": "edge-bundle", "bundle_version": 1, "malaria_edge": own.version,
-                "made_with": __version__, "made_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "target": {"machine": target.machine, "python": target.python, "glibc": target.glibc,
-                           "platform_tags": target.platform_tags()},
-                "install": install_spec, "index_url": index_url, "extras": list(extras),
-                "model": {"files": [Path(m).name for m in own.models], "default_int8_sha256": own.model_sha256},
-                "wheels": {name: _sha256(wheels_dir / name) for name in wheels}}
-        (work / BUNDLE_MARKER).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        install = work / "install.sh"
-        install.write_text(INSTALL_SH.replace("@SPEC@", install_spec).replace("@PYTHON@", target.python)
-                           .replace("@MACHINE@", target.machine).replace("@GLIBC@", target.glibc)
-                           .replace("@VERSION@", own.version), encoding="utf-8")
-        install.chmod(0o755)
-        (work / "README.txt").write_text(README_TXT.format(version=own.version, label=target.label,
-                                                           name=out.name, spec=install_spec, n=len(wheels),
-                                                           wheels="\n".join(f"  {w}" for w in wheels)),
-                                         encoding="utf-8")
-        unit = _service_unit(own_path)
-        if unit is not None:
-            (work / SERVICE_UNIT).write_bytes(unit)
-        files = sorted(p.relative_to(work).as_posix() for p in work.rglob("*") if p.is_file())
-        (work / "SHA256SUMS").write_text("".join(f"{_sha256(work / f)}  {f}\n" for f in files), encoding="utf-8")
-        for path in work.rglob("*"):
-            if path.is_file() and path != install:
-                path.chmod(0o644)
-        work.chmod(0o755)
-        wheels_dir.chmod(0o755)
+        own, wheels = gather_wheels(work / "wheels", wheel, target, extras, index_url, cert, log)
+        write_bundle_files(work, out.name, own, target, extras, index_url, wheels)
 
         log(f"writing {archive.name}")
         tmp_archive = work.with_name(work.name + ".tar.gz")
