@@ -45,7 +45,8 @@ def _open_unit_interval(ctx, param, value):
 @click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv", show_default=True)
 @click.option("--resume", is_flag=True, help="Skip images already in --output and append the rest (same settings "
               "only).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --output, --summary-json or --groups-output.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --output, --summary-json, --groups-output or --report (never a --review slide "
+                   "folder).")
 @click.option("--summary-json", type=click.Path(path_type=Path), help="Write the summary as JSON.")
 @click.option("--group-by", type=click.Choice(["folder", "patient"]),
               help="Per-slide (folder) or per-patient (NIH file-name id) summary: a group of field cells is read as a "
@@ -56,7 +57,8 @@ def _open_unit_interval(ctx, param, value):
                    "found and classified one by one; auto: decide per image from its size and what segmentation "
                    "finds.")
 @click.option("--overlays", "overlays_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Write each field with every cell outlined by its call, and a caption, here.")
+              help="Write each field with every cell outlined (candidates thick and numbered: by slide rank when "
+                   "grouped, like the review files and report) and a caption, here.")
 @click.option("--save-crops", "crops_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Write each field's cells as <field>_cell<index>.png here, to sort into Parasitized/Uninfected.")
 @click.option("--slide", metavar="NAME", help="All inputs are the fields (or cells) of one slide named NAME, read with "
