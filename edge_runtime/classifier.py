@@ -14,6 +14,7 @@ from .images import ImageError, ImageInput, load_image, plain_webp_pixels, prepa
 from .labels import PARASITIZED, REVIEW, UNINFECTED, label_from_folder, patient_id
 from .outputs import parasitized_probability
 from .patients import summarize_groups
+from .slide import SlideRule
 from .unfamiliar import cell_scores
 
 # More interpreter threads than any phone, Pi or laptop has cores only slows inference down, and the interpreter's
@@ -95,6 +96,11 @@ class Classifier:
         """The card's patient-level rule, or None when the card has none (then no group gets a call)."""
         rule = self.bundle.card.patient_rule
         return rule.as_dict() if rule else None
+
+    @property
+    def slide_rule(self) -> Optional[SlideRule]:
+        """The card's slide rule (how a slide of cells gets its call, :mod:`slide`), or None when it has none."""
+        return self.bundle.card.slide_rule
 
     def decide(self, prob: float) -> str:
         """parasitized / uninfected, or review when the confidence is below ``min_confidence``."""

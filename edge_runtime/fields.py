@@ -17,10 +17,7 @@ from .classifier import Prediction
 from .images import ImageError, open_image, open_image_size
 from .labels import PARASITIZED, REVIEW, UNINFECTED
 from .metrics import wilson_interval
-from .segment import CellRegion, cut_cell, draw_outlines, segment_field
-
-# Overlay colours (RGB): parasitized red, uninfected green, review amber.
-CALL_COLOURS = {PARASITIZED: (230, 30, 30), UNINFECTED: (40, 200, 60), REVIEW: (255, 170, 0)}
+from .segment import CellRegion, cut_cell, segment_field
 
 
 @dataclass
@@ -120,36 +117,24 @@ class FieldResult:
                                      1000.0 * seconds / self.n_cells) for p in probs]
         return [cell.to_row(self.source, per_cell_ms, true_label, ref) for cell, ref in zip(self.cells, references)]
 
-    def plot(self, image: Optional[np.ndarray] = None) -> np.ndarray:
-        """The overlay as an RGB array: every cell outlined in the colour of its call, and a caption band."""
-        import cv2
-        base = self.image if image is None else image
-        if base is None:
-            raise ValueError("this result keeps no image; pass the field to plot(image)")
-        colours = [CALL_COLOURS.get(c.prediction, (255, 255, 255)) for c in self.cells]
-        thickness = max(2, int(round(max(self.width, self.height) / 640)))
-        drawn = draw_outlines(base, [c.region for c in self.cells], colours, thickness)
-        scale = max(0.6, self.width / 1600.0)
-        band = int(36 * scale)
-        out = np.zeros((drawn.shape[0] + band, drawn.shape[1], 3), np.uint8)
-        out[band:] = drawn
-        cv2.putText(out, self.caption(), (int(8 * scale), int(band * 0.7)), cv2.FONT_HERSHEY_SIMPLEX, 0.7 * scale,
-                    (255, 255, 255), max(1, int(round(1.5 * scale))), cv2.LINE_AA)
-        x = out.shape[1]
-        for call in (REVIEW, UNINFECTED, PARASITIZED):
-            label = call
-            (tw, _), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, 0.6 * scale, 1)
-            x -= tw + int(14 * scale)
-            cv2.putText(out, label, (x, int(band * 0.7)), cv2.FONT_HERSHEY_SIMPLEX, 0.6 * scale,
-                        CALL_COLOURS[call], max(1, int(round(1.5 * scale))), cv2.LINE_AA)
-        return out
+    def own_ranks(self) -> Dict[int, int]:
+        """{cell index: rank} of this field's cells called parasitized, most probable first: the numbers of an
+        overlay drawn without a slide (a slide numbers its candidates across all its fields)."""
+        called = sorted((c for c in self.cells if c.prediction == PARASITIZED), key=lambda c: -c.prob_parasitized)
+        return {c.index: rank for rank, c in enumerate(called, 1)}
 
-    def save_plot(self, path, image: Optional[np.ndarray] = None) -> Path:
-        """Write the overlay as an image file (PNG or JPEG by suffix)."""
+    def plot(self, image: Optional[np.ndarray] = None, ranks: Optional[Dict[int, int]] = None) -> np.ndarray:
+        """The overlay as an RGB array (:func:`overlay.draw_overlay`, colour-blind safe): candidates outlined thick
+        and numbered by ``ranks`` ({cell index: rank}; default :meth:`own_ranks`), the other cells thin."""
+        from .overlay import draw_overlay
+        return draw_overlay(self, self.own_ranks() if ranks is None else ranks, image)
+
+    def save_plot(self, path, image: Optional[np.ndarray] = None, ranks: Optional[Dict[int, int]] = None) -> Path:
+        """Write the overlay (:meth:`plot`) as an image file (PNG or JPEG by suffix)."""
         from PIL import Image
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(self.plot(image)).save(path)
+        Image.fromarray(self.plot(image, ranks)).save(path)
         return path
 
     def crop_name(self, cell: FieldCell) -> str:

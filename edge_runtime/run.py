@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -22,15 +23,17 @@ import click
 import numpy as np
 
 from .bundle import ModelBundle, ModelError
-from .classifier import Classifier, Prediction
+from .classifier import Classifier, Prediction, group_key
 from .console import NORMAL, Console
 from .errors import EXIT_FAILED, EXIT_USAGE, MalariaEdgeError
 from .fields import FieldResult, field_or_cell
 from .images import ImageError
+from .run_slides import check_slide_outputs, read_slides, write_slide_outputs
 from .results_io import (CELL_COLUMNS, GROUP_COLUMNS, REFERENCE_COLUMNS, Inputs, Labels, OutputLock, RowWriter,
                          atomic_write_text, check_outputs, expand_inputs, is_regular_target, prepare_resume,
                          recorded_side_files, run_settings, side_file, write_rows)
 from .segment import SegmentationUnavailable
+from .slide import DEFAULT_RBC_PER_UL
 from .summary import build_summary, format_summary, group_table_rows
 
 EXIT_INTERRUPTED = 130
@@ -59,6 +62,10 @@ class ClassifyOptions:
     input_kind: str = "auto"
     overlays_dir: Optional[Path] = None
     crops_dir: Optional[Path] = None
+    slide: Optional[str] = None
+    rbc_per_ul: float = DEFAULT_RBC_PER_UL
+    review_dir: Optional[Path] = None
+    report: Optional[Path] = None
     verbosity: int = NORMAL
 
     def usage_problem(self) -> Optional[str]:
@@ -67,14 +74,30 @@ class ClassifyOptions:
             return "--resume needs --output FILE"
         if self.resume and not is_regular_target(self.output):
             return f"--resume needs a regular --output file; {self.output} is a folder, device or pipe"
-        if self.groups_output and not self.group_by:
-            return "--groups-output needs --group-by"
-        return None
+        if self.groups_output and not self.grouping:
+            return "--groups-output needs --group-by or --slide"
+        return slide_usage_problem(self)
+
+    @property
+    def grouping(self):
+        """How rows are grouped: --group-by's name, or with --slide NAME a function naming every input NAME."""
+        return (lambda path: self.slide) if self.slide else self.group_by
 
     @property
     def regular_output(self) -> bool:
         """True when --output is a file of ours (locked, fsynced, resumable), not stdout, a device or a pipe."""
         return self.output is not None and is_regular_target(self.output)
+
+
+def slide_usage_problem(options: ClassifyOptions) -> Optional[str]:
+    """Why the slide options (--slide, --review, --report) cannot go with the others, or None."""
+    if options.slide is not None and options.group_by:
+        return "--slide NAME makes all inputs one slide; --group-by makes several: give one of them"
+    if (options.review_dir or options.report) and not options.grouping:
+        return "--review and --report read slides: give --slide NAME or --group-by folder|patient"
+    if (options.review_dir or options.report) and options.resume:
+        return "--review and --report need every field's cells from this run; run without --resume"
+    return None
 
 
 @dataclass
@@ -95,6 +118,8 @@ class Progress:
     kinds: Dict[str, int] = field(default_factory=lambda: {"cell": 0, "field": 0})
     fields: List[Dict] = field(default_factory=list)
     written: int = 0
+    field_results: List[FieldResult] = field(default_factory=list)   # without their images (run_slides)
+    slides: Dict = field(default_factory=dict)
 
 
 def run(options: ClassifyOptions, console: Console) -> int:
@@ -166,6 +191,8 @@ def check_run_outputs(options: ClassifyOptions, models: Models, found: Inputs) -
     check_outputs(targets, found.images + used, options.resume, options.overwrite,
                   recorded_side_files(options.output), found.real)
     labels = Labels.read(options.labels) if options.labels else None
+    check_slide_outputs(options.review_dir, options.report, options.overwrite, models.classifier,
+                        {str(group_key(options.grouping)(p)) for p in found.images} if options.grouping else ())
     if not found.images:
         raise MalariaEdgeError("no images to classify", exit_code=EXIT_FAILED)
     return labels
@@ -193,7 +220,11 @@ def classify_and_report(options: ClassifyOptions, console: Console, models: Mode
                         else ""))
         return EXIT_INTERRUPTED
     summary = summarise(options, models, found, todo, progress)
-    return write_results(options, console, summary, found, progress)
+    status = write_results(options, console, summary, found, progress)
+    for path in write_slide_outputs(progress.slides, progress.field_results, models.classifier, options.review_dir,
+                                    options.report, options.overlays_dir if options.grouping else None):
+        console.detail(f"wrote {path}")
+    return status
 
 
 def resume_point(options: ClassifyOptions, settings: Dict, found: Inputs) -> Tuple[List[Dict], List[str]]:
@@ -350,7 +381,8 @@ class _Job:
         self.progress.kinds["field"] += 1
         self.write_rows(result.to_rows(self.true_label(path), self.models.reference))
         self.progress.fields.append(result.summary())
-        if self.options.overlays_dir:
+        self.progress.field_results.append(dataclasses.replace(result, image=None))
+        if self.options.overlays_dir and not self.options.grouping:
             result.save_plot(self.options.overlays_dir / f"{Path(path).stem}_overlay.png")
         if self.options.crops_dir:
             result.save_crops(self.options.crops_dir)
@@ -380,8 +412,10 @@ def share_preprocessing(classifier: Classifier, reference: Classifier) -> None:
 
 def summarise(options: ClassifyOptions, models: Models, found: Inputs, todo: List[str], progress: Progress) -> Dict:
     """Step 6: the run's summary (see :mod:`summary`) with what the inputs and their kinds were."""
+    progress.slides = read_slides(models.classifier, progress.rows, progress.failed, options.grouping,
+                                  every_group=options.slide is not None, rbc_per_ul=options.rbc_per_ul)
     summary = build_summary(models.classifier, models.reference, progress.rows, found.images, todo,
-                            progress.failed, options.group_by)
+                            progress.failed, options.grouping, {k: s.result for k, s in progress.slides.items()})
     summary["duplicates_dropped"] = found.duplicates
     summary["input_problems"] = found.problems
     summary["input_kind"] = options.input_kind
