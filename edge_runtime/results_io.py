@@ -398,10 +398,11 @@ def settings_differences(recorded: Dict, current: Dict) -> List[str]:
     return out
 
 
-def _complete_csv_records(text: str) -> Tuple[List[List[str]], int]:
-    """Parse CSV text; return the complete records and the character offset where they end. The last record is
-    complete only when it ends with a newline outside quotes (a power cut can tear a row anywhere, even inside a
-    quoted path that holds a newline)."""
+def _csv_records(text: str) -> Tuple[List[List[str]], List[int], int]:
+    """Parse CSV text record by record (a quoted path may hold newlines: a record is not a line); return the
+    complete records, the character offset where each one starts, and where the last complete one ends. The last
+    record is complete only when it ends with a newline outside quotes (a power cut can tear a row anywhere, even
+    inside a quoted path that holds a newline)."""
     lines = re.findall(r"[^\n]*\n|[^\n]+\Z", text)
     consumed = [0]
 
@@ -411,7 +412,9 @@ def _complete_csv_records(text: str) -> Tuple[List[List[str]], int]:
             yield line
 
     reader = csv.reader(feed(), strict=True)
-    records, end = [], 0
+    records: List[List[str]] = []
+    starts: List[int] = []
+    end = 0
     while True:
         try:
             record = next(reader)
@@ -422,7 +425,14 @@ def _complete_csv_records(text: str) -> Tuple[List[List[str]], int]:
         if text[consumed[0] - 1:consumed[0]] != "\n":
             break
         records.append(record)
+        starts.append(end)
         end = consumed[0]
+    return records, starts, end
+
+
+def _complete_csv_records(text: str) -> Tuple[List[List[str]], int]:
+    """:func:`_csv_records` without the start offsets."""
+    records, _, end = _csv_records(text)
     return records, end
 
 
@@ -504,6 +514,59 @@ def prepare_resume(output: Path, fmt: str, settings: Dict) -> Tuple[List[Dict], 
     rows = [r for r in rows if not r.get("error")]     # images that failed are tried again
     done = {os.path.realpath(os.path.join(base, r["path"])) for r in rows}
     return rows, done
+
+
+def drop_last_field(path: Path, fmt: str) -> Optional[str]:
+    """Resume on fields: a field is done only when all its rows are written, and only the last image of the file
+    can be cut short, so when that image is a field (its rows have a cell index) its rows are removed and the
+    field is classified again. Returns the path of the field dropped, if any.
+
+    Only the tail is cut, in place: ``os.truncate`` at the first byte of that field's rows, then fsync. The file is
+    never rewritten, so a kill or a power cut at any moment leaves every earlier row where it was. CSV records are
+    parsed with the csv module (a path may hold a newline), JSONL by line."""
+    if not path.exists() or path.stat().st_size == 0:
+        return None
+    text = path.read_bytes().decode("utf-8", "surrogateescape")
+    rows, starts = _rows_with_starts(text, fmt)
+    if not rows or rows[-1].get("cell") in (None, ""):
+        return None
+    last = rows[-1].get("path")
+    keep = len(rows)
+    while keep > 0 and rows[keep - 1].get("path") == last:
+        keep -= 1
+    offset = len(text.encode("utf-8", "surrogateescape")) - len(text[starts[keep]:].encode("utf-8",
+                                                                                            "surrogateescape"))
+    os.truncate(path, offset)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return last
+
+
+def _rows_with_starts(text: str, fmt: str) -> Tuple[List[Dict], List[int]]:
+    """The complete rows of an output (CSV by its header, or JSONL) and the character offset where each starts;
+    a line that does not parse ends the rows."""
+    if fmt == "csv":
+        records, starts, _ = _csv_records(text)
+        if not records:
+            return [], []
+        return [dict(zip(records[0], r)) for r in records[1:]], starts[1:]
+    rows: List[Dict] = []
+    starts: List[int] = []
+    offset = 0
+    for line in re.findall(r"[^\n]*\n", text):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            break
+        if not isinstance(row, dict):
+            break
+        rows.append(row)
+        starts.append(offset)
+        offset += len(line)
+    return rows, starts
 
 
 def recorded_side_files(output: Optional[Path]) -> List[str]:

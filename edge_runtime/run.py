@@ -9,7 +9,6 @@ run's exit status; :func:`run` ties them together. The click layer (``cli.py``) 
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import os
 import signal
@@ -28,8 +27,8 @@ from .errors import EXIT_FAILED, EXIT_USAGE, MalariaEdgeError
 from .fields import FieldResult, field_or_cell
 from .images import ImageError
 from .results_io import (CELL_COLUMNS, GROUP_COLUMNS, REFERENCE_COLUMNS, Inputs, Labels, OutputLock, RowWriter,
-                         atomic_write_text, check_outputs, expand_inputs, is_regular_target, prepare_resume,
-                         recorded_side_files, run_settings, side_file, write_rows)
+                         atomic_write_text, check_outputs, drop_last_field, expand_inputs, is_regular_target,
+                         prepare_resume, recorded_side_files, run_settings, side_file, write_rows)
 from .segment import SegmentationUnavailable
 from .summary import build_summary, format_summary, group_table_rows
 
@@ -211,41 +210,6 @@ def resume_point(options: ClassifyOptions, settings: Dict, found: Inputs) -> Tup
         done.discard(os.path.realpath(dropped))
     todo = [p for p in found.images if found.real(p) not in done] if done else list(found.images)
     return previous, todo
-
-
-def drop_last_field(path: Path, fmt: str) -> Optional[str]:
-    """Resume on fields: a field is done only when all its rows are written, and only the last image of the file
-    can be cut short, so when that image is a field (its rows have a cell index) its rows are removed and the
-    field is classified again. Returns the path of the field dropped, if any."""
-    if not path.exists() or path.stat().st_size == 0:
-        return None
-    lines = path.read_bytes().splitlines(keepends=True)
-    body_start = 1 if fmt == "csv" else 0
-    if len(lines) <= body_start:
-        return None
-    header = lines[0].decode("utf-8", errors="surrogateescape") if fmt == "csv" else None
-    last = _parse_row(lines[-1], fmt, header)
-    if not last or last.get("cell") in (None, ""):
-        return None
-    keep = len(lines)
-    while keep > body_start:
-        row = _parse_row(lines[keep - 1], fmt, header)
-        if not row or row.get("path") != last.get("path"):
-            break
-        keep -= 1
-    path.write_bytes(b"".join(lines[:keep]))
-    return last.get("path")
-
-
-def _parse_row(line: bytes, fmt: str, header: Optional[str]) -> Optional[Dict]:
-    """One written row back as a dict (CSV by its header line, or JSONL); None when it does not parse."""
-    text = line.decode("utf-8", errors="surrogateescape")
-    try:
-        if fmt == "csv":
-            return dict(zip(next(csv.reader([header])), next(csv.reader([text]))))
-        return json.loads(text)
-    except (ValueError, StopIteration):
-        return None
 
 
 class _Interrupted(KeyboardInterrupt):
