@@ -30,7 +30,7 @@ from .results_io import (CELL_COLUMNS, GROUP_COLUMNS, REFERENCE_COLUMNS, Inputs,
                          atomic_write_text, check_outputs, drop_last_field, expand_inputs, is_regular_target,
                          prepare_resume, recorded_side_files, run_settings, side_file, write_rows)
 from .segment import SegmentationUnavailable
-from .summary import build_summary, format_summary, group_table_rows
+from .summary import build_summary, format_summary, group_table_rows, resumed_coverage
 
 EXIT_INTERRUPTED = 130
 
@@ -88,8 +88,10 @@ class Models:
 
 @dataclass
 class Progress:
-    """What the classify step has done so far: rows (with those resumed), failures, kinds, fields."""
+    """What the classify step has done so far: rows (the first ``resumed`` of them found in the output by
+    --resume), failures, kinds, fields."""
     rows: List[Dict]
+    resumed: int = 0
     failed: List[str] = field(default_factory=list)
     kinds: Dict[str, int] = field(default_factory=lambda: {"cell": 0, "field": 0})
     fields: List[Dict] = field(default_factory=list)
@@ -182,7 +184,7 @@ def classify_and_report(options: ClassifyOptions, console: Console, models: Mode
     if len(todo) < len(found.images):
         console.detail(f"{len(found.images) - len(todo)} images already in {options.output}; "
                        f"{len(todo)} to classify")
-    progress = Progress(rows=list(previous))
+    progress = Progress(rows=list(previous), resumed=len(previous))
     try:
         classify(options, console, models, todo, labels, progress)
     except KeyboardInterrupt:
@@ -343,14 +345,16 @@ def share_preprocessing(classifier: Classifier, reference: Classifier) -> None:
 
 
 def summarise(options: ClassifyOptions, models: Models, found: Inputs, todo: List[str], progress: Progress) -> Dict:
-    """Step 6: the run's summary (see :mod:`summary`) with what the inputs and their kinds were."""
+    """Step 6: the run's summary (see :mod:`summary`) with what the inputs and their kinds were, over the whole
+    output: the rows a --resume found written count with this run's."""
+    kinds, fields = resumed_coverage(progress.rows[:progress.resumed])
     summary = build_summary(models.classifier, models.reference, progress.rows, found.images, todo,
                             progress.failed, options.group_by)
     summary["duplicates_dropped"] = found.duplicates
     summary["input_problems"] = found.problems
     summary["input_kind"] = options.input_kind
-    summary["input_kinds"] = progress.kinds
-    summary["fields"] = progress.fields
+    summary["input_kinds"] = {kind: kinds[kind] + progress.kinds[kind] for kind in kinds}
+    summary["fields"] = fields + progress.fields
     return summary
 
 
