@@ -7,6 +7,7 @@ same to the model on the laptop and on the Pi. Decoding is defensive: a field to
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Optional, Union
@@ -425,6 +426,17 @@ def prepare_single_cell(image: Union[np.ndarray, Image.Image], size: int, stain:
     if stain:
         cut = normalize_stain(cut, stain["mean"], stain["std"])
     return cut
+
+
+# Characters no Windows file name may hold (and path separators): replaced in names this tool makes up.
+_UNSAFE_NAME = re.compile(r'[<>:"/\\|?*\x00-\x1f\x7f]')
+
+
+def safe_file_name(text: str) -> str:
+    """``text`` usable as one file name on Linux, macOS and Windows (a phone's or a Pi's card is often FAT): path
+    separators, ``<>:"|?*`` and control characters become ``_``; a trailing dot or space (Windows drops them) too."""
+    name = _UNSAFE_NAME.sub("_", text)
+    return re.sub(r"[. ]+$", lambda m: "_" * len(m.group()), name) or "_"
 
 
 def is_image_path(path: Union[str, os.PathLike]) -> bool:

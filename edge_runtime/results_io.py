@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from .errors import EXIT_FAILED, EXIT_USAGE, MalariaEdgeError
-from .images import is_image_path
+from .images import is_image_path, safe_file_name
 from .labels import CLASSES
 
 CELL_COLUMNS = ["path", "cell", "x", "y", "w", "h", "prediction", "prob_parasitized", "latency_ms", "true_label",
@@ -71,6 +71,31 @@ class Inputs:
     problems: List[str] = field(default_factory=list)
     duplicates: int = 0
     resolved: Dict[str, str] = field(default_factory=dict, repr=False)
+    folders: List[str] = field(default_factory=list)
+
+    def output_names(self) -> Dict[str, str]:
+        """Each image's name for the files made from it (overlay, crops): its path relative to the folder that
+        holds every input, one name per path (``s1/field1.jpg`` -> ``s1__field1.jpg``), safe on Windows
+        (:func:`safe_file_name`). Two fields called ``field1`` in two slides, or ``field1.jpg`` and
+        ``field1.png``, never share a name; a name that still repeats (``a__b.jpg`` beside ``a/b.jpg``) gets
+        ``~2``. Made from every input found, so a --resume gives each image the name the first run gave it."""
+        absolute = [os.path.abspath(p) for p in self.images]
+        try:
+            root = os.path.commonpath([os.path.dirname(p) for p in absolute]) if absolute else ""
+        except ValueError:  # Windows: inputs on two drives
+            root = ""
+        names: Dict[str, str] = {}
+        taken: Set[str] = set()
+        for path, full in zip(self.images, absolute):
+            rel = os.path.relpath(full, root) if root else full.lstrip("/\\")
+            name = safe_file_name(rel.replace(os.sep, "__").replace("/", "__"))
+            unique, n = name, 1
+            while unique in taken:
+                n += 1
+                unique = f"{name}~{n}"
+            taken.add(unique)
+            names[path] = unique
+        return names
 
     def real(self, path: str) -> str:
         """The resolved path of ``path``, from the de-duplication's own realpath call when it made one (resolving
@@ -125,11 +150,17 @@ def _glob_regex(pattern: str) -> "re.Pattern":
     return re.compile("".join(out) + r"\Z", re.DOTALL)
 
 
+def _glob_root(pattern: str) -> Tuple[str, int]:
+    """The folder a glob starts from (its parts before the first wildcard) and how many parts that is."""
+    parts = pattern.split("/")
+    fixed = next(i for i, p in enumerate(parts) if glob.has_magic(p))
+    return "/".join(parts[:fixed]) or ("/" if pattern.startswith("/") else "."), fixed
+
+
 def _recursive_glob(pattern: str, problems: List[str]) -> List[str]:
     """``**`` globs by walking the tree once (loops never followed) instead of glob's unbounded recursion."""
     parts = pattern.split("/")
-    fixed = next(i for i, p in enumerate(parts) if glob.has_magic(p))
-    root = "/".join(parts[:fixed]) or ("/" if pattern.startswith("/") else ".")
+    root, fixed = _glob_root(pattern)
     regex = _glob_regex("/".join(parts[fixed:]))
     matches = []
     for folder, files in _walk(root, problems):
@@ -163,12 +194,15 @@ def expand_inputs(paths: Sequence[str]) -> Inputs:
             matches = [item]
         elif glob.has_magic(item):
             matches = _recursive_glob(item, result.problems) if "**" in item else sorted(glob.glob(item))
+            if "**" in item:
+                result.folders.append(os.path.realpath(_glob_root(item)[0]))
         else:
             matches = []
         if not matches:
             result.problems.append(f"{item}: no such file, folder or glob match")
         for match in matches:
             if os.path.isdir(match):
+                result.folders.append(os.path.realpath(match))
                 found = [os.path.join(folder, name) for folder, files in _walk(match, result.problems)
                          for name in files if is_image_path(name)]
                 if not found:
@@ -291,6 +325,38 @@ def check_outputs(targets: Dict[str, Optional[Path]], inputs: Iterable[str], res
         raise OutputError(f"{option} {path} exists; pass --overwrite to replace it"
                           + (" or --resume to continue it" if option == "--output" else "")
                           + ", or choose a new file")
+
+
+def check_side_folders(folders: Dict[str, Optional[Path]], input_folders: Iterable[str]) -> None:
+    """Refuse an ``--overlays`` or ``--save-crops`` folder inside (or equal to) a folder the inputs are read from:
+    the next run, or a --resume, would read its pictures back as cells and fields (581 cells became 1,621)."""
+    for option, folder in folders.items():
+        if folder is None:
+            continue
+        real = _real(folder)
+        for source in input_folders:
+            if real == source or real.startswith(source.rstrip(os.sep) + os.sep):
+                raise OutputError(f"{option} {folder} is inside the input folder {source}: the next run would read "
+                                  "its pictures back as inputs; choose a folder outside it")
+
+
+def check_side_files(option: str, folder: Optional[Path], names: Iterable[str], pattern: str) -> None:
+    """Refuse, before any work, to replace a file already in an ``--overlays`` or ``--save-crops`` folder that
+    this run would write. ``pattern``: a regex that one image's file names match, its group ``name`` the image's
+    name (:meth:`Inputs.output_names`). The caller skips this with --overwrite, or with --resume (the files are
+    then this output's own, and the field cut short is redrawn)."""
+    if folder is None or not folder.is_dir():
+        return
+    regex = re.compile(pattern)
+    present: Dict[str, str] = {}
+    for entry in os.listdir(folder):
+        match = regex.fullmatch(entry)
+        if match:
+            present.setdefault(match.group("name"), entry)
+    clash = next((present[n] for n in names if n in present), None)
+    if clash:
+        raise OutputError(f"{option} {folder} already holds {clash}; pass --overwrite to replace its files, or "
+                          "choose an empty folder")
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -27,8 +27,9 @@ from .errors import EXIT_FAILED, EXIT_USAGE, MalariaEdgeError
 from .fields import FieldResult, field_or_cell
 from .images import ImageError
 from .results_io import (CELL_COLUMNS, GROUP_COLUMNS, REFERENCE_COLUMNS, Inputs, Labels, OutputLock, RowWriter,
-                         atomic_write_text, check_outputs, drop_last_field, expand_inputs, is_regular_target,
-                         prepare_resume, recorded_side_files, run_settings, side_file, write_rows)
+                         atomic_write_text, check_outputs, check_side_files, check_side_folders, drop_last_field,
+                         expand_inputs, is_regular_target, prepare_resume, recorded_side_files, run_settings,
+                         side_file, write_rows)
 from .segment import SegmentationUnavailable
 from .summary import build_summary, format_summary, group_table_rows, resumed_coverage
 
@@ -166,10 +167,29 @@ def check_run_outputs(options: ClassifyOptions, models: Models, found: Inputs) -
     used = models.paths() + ([str(options.labels)] if options.labels else [])
     check_outputs(targets, found.images + used, options.resume, options.overwrite,
                   recorded_side_files(options.output), found.real)
+    check_picture_folders(options, found)
     labels = Labels.read(options.labels) if options.labels else None
     if not found.images:
         raise MalariaEdgeError("no images to classify", exit_code=EXIT_FAILED)
     return labels
+
+
+OVERLAY_NAME = "{name}_overlay.png"
+OVERLAY_PATTERN = r"(?P<name>.+)_overlay\.png"
+CROP_PATTERN = r"(?P<name>.+)_cell\d+\.png"
+
+
+def check_picture_folders(options: ClassifyOptions, found: Inputs) -> None:
+    """--overlays and --save-crops: never inside an input folder (their pictures would be read back as inputs),
+    and never replacing a file already there without --overwrite (refused up front, before any row, so a run
+    never stops half-way with its rows written and its pictures not; --resume replaces this output's own)."""
+    folders = {"--overlays": options.overlays_dir, "--save-crops": options.crops_dir}
+    check_side_folders(folders, found.folders)
+    if options.overwrite or options.resume:
+        return
+    names = found.output_names().values()
+    check_side_files("--overlays", options.overlays_dir, names, OVERLAY_PATTERN)
+    check_side_files("--save-crops", options.crops_dir, names, CROP_PATTERN)
 
 
 def output_lock(options: ClassifyOptions):
@@ -186,7 +206,7 @@ def classify_and_report(options: ClassifyOptions, console: Console, models: Mode
                        f"{len(todo)} to classify")
     progress = Progress(rows=list(previous), resumed=len(previous))
     try:
-        classify(options, console, models, todo, labels, progress)
+        classify(options, console, models, todo, labels, progress, found.output_names())
     except KeyboardInterrupt:
         where = f" to {options.output}" if options.output else ""
         console.warn(f"interrupted; {progress.written} new rows are written{where}"
@@ -223,14 +243,16 @@ def _on_sigterm(signum, frame):
 
 
 def classify(options: ClassifyOptions, console: Console, models: Models, todo: List[str],
-             labels: Optional[Labels], progress: Progress) -> None:
+             labels: Optional[Labels], progress: Progress, names: Optional[Dict[str, str]] = None) -> None:
     """Step 5: classify every image still to do, writing each row as soon as its batch has run; SIGTERM stops
-    the run like Ctrl-C, with the rows written so far made durable."""
+    the run like Ctrl-C, with the rows written so far made durable. ``names``: each image's name for its overlay
+    and crops (:meth:`Inputs.output_names`)."""
     columns = CELL_COLUMNS + (REFERENCE_COLUMNS if models.reference else [])
     writer = RowWriter(options.output, options.format, columns, append=bool(options.resume))
     if models.reference:
         share_preprocessing(models.classifier, models.reference)
     job = _Job(options, console, models, labels, writer, progress)
+    job.names = names or {}
     show_bar = sys.stderr.isatty() and len(todo) > 1 and not console.quiet
     previous_handler = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
@@ -251,6 +273,7 @@ class _Job:
                  writer: RowWriter, progress: Progress):
         self.options, self.console, self.models = options, console, models
         self.labels, self.writer, self.progress = labels, writer, progress
+        self.names: Dict[str, str] = {}
 
     def true_label(self, source: str) -> Optional[str]:
         return self.labels.get(source) if self.labels else None
@@ -316,10 +339,11 @@ class _Job:
         self.progress.kinds["field"] += 1
         self.write_rows(result.to_rows(self.true_label(path), self.models.reference))
         self.progress.fields.append(result.summary())
+        name = self.names.get(path)
         if self.options.overlays_dir:
-            result.save_plot(self.options.overlays_dir / f"{Path(path).stem}_overlay.png")
+            result.save_plot(self.options.overlays_dir / OVERLAY_NAME.format(name=name or result.file_stem()))
         if self.options.crops_dir:
-            result.save_crops(self.options.crops_dir)
+            result.save_crops(self.options.crops_dir, stem=name)
 
 
 def share_preprocessing(classifier: Classifier, reference: Classifier) -> None:
