@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from .errors import EXIT_FAILED, EXIT_USAGE, MalariaEdgeError
-from .images import is_image_path, safe_file_name
+from .images import is_image_path, plugin_hint, safe_file_name
 from .labels import CLASSES
 
 CELL_COLUMNS = ["path", "cell", "x", "y", "w", "h", "prediction", "prob_parasitized", "latency_ms", "true_label",
@@ -173,6 +173,20 @@ def _recursive_glob(pattern: str, problems: List[str]) -> List[str]:
     return sorted(matches)
 
 
+def _folder_images(folder: str, problems: List[str]) -> List[str]:
+    """The images under ``folder``; a phone format Pillow cannot read here (HEIC without pillow-heif) is named in
+    ``problems`` with what to install, never skipped silently."""
+    found = []
+    for parent, files in _walk(folder, problems):
+        for name in files:
+            path = os.path.join(parent, name)
+            if is_image_path(name):
+                found.append(path)
+            elif plugin_hint(name) and not name.startswith("."):
+                problems.append(f"skipped {path}: {plugin_hint(name)}")
+    return found
+
+
 def expand_inputs(paths: Sequence[str]) -> Inputs:
     """Files, folders (recursive, sorted) and globs -> :class:`Inputs`. The same image reached twice (a folder and
     a glob, a relative and an absolute path, a symlink) is classified once: it would otherwise count twice in a
@@ -203,8 +217,7 @@ def expand_inputs(paths: Sequence[str]) -> Inputs:
         for match in matches:
             if os.path.isdir(match):
                 result.folders.append(os.path.realpath(match))
-                found = [os.path.join(folder, name) for folder, files in _walk(match, result.problems)
-                         for name in files if is_image_path(name)]
+                found = _folder_images(match, result.problems)
                 if not found:
                     result.problems.append(f"{match}: folder holds no images (png, jpg, webp, tif, bmp, gif)")
                 for path in found:

@@ -24,7 +24,7 @@ from .bundle import ModelBundle, ModelError
 from .classifier import Classifier, Prediction
 from .console import NORMAL, Console
 from .errors import EXIT_FAILED, EXIT_USAGE, MalariaEdgeError
-from .fields import FieldResult, field_or_cell
+from .fields import CELL_MAX_SIDE, FIELD_MIN_SIDE, FieldResult, field_or_cell, image_size
 from .images import ImageError
 from .results_io import (CELL_COLUMNS, GROUP_COLUMNS, REFERENCE_COLUMNS, Inputs, Labels, OutputLock, RowWriter,
                          atomic_write_text, check_outputs, check_side_files, check_side_folders, drop_last_field,
@@ -293,10 +293,25 @@ class _Job:
 
     def write_cell(self, result: Prediction, reference: Optional[Prediction]) -> None:
         if result.error:
-            self.write_error(result.source, result.error)
+            self.write_error(result.source, self.cell_error(result.source, result.error))
             return
         self.progress.kinds["cell"] += 1
         self.write_rows([result.to_row(self.true_label(result.source), reference)])
+
+    def cell_error(self, source: str, reason: str) -> str:
+        """Why a single-cell image failed; when --input-kind auto read it as a cell only for its size and it is
+        big enough to be a field, say so and how to read it as a field (a small field is otherwise told "no cell
+        found ... not a blood smear" with no hint why it was taken for a cell)."""
+        if self.options.input_kind != "auto":
+            return reason
+        try:
+            width, height = image_size(source)
+        except ImageError:
+            return reason
+        if max(width, height) > CELL_MAX_SIDE or min(width, height) < FIELD_MIN_SIDE:
+            return reason
+        return (f"{reason}; read as a single cell because it is {width}x{height} px (a field is over "
+                f"{CELL_MAX_SIDE} px a side): if it is a microscope field, pass --input-kind field")
 
     def classify_cells(self, paths: List[str], bar=None) -> None:
         """Single-cell images in batches of --batch-size, with the full model beside the model on --compare."""
