@@ -129,7 +129,8 @@ def open_image(path: Union[str, os.PathLike], draft_to: Optional[int] = None) ->
                 if width * height > limit:
                     raise ImageError(
                         f"{img.mode} image is {width}x{height} px, too large to convert within "
-                        f"{IMAGE_MEMORY_BOUND // 2**20} MB (limit {limit:,} px for this bit depth); crop it first")
+                        f"{IMAGE_MEMORY_BOUND // 2**20} MB (limit {limit:,} px for this bit depth); downscale it "
+                        "or split it")
                 if draft_to and img.format == "JPEG":
                     img.draft("RGB", (draft_to, draft_to))
                 img.load()
