@@ -185,7 +185,7 @@ def check_picture_folders(options: ClassifyOptions, found: Inputs) -> None:
     never stops half-way with its rows written and its pictures not; --resume replaces this output's own)."""
     folders = {"--overlays": options.overlays_dir, "--save-crops": options.crops_dir}
     check_side_folders(folders, found.folders)
-    if options.overwrite or options.resume:
+    if options.overwrite or options.resume or not (options.overlays_dir or options.crops_dir):
         return
     names = found.output_names().values()
     check_side_files("--overlays", options.overlays_dir, names, OVERLAY_PATTERN)
@@ -206,7 +206,8 @@ def classify_and_report(options: ClassifyOptions, console: Console, models: Mode
                        f"{len(todo)} to classify")
     progress = Progress(rows=list(previous), resumed=len(previous))
     try:
-        classify(options, console, models, todo, labels, progress, found.output_names())
+        names = found.output_names() if options.overlays_dir or options.crops_dir else None
+        classify(options, console, models, todo, labels, progress, names)
     except KeyboardInterrupt:
         where = f" to {options.output}" if options.output else ""
         console.warn(f"interrupted; {progress.written} new rows are written{where}"
