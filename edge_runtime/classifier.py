@@ -1,6 +1,7 @@
 """The Python API of the device side: ``Classifier.load().predict(images)``."""
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -83,6 +84,7 @@ class Classifier:
         if min_confidence is not None and not 0.5 <= min_confidence <= 1.0:
             raise ValueError("min_confidence must be between 0.5 and 1.0")
         self.min_confidence = min_confidence
+        self._array_fields = itertools.count(1)  # a field given as pixels is named field-1, field-2, ...
 
     @classmethod
     def load(cls, model: Union[str, os.PathLike, None] = None, threads: Optional[int] = None,
@@ -132,11 +134,13 @@ class Classifier:
     def classify_field(self, image: ImageInput, source: Optional[str] = None) -> "FieldResult":
         """Find every red cell of a microscope field (path, PIL image or HxWx3 array), classify each, and return
         a :class:`~malaria_edge.edge_runtime.fields.FieldResult` (cells with boxes and calls, counts,
-        parasitemia with its interval, ``plot()``, ``save_crops(dir)``)."""
+        parasitemia with its interval, ``plot()``, ``save_crops(dir)``). ``source`` names it in rows and file
+        names: a path by default, ``field-1``, ``field-2``... for pixels. A float array must hold values in
+        [0, 1] (``images.array_to_image``; 0-255 floats are refused, not read as white)."""
         from .fields import classify_field_pixels
         rgb = np.asarray(load_image(image), dtype=np.uint8)
         if source is None:
-            source = str(image) if isinstance(image, (str, os.PathLike)) else "<field>"
+            source = str(image) if isinstance(image, (str, os.PathLike)) else f"field-{next(self._array_fields)}"
         return classify_field_pixels(self, rgb, source)
 
     def unfamiliar_scores(self, pixels: np.ndarray) -> Optional[np.ndarray]:

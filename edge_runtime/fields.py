@@ -14,10 +14,16 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from .classifier import Prediction
-from .images import ImageError, open_image, open_image_size
+from .images import ImageError, open_image, open_image_size, safe_file_name
 from .labels import PARASITIZED, REVIEW, UNINFECTED
 from .metrics import wilson_interval
 from .segment import CellRegion, cut_cell, segment_field
+
+
+# An overlay's file name from its field's name (the field's path relative to the inputs' common folder), and the
+# pattern that recognises one, so a rerun can tell its own overlays from foreign files.
+OVERLAY_NAME = "{name}_overlay.png"
+OVERLAY_PATTERN = r"(?P<name>.+)_overlay\.png"
 
 
 @dataclass
@@ -130,19 +136,28 @@ class FieldResult:
         return draw_overlay(self, self.own_ranks() if ranks is None else ranks, image)
 
     def save_plot(self, path, image: Optional[np.ndarray] = None, ranks: Optional[Dict[int, int]] = None) -> Path:
-        """Write the overlay (:meth:`plot`) as an image file (PNG or JPEG by suffix)."""
+        """Write the overlay (:meth:`plot`) as an image file in the format its suffix names (PNG, JPEG...); a path
+        without a suffix, or with one Pillow cannot write, gets ``.png`` added. Returns the path written."""
         from PIL import Image
         path = Path(path)
+        if path.suffix.lower() not in Image.registered_extensions():
+            path = path.with_name(path.name + ".png")
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(self.plot(image, ranks)).save(path)
         return path
 
-    def crop_name(self, cell: FieldCell) -> str:
-        return f"{Path(self.source).stem}_cell{cell.index}.png"
+    def file_stem(self) -> str:
+        """The source's file stem, safe as a file name on every system (``field-1`` for an array field)."""
+        return safe_file_name(Path(self.source).stem)
 
-    def save_crops(self, directory, image: Optional[np.ndarray] = None) -> List[Path]:
+    def crop_name(self, cell: FieldCell, stem: Optional[str] = None) -> str:
+        """``<stem>_cell<index>.png``; ``stem`` defaults to :meth:`file_stem` (edge-classify passes the field's
+        path relative to its inputs' common folder, so two ``field1`` of two slides never share a name)."""
+        return f"{stem or self.file_stem()}_cell{cell.index}.png"
+
+    def save_crops(self, directory, image: Optional[np.ndarray] = None, stem: Optional[str] = None) -> List[Path]:
         """Write each cell as the model sees it before resizing (tight box, masked on black) as
-        ``<field stem>_cell<index>.png``, ready to be sorted into Parasitized/ and Uninfected/."""
+        :meth:`crop_name` gives it, ready to be sorted into Parasitized/ and Uninfected/."""
         from PIL import Image
         base = self.image if image is None else image
         if base is None:
@@ -151,7 +166,7 @@ class FieldResult:
         directory.mkdir(parents=True, exist_ok=True)
         written = []
         for cell in self.cells:
-            path = directory / self.crop_name(cell)
+            path = directory / self.crop_name(cell, stem)
             Image.fromarray(cut_cell(base, cell.region)).save(path)
             written.append(path)
         return written

@@ -21,6 +21,7 @@ import numpy as np
 
 from .classifier import Classifier, group_key
 from .errors import EXIT_USAGE, MalariaEdgeError
+from .fields import OVERLAY_NAME
 from .images import open_image
 from .overlay import ranks_for_field
 from .report import SlidePage, model_identity, render_report
@@ -116,17 +117,18 @@ def crop_source(fields: Sequence) -> Callable[[Mapping], np.ndarray]:
 
 def write_slide_outputs(slides: Mapping[str, RunSlide], fields: Sequence, classifier: Classifier,
                         review_dir: Optional[Path] = None, report: Optional[Path] = None,
-                        overlays_dir: Optional[Path] = None) -> List[Path]:
+                        overlays_dir: Optional[Path] = None, names: Optional[Mapping[str, str]] = None) -> List[Path]:
     """Per slide its review folder and its fields' overlays (candidates numbered by slide rank; a field in no
     slide numbers its own), then the report of every slide; returns what was written. ``fields``: the run's
-    FieldResults (images may be dropped)."""
+    FieldResults (images may be dropped); ``names``: each field's overlay name (edge-classify's unique names)."""
     written: List[Path] = []
     pages, drawn = [], set()
     name, sha = model_identity(classifier)
     for slide in slides.values():
         result, slide_fields = slide.result, fields_of(slide, fields)
         if overlays_dir is not None:
-            written += [save_overlay(f, overlays_dir, ranks_for_field(f, result.candidate_list)) for f in slide_fields]
+            written += [save_overlay(f, overlays_dir, ranks_for_field(f, result.candidate_list), names)
+                        for f in slide_fields]
             drawn.update(str(f.source) for f in slide_fields)
         if review_dir is not None:
             written.append(write_review(review_dir, result.name, slide.rows, crop_source(slide_fields),
@@ -138,13 +140,16 @@ def write_slide_outputs(slides: Mapping[str, RunSlide], fields: Sequence, classi
             cell_crops = {cell_key(r): crop(r) for r in result.candidate_list if r.get("cell") in (None, "")}
             pages.append(SlidePage(result, slide_fields, crops=cell_crops))
     if overlays_dir is not None:
-        written += [save_overlay(with_image(f), overlays_dir) for f in fields if str(f.source) not in drawn]
+        written += [save_overlay(with_image(f), overlays_dir, names=names) for f in fields
+                    if str(f.source) not in drawn]
     if report is not None:
         atomic_write_text(report, render_report(pages, name, sha))
         written.append(report)
     return written
 
 
-def save_overlay(field, directory: Path, ranks: Optional[Mapping[int, int]] = None) -> Path:
-    """``<field stem>_overlay.png`` in ``directory``, the name edge-classify --overlays has always used."""
-    return field.save_plot(directory / f"{Path(field.source).stem}_overlay.png", ranks=ranks)
+def save_overlay(field, directory: Path, ranks: Optional[Mapping[int, int]] = None,
+                 names: Optional[Mapping[str, str]] = None) -> Path:
+    """The field's overlay in ``directory``, named as edge-classify names it (``names``, else the field's stem)."""
+    name = (names or {}).get(str(field.source)) or field.file_stem()
+    return field.save_plot(directory / OVERLAY_NAME.format(name=name), ranks=ranks)

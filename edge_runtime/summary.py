@@ -7,13 +7,13 @@ how its figures were reached, its line of text and its ranked candidates are und
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
 from .classifier import Classifier, group_key
-from .labels import CLASSES, PARASITIZED, REVIEW, patient_id
-from .metrics import binary_metrics, figure, pct
+from .labels import CLASSES, PARASITIZED, REVIEW, UNINFECTED, patient_id
+from .metrics import binary_metrics, figure, pct, wilson_interval
 from .patients import FIELD_RULE_REASON, patient_level_metrics, summarize_groups
 from .slide import INDETERMINATE, SlideResult
 from .version import __version__
@@ -65,6 +65,29 @@ def build_summary(classifier: Classifier, reference: Optional[Classifier], rows:
     if not rows:
         summary["model"].setdefault("cells", 0)
     return summary
+
+
+def resumed_coverage(rows: List[Dict]) -> Tuple[Dict[str, int], List[Dict]]:
+    """What the rows a resume found already written cover, so that the summary describes the whole output and not
+    only this run: the kinds ({"cell": n, "field": n}; a field's rows carry a ``cell`` index, a single cell's do
+    not) and each field's figures as :meth:`FieldResult.summary` gives them, in the order the rows were written."""
+    kinds = {"cell": 0, "field": 0}
+    by_field: Dict[str, List[str]] = {}
+    for row in rows:
+        if row.get("cell") in (None, ""):
+            kinds["cell"] += 1
+        else:
+            by_field.setdefault(row["path"], []).append(row.get("prediction"))
+    kinds["field"] = len(by_field)
+    fields = []
+    for source, calls in by_field.items():
+        parasitized, uninfected = calls.count(PARASITIZED), calls.count(UNINFECTED)
+        decided = parasitized + uninfected
+        low, high = wilson_interval(parasitized, decided) if decided else (None, None)
+        fields.append({"source": source, "cells": len(calls), "parasitized": parasitized, "uninfected": uninfected,
+                       "review": calls.count(REVIEW), "parasitemia": parasitized / decided if decided else None,
+                       "parasitemia_low": low, "parasitemia_high": high})
+    return kinds, fields
 
 
 def agreement(rows: List[Dict], reference: Dict, model: Dict) -> Dict:
