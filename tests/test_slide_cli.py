@@ -123,7 +123,7 @@ def test_overlays_and_gallery_are_numbered_like_the_review_files_and_rows(run):
     files = sorted(p.name for p in next((out / "review").iterdir()).joinpath("Parasitized").iterdir())
     assert [(int(f[:3]), f.split("_cell")[1][:-4]) for f in files] == [(c["rank"], str(c["cell"])) for c in cands]
     for field in sorted(FIELDS.glob("*.jpg")):
-        overlay = np.asarray(Image.open(out / "overlays" / f"{field.stem}_overlay.png").convert("RGB")).astype(int)
+        overlay = np.asarray(Image.open(out / "overlays" / f"{field.name}_overlay.png").convert("RGB")).astype(int)
         band = overlay.shape[0] - Image.open(field).height
         mine = {c["cell"] for c in cands if c["path"] == str(field)}
         for row in (r for r in rows if r["path"] == str(field)):
