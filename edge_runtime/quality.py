@@ -117,3 +117,243 @@ def measure_cell_diameter(rgb: np.ndarray) -> Optional[float]:
         blob_scale, rim_scale = min(1.0, 2.0 * blob_scale), min(1.0, 2.0 * rim_scale)
         max_radius = REFINE_MAX_RADIUS
     return diameter
+
+
+def expected_diameter(diameters: Sequence[Optional[float]]) -> Optional[float]:
+    """The cell diameter a slide's fields should share: the median of its fields' measured diameters (None where
+    fewer than MIN_SLIDE_FIELDS were measured). One camera on one microscope at one magnification sees the same
+    cells the same size, so a field far from its slide's median was measured wrongly or is a different view."""
+    known = [float(d) for d in diameters if d]
+    return float(np.median(known)) if len(known) >= MIN_SLIDE_FIELDS else None
+
+
+# A slide's expected diameter needs this many measured fields (one odd field must not set it).
+MIN_SLIDE_FIELDS = 3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Field quality: measurements
+
+# Focus is measured on a copy where a cell is at most this many pixels across (as segmentation's working copy), so
+# that the bands below are the same part of a cell at every magnification (and the measurement costs the same).
+FOCUS_DIAMETER = 40.0
+
+# The focus bands, Gaussian scales as fractions of the cell diameter: the fine band (FOCUS_FINE to FOCUS_MID) holds
+# a cell's rim and a parasite's chromatin dots (~1/8 of a cell and less), the coarse band (FOCUS_MID to
+# FOCUS_COARSE) the cell's body and pale centre. Defocus removes the fine band first; the ratio of the two is a
+# property of the optics, not of how many cells the field holds (both bands are measured on the same pixels).
+FOCUS_FINE = 1.0 / 40.0
+FOCUS_MID = 1.0 / 20.0
+FOCUS_COARSE = 1.0 / 10.0
+
+# A pixel at least this fraction of the field's brightest grey is clear glass (see clear_fraction): a red cell
+# absorbs more than a tenth of the light in some part of its body, glass does not.
+CLEAR_LEVEL = 0.9
+
+# Pixels whose brightest channel is at or below this are a black mask (composed fields, masked crops, vignette),
+# not under-exposed glass: exposure is judged on the rest (segment's BLACK_LEVEL).
+BLACK_LEVEL = segment.BLACK_LEVEL
+
+# A channel value at or above this is clipped white; at or below CLIPPED_DARK (and not black mask) clipped dark.
+CLIPPED_BRIGHT = 250
+CLIPPED_DARK = 5
+
+
+def _cell_copy(rgb: np.ndarray, diameter: float) -> Tuple[np.ndarray, float]:
+    """``rgb`` scaled so a cell is at most FOCUS_DIAMETER pixels across (never upscaled), and the cell's diameter
+    on that copy."""
+    scale = min(1.0, FOCUS_DIAMETER / float(diameter))
+    return segment._resize(np.ascontiguousarray(rgb[:, :, :3], dtype=np.uint8), scale), float(diameter) * scale
+
+
+def _band_energy(density: np.ndarray, where: np.ndarray, fine: float, coarse: float) -> float:
+    """Mean squared difference-of-Gaussians response of ``density`` between scales ``fine`` and ``coarse``
+    (pixels; 0 means the picture itself) over the pixels ``where``."""
+    low = cv2.GaussianBlur(density, (0, 0), coarse)
+    high = density if fine <= 0 else cv2.GaussianBlur(density, (0, 0), fine)
+    band = (high - low)[where]
+    return float(np.mean(band * band)) if band.size else 0.0
+
+
+def focus_metrics(density: np.ndarray, cells: np.ndarray, diameter: float) -> Dict[str, float]:
+    """Fine-to-coarse band energy ratio of the stain density over the cells and their rims (``cells``: bool mask of
+    the copy, ``diameter``: a cell on it): ``focus`` (FOCUS_FINE..FOCUS_MID over FOCUS_MID..FOCUS_COARSE) and
+    ``focus_detail`` (everything finer than FOCUS_MID over the same coarse band)."""
+    fine, mid, coarse = (max(0.5, f * diameter) for f in (FOCUS_FINE, FOCUS_MID, FOCUS_COARSE))
+    base = _band_energy(density, cells, mid, coarse)
+    if base <= 0:
+        return {"focus": float("nan"), "focus_detail": float("nan")}
+    return {"focus": _band_energy(density, cells, fine, mid) / base,
+            "focus_detail": _band_energy(density, cells, 0.0, mid) / base}
+
+
+def exposure_metrics(rgb: np.ndarray, glass: np.ndarray) -> Dict[str, float]:
+    """``glass_brightness``: median grey level of the bare glass (``glass``: bool mask of ``rgb``; NaN when the
+    field shows none), ``clipped_bright``/``clipped_dark``: fractions of the non-black pixels with a channel clipped
+    white / all channels clipped dark, ``glass_fraction``: share of the non-black pixels that is glass."""
+    top = rgb.max(axis=2)
+    lit = top > BLACK_LEVEL
+    n_lit = max(1, int(np.count_nonzero(lit)))
+    grey = rgb.mean(axis=2)
+    glass = glass & lit
+    return {"glass_brightness": float(np.median(grey[glass])) if np.any(glass) else float("nan"),
+            "clipped_bright": float(np.count_nonzero(lit & (top >= CLIPPED_BRIGHT))) / n_lit,
+            "clipped_dark": float(np.count_nonzero((top <= CLIPPED_DARK))) / max(1, top.size),
+            "glass_fraction": float(np.count_nonzero(glass)) / n_lit}
+
+
+def _regions_of(cells_or_regions) -> list:
+    """CellRegion objects from a list of CellRegion or of FieldCell (whose ``region`` is one)."""
+    return [getattr(c, "region", None) or c for c in cells_or_regions]
+
+
+def field_metrics(rgb: np.ndarray, cells_or_regions, diameter: Optional[float]) -> Dict[str, float]:
+    """Every figure the gate judges, as a flat dict of floats (the ``metrics`` of :class:`FieldQuality`)."""
+    _require_cv2()
+    regions = _regions_of(cells_or_regions)
+    h, w = rgb.shape[:2]
+    metrics: Dict[str, float] = {"diameter": float(diameter) if diameter else float("nan"),
+                                 "cells": float(len(regions)),
+                                 "cell_median_diameter": float(np.median([r.diameter for r in regions]))
+                                 if regions else float("nan")}
+    d = float(diameter) if diameter and diameter >= 6 else max(h, w) / 20.0
+    small, d_small = _cell_copy(rgb, d)
+    density = segment.stain_density(small)
+    stained = segment.foreground_mask(density, small)
+    near_cells = cv2.dilate(stained.astype(np.uint8), segment.disk(max(1.0, 0.1 * d_small))) > 0
+    metrics.update(focus_metrics(density, near_cells, d_small))
+    # Glass: well clear of any stain (a rim's halo is neither glass nor cell).
+    glass_small = ~(cv2.dilate(stained.astype(np.uint8), segment.disk(max(1.0, 0.1 * d_small))) > 0)
+    metrics.update(exposure_metrics(small, glass_small))
+    n_lit = max(1, int(np.count_nonzero(small.max(axis=2) > BLACK_LEVEL)))
+    metrics["stained_fraction"] = float(np.count_nonzero(stained)) / n_lit
+    cell_area = float(sum(r.area for r in regions)) * (small.shape[0] / float(h)) ** 2
+    metrics["cell_cover"] = cell_area / max(1, int(np.count_nonzero(stained)))
+    metrics["clear_fraction"] = clear_fraction(small)
+    return metrics
+
+
+def clear_fraction(rgb: np.ndarray) -> float:
+    """The share of the lit pixels (not black mask) within CLEAR_LEVEL of the field's brightest grey (its 99.5th
+    percentile): the clear glass between the cells. Relative to the field's own brightest, so exposure does not
+    move it; a thin smear shows glass between its cells (0.25-0.55 on IML fields, the densest included), a thick
+    smear or a picture of something else almost none."""
+    grey = rgb.mean(axis=2)
+    lit = grey[rgb.max(axis=2) > BLACK_LEVEL]
+    if lit.size == 0:
+        return 0.0
+    return float(np.mean(lit >= CLEAR_LEVEL * np.percentile(lit, 99.5)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Field quality: the verdict (thresholds from tools/quality_calibration.py on IML training fields)
+
+# Out of focus below this fine-to-coarse band ratio (``focus``). Calibrated: see docs/quality_gate.md.
+FOCUS_MIN = 0.28
+
+# Glass darker than this grey level is under-exposed: the stain's contrast sinks into the camera's noise and the
+# classifier calls dark cells parasitized (x0.35: 13 parasitized instead of 5).
+GLASS_DARK = 100.0
+# More than this share of the lit pixels clipped white is over-exposed: pale cells and the pale rings of young
+# parasites wash out into the glass.
+CLIPPED_BRIGHT_MAX = 0.05
+# More than this share of all pixels with every channel clipped dark is under-exposed. A black mask (composed
+# fields) is dark too, so this is only a backstop to the glass grey level: it is set above any mask share seen.
+CLIPPED_DARK_MAX = 0.5
+
+# The measured cell size may differ from the slide's (or the caller's) expected size by this factor at most.
+CELL_SIZE_TOLERANCE = 1.25
+# Cells smaller than this many pixels across hold a ring stage in one or two pixels: too low a magnification.
+MIN_READABLE_DIAMETER = 20.0
+# The cells segmentation kept must have about the diameter it was given (median within this factor): otherwise it
+# ran at the wrong scale (a mosaic measured at a clump's size keeps clumps).
+SEGMENTED_SIZE_TOLERANCE = 1.4
+
+# Fewer whole cells than this give a parasitemia whose 95% interval spans tens of percent.
+MIN_CELLS = 10
+
+# A thick smear (or anything that is not a thin smear): clear glass on less than this share of the lit pixels
+# (IML thin fields 0.25-0.55, the synthetic thick smears 0.01-0.11) ...
+THICK_CLEAR_FRACTION = 0.15
+# ... or stain over more than this share of them.
+THICK_STAINED_FRACTION = 0.9
+
+MESSAGES = {
+    "out_of_focus": "out of focus (fine detail {focus:.3f} < {limit:.3f}): parasites are lost in a blurred field; "
+                    "refocus and capture again",
+    "under_exposed": "under-exposed (glass grey {glass_brightness:.0f}, {clipped_dark:.0%} clipped dark): dark "
+                     "cells read as parasitized; open the light or raise the exposure and capture again",
+    "over_exposed": "over-exposed ({clipped_bright:.0%} of the field clipped white): pale parasites wash out; "
+                    "lower the light or the exposure and capture again",
+    "cell_size": "red cells measure {diameter:.0f} px ({reason}): check the magnification (1000x oil) and that "
+                 "this is one field, not a mosaic or a crop; the counts are unreliable",
+    "too_few_cells": "only {cells:.0f} whole red cells: too few for a parasitemia; capture a field in the "
+                     "monolayer with more cells",
+    "thick_smear": "this does not look like a thin smear (clear glass on {clear_fraction:.0%} of the field, "
+                   "{stained_fraction:.0%} stained): thick smears and non-smear pictures cannot be counted by this "
+                   "tool; capture the thin part of a thin smear",
+}
+
+
+@dataclass(frozen=True)
+class FieldQuality:
+    """The gate's verdict on one field. ``ok``: no warning. ``warnings``: short codes (out_of_focus,
+    under_exposed, over_exposed, cell_size, too_few_cells, thick_smear); ``messages``: one line per warning saying
+    what is wrong and what to do; ``metrics``: every figure measured (see :func:`field_metrics`)."""
+    ok: bool
+    warnings: Tuple[str, ...] = ()
+    messages: Tuple[str, ...] = ()
+    metrics: Dict[str, float] = field(default_factory=dict, compare=False)
+
+    @property
+    def warning_text(self) -> str:
+        """The codes joined by ';' (the ``warnings`` column of a result row), empty when ok."""
+        return ";".join(self.warnings)
+
+
+def _size_problem(metrics: Dict[str, float], expected: Optional[float]) -> Optional[str]:
+    """Why the cell size is wrong, or None."""
+    d = metrics["diameter"]
+    if not d == d:  # NaN: no diameter at all
+        return "no cell size could be measured"
+    if d < MIN_READABLE_DIAMETER:
+        return f"below {MIN_READABLE_DIAMETER:.0f} px"
+    if expected and not 1.0 / CELL_SIZE_TOLERANCE <= d / expected <= CELL_SIZE_TOLERANCE:
+        return f"expected about {expected:.0f} px"
+    kept = metrics["cell_median_diameter"]
+    if kept == kept and metrics["cells"] >= MIN_CELLS and not (
+            1.0 / SEGMENTED_SIZE_TOLERANCE <= kept / d <= SEGMENTED_SIZE_TOLERANCE):
+        return f"the cells kept measure {kept:.0f} px"
+    return None
+
+
+def judge(metrics: Dict[str, float], expected_diameter: Optional[float] = None) -> FieldQuality:
+    """The verdict on measured ``metrics`` (a pure function of the figures: the calibration replays it)."""
+    m = metrics
+    found = []
+    thick = m["stained_fraction"] > THICK_STAINED_FRACTION or m["clear_fraction"] < THICK_CLEAR_FRACTION
+    if thick:
+        found.append(("thick_smear", {}))
+    if m["cells"] < MIN_CELLS:
+        found.append(("too_few_cells", {}))
+    if not m["focus"] >= FOCUS_MIN and m["cells"] >= 1:
+        found.append(("out_of_focus", {"limit": FOCUS_MIN}))
+    if m["glass_brightness"] < GLASS_DARK or m["clipped_dark"] > CLIPPED_DARK_MAX:
+        found.append(("under_exposed", {}))
+    if m["clipped_bright"] > CLIPPED_BRIGHT_MAX:
+        found.append(("over_exposed", {}))
+    reason = None if thick else _size_problem(m, expected_diameter)
+    if reason:
+        found.append(("cell_size", {"reason": reason}))
+    codes = tuple(code for code, _ in found)
+    messages = tuple(MESSAGES[code].format(**{**m, **extra}) for code, extra in found)
+    return FieldQuality(not codes, codes, messages, dict(m))
+
+
+def assess_field(rgb: np.ndarray, cells_or_regions, diameter: Optional[float],
+                 expected_diameter: Optional[float] = None) -> FieldQuality:
+    """Can this field be read? ``rgb``: the field (HxWx3 uint8); ``cells_or_regions``: what segmentation kept
+    (CellRegion or FieldCell objects); ``diameter``: the cell diameter segmentation used (pixels);
+    ``expected_diameter``: what this slide's cells should measure (:func:`expected_diameter` of its other fields,
+    or a model card's range), None to skip that check."""
+    return judge(field_metrics(rgb, cells_or_regions, diameter), expected_diameter)
