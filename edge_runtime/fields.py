@@ -14,13 +14,16 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from .classifier import Prediction
-from .images import ImageError, open_image, open_image_size
+from .images import ImageError, open_image, open_image_size, safe_file_name
 from .labels import PARASITIZED, REVIEW, UNINFECTED
 from .metrics import wilson_interval
-from .segment import CellRegion, cut_cell, draw_outlines, segment_field
+from .segment import CellRegion, cut_cell, segment_field
 
-# Overlay colours (RGB): parasitized red, uninfected green, review amber.
-CALL_COLOURS = {PARASITIZED: (230, 30, 30), UNINFECTED: (40, 200, 60), REVIEW: (255, 170, 0)}
+
+# An overlay's file name from its field's name (the field's path relative to the inputs' common folder), and the
+# pattern that recognises one, so a rerun can tell its own overlays from foreign files.
+OVERLAY_NAME = "{name}_overlay.png"
+OVERLAY_PATTERN = r"(?P<name>.+)_overlay\.png"
 
 
 @dataclass
@@ -120,44 +123,41 @@ class FieldResult:
                                      1000.0 * seconds / self.n_cells) for p in probs]
         return [cell.to_row(self.source, per_cell_ms, true_label, ref) for cell, ref in zip(self.cells, references)]
 
-    def plot(self, image: Optional[np.ndarray] = None) -> np.ndarray:
-        """The overlay as an RGB array: every cell outlined in the colour of its call, and a caption band."""
-        import cv2
-        base = self.image if image is None else image
-        if base is None:
-            raise ValueError("this result keeps no image; pass the field to plot(image)")
-        colours = [CALL_COLOURS.get(c.prediction, (255, 255, 255)) for c in self.cells]
-        thickness = max(2, int(round(max(self.width, self.height) / 640)))
-        drawn = draw_outlines(base, [c.region for c in self.cells], colours, thickness)
-        scale = max(0.6, self.width / 1600.0)
-        band = int(36 * scale)
-        out = np.zeros((drawn.shape[0] + band, drawn.shape[1], 3), np.uint8)
-        out[band:] = drawn
-        cv2.putText(out, self.caption(), (int(8 * scale), int(band * 0.7)), cv2.FONT_HERSHEY_SIMPLEX, 0.7 * scale,
-                    (255, 255, 255), max(1, int(round(1.5 * scale))), cv2.LINE_AA)
-        x = out.shape[1]
-        for call in (REVIEW, UNINFECTED, PARASITIZED):
-            label = call
-            (tw, _), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, 0.6 * scale, 1)
-            x -= tw + int(14 * scale)
-            cv2.putText(out, label, (x, int(band * 0.7)), cv2.FONT_HERSHEY_SIMPLEX, 0.6 * scale,
-                        CALL_COLOURS[call], max(1, int(round(1.5 * scale))), cv2.LINE_AA)
-        return out
+    def own_ranks(self) -> Dict[int, int]:
+        """{cell index: rank} of this field's cells called parasitized, most probable first: the numbers of an
+        overlay drawn without a slide (a slide numbers its candidates across all its fields)."""
+        called = sorted((c for c in self.cells if c.prediction == PARASITIZED), key=lambda c: -c.prob_parasitized)
+        return {c.index: rank for rank, c in enumerate(called, 1)}
 
-    def save_plot(self, path, image: Optional[np.ndarray] = None) -> Path:
-        """Write the overlay as an image file (PNG or JPEG by suffix)."""
+    def plot(self, image: Optional[np.ndarray] = None, ranks: Optional[Dict[int, int]] = None) -> np.ndarray:
+        """The overlay as an RGB array (:func:`overlay.draw_overlay`, colour-blind safe): candidates outlined thick
+        and numbered by ``ranks`` ({cell index: rank}; default :meth:`own_ranks`), the other cells thin."""
+        from .overlay import draw_overlay
+        return draw_overlay(self, self.own_ranks() if ranks is None else ranks, image)
+
+    def save_plot(self, path, image: Optional[np.ndarray] = None, ranks: Optional[Dict[int, int]] = None) -> Path:
+        """Write the overlay (:meth:`plot`) as an image file in the format its suffix names (PNG, JPEG...); a path
+        without a suffix, or with one Pillow cannot write, gets ``.png`` added. Returns the path written."""
         from PIL import Image
         path = Path(path)
+        if path.suffix.lower() not in Image.registered_extensions():
+            path = path.with_name(path.name + ".png")
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(self.plot(image)).save(path)
+        Image.fromarray(self.plot(image, ranks)).save(path)
         return path
 
-    def crop_name(self, cell: FieldCell) -> str:
-        return f"{Path(self.source).stem}_cell{cell.index}.png"
+    def file_stem(self) -> str:
+        """The source's file stem, safe as a file name on every system (``field-1`` for an array field)."""
+        return safe_file_name(Path(self.source).stem)
 
-    def save_crops(self, directory, image: Optional[np.ndarray] = None) -> List[Path]:
+    def crop_name(self, cell: FieldCell, stem: Optional[str] = None) -> str:
+        """``<stem>_cell<index>.png``; ``stem`` defaults to :meth:`file_stem` (edge-classify passes the field's
+        path relative to its inputs' common folder, so two ``field1`` of two slides never share a name)."""
+        return f"{stem or self.file_stem()}_cell{cell.index}.png"
+
+    def save_crops(self, directory, image: Optional[np.ndarray] = None, stem: Optional[str] = None) -> List[Path]:
         """Write each cell as the model sees it before resizing (tight box, masked on black) as
-        ``<field stem>_cell<index>.png``, ready to be sorted into Parasitized/ and Uninfected/."""
+        :meth:`crop_name` gives it, ready to be sorted into Parasitized/ and Uninfected/."""
         from PIL import Image
         base = self.image if image is None else image
         if base is None:
@@ -166,7 +166,7 @@ class FieldResult:
         directory.mkdir(parents=True, exist_ok=True)
         written = []
         for cell in self.cells:
-            path = directory / self.crop_name(cell)
+            path = directory / self.crop_name(cell, stem)
             Image.fromarray(cut_cell(base, cell.region)).save(path)
             written.append(path)
         return written

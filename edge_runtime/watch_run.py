@@ -10,7 +10,9 @@ release the lock, exit 0.
 
 A watch always continues its --output (as ``--resume`` does: same settings only) and never shows a progress bar;
 one line per image goes to stderr (hidden by ``-q``). Folders given to --overlays/--save-crops are never watched, so
-results are not fed back in. A second signal while stopping stops at once (exit 130): the rows written are kept and
+results are not fed back in; with --group-by or --slide, overlays are drawn when the watch stops (numbered by slide
+rank, as a one-shot run draws them), for the fields classified by this process. --review and --report are refused
+for now (they need every field's cells, which a restart no longer has). A second signal while stopping stops at once (exit 130): the rows written are kept and
 a field cut short is classified again on the next start.
 """
 from __future__ import annotations
@@ -21,10 +23,12 @@ from pathlib import Path
 from typing import Dict, List, Optional, Set
 
 from .console import Console
+from .images import safe_file_name
 from .labels import PARASITIZED
 from .results_io import Inputs, Labels
 from .run import (EXIT_INTERRUPTED, ClassifyOptions, Models, Progress, open_job, resume_rows, summarise,
                   write_results, write_side_files)
+from .run_slides import write_slide_outputs
 from .watch import WatchError, install_stop_handlers, watch_images
 
 
@@ -43,7 +47,7 @@ def watch_and_report(options: ClassifyOptions, console: Console, models: Models,
     failed are named on stderr as they fail and counted in the summary), the error's status when the watched
     folder disappears, 130 when a second signal cut the image in hand short."""
     previous, done = resume_rows(options, settings)
-    watch = WatchRun(options, console, models, labels, Progress(rows=list(previous)), done)
+    watch = WatchRun(options, console, models, labels, Progress(rows=list(previous), resumed=len(previous)), done)
     stop = threading.Event()
     restore = install_stop_handlers(stop)
     status = 0
@@ -64,6 +68,10 @@ def watch_and_report(options: ClassifyOptions, console: Console, models: Models,
         watch.close()
         restore()
     write_results(options, console, watch.summary(), watch.found, watch.progress)
+    overlays = options.overlays_dir if options.grouping else None     # grouped: numbered by slide rank, at the end
+    for path in write_slide_outputs(watch.progress.slides, watch.progress.field_results, models.classifier,
+                                    overlays_dir=overlays, names=watch.job.names):
+        console.detail(f"wrote {path}")
     return status
 
 
@@ -96,6 +104,8 @@ class WatchRun:
             self.console.detail(f"{source}: already in {self.options.output}")
             return
         self.done.add(real)
+        # overlay and crop names as a one-shot run over DIR makes them: the path under DIR (s1/f.jpg -> s1__f.jpg)
+        self.job.names[source] = safe_file_name(os.path.relpath(os.fspath(path), self.root).replace(os.sep, "__"))
         start = len(self.progress.rows)
         if self.options.input_kind == "cell":
             self.job.classify_cells([source])

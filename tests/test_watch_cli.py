@@ -164,6 +164,8 @@ def test_watch_on_iml_fields_matches_a_one_shot_run(tmp_path):
     (["--watch", "{inbox}", "-o", "{out}", "--overwrite"], "always continues"),
     (["--watch", "{inbox}/missing", "-o", "{out}"], "does not exist"),
     ([], "give PATHS"),
+    (["--watch", "{inbox}", "-o", "{out}", "--group-by", "folder", "--report", "{out}.html"],
+     "does not write --review or --report"),
 ])
 def test_watch_usage_errors_exit_2(tmp_path, args, says):
     (tmp_path / "inbox").mkdir()

@@ -40,7 +40,7 @@ from malaria_edge.edge_runtime.metrics import pct, wilson_interval
 from malaria_edge.edge_runtime.outputs import parasitized_probability
 from malaria_edge.edge_runtime.patients import DEFAULT_RULE, choose_rule, per_patient_counts
 from malaria_edge.export.writer import BundlePaths, load_written, write_bundle, write_card
-from malaria_edge.train.dataset import find_class_folders
+from malaria_edge.train.dataset import find_cell_folders
 
 # The held-out cells must estimate sensitivity and specificity: 30 cells a class with 30% held out leaves 9 a class
 # there (one missed parasitized cell moves sensitivity by 11 points), 5 folds leave 6 a class per fold; fewer cannot
@@ -171,12 +171,13 @@ def _is_card(path: Path) -> bool:
     return isinstance(card, dict) and str(card.get("schema", "")).startswith("malaria-edge/model-card")
 
 
-def clinic_class_folders(cells_dir: Path) -> Dict[str, Path]:
-    """``Parasitized/`` and ``Uninfected/`` (any case) directly inside ``cells_dir``, or a one-line refusal."""
+def clinic_class_folders(cells_dir: Path) -> Dict[str, List[Path]]:
+    """``Parasitized/`` and ``Uninfected/`` (any case) directly inside ``cells_dir``, or those of each of its slide
+    folders merged (an ``edge-classify --review`` folder), or a one-line refusal."""
     if not cells_dir.is_dir():
         raise AdaptError(f"{cells_dir}: no such folder; --cells takes a folder holding Parasitized/ and Uninfected/",
                          EXIT_USAGE)
-    found = find_class_folders(cells_dir)
+    found = find_cell_folders(cells_dir)
     missing = [name for name, label in (("Parasitized", PARASITIZED), ("Uninfected", UNINFECTED)) if label not in found]
     if missing:
         raise AdaptError(f"{cells_dir}: no {' or '.join(m + '/' for m in missing)} folder; put the clinic's sorted "
@@ -191,7 +192,8 @@ def read_clinic_cells(cells_dir: Path, size: int, stain: Optional[Dict]) -> Clin
     paths, labels, pixels, failed = [], [], [], []
     digest = hashlib.sha256()
     for label in (PARASITIZED, UNINFECTED):
-        for path in sorted(p for p in folders[label].rglob("*") if p.is_file() and not p.name.startswith(".")):
+        for path in sorted(p for folder in folders[label] for p in folder.rglob("*")
+                           if p.is_file() and not p.name.startswith(".")):
             if not is_image_path(path):
                 failed.append((str(path), "not an image file (unknown suffix)"))
                 continue
