@@ -3,14 +3,30 @@ adaptation, refusals in one line, and no half-written bundle after Ctrl-C."""
 import json
 import os
 import shutil
+import signal
 import subprocess
 
 import pytest
+from PIL import Image
 
 from malaria_edge.edge_runtime.bundle import sha256_file
 from conftest import cli, interrupt_when
 
 pytestmark = pytest.mark.train
+
+
+@pytest.fixture(scope="module")
+def distinct_cells(samples, tmp_path_factory):
+    """Enough distinct real cells for the command's minimum of 30 a class: each sample cell upright and turned by
+    90, 180 and 270 degrees (different files, the same cells as a microscope turned on its stage shows them)."""
+    cells = tmp_path_factory.mktemp("distinct") / "cells"
+    for label in ("Parasitized", "Uninfected"):
+        (cells / label).mkdir(parents=True)
+        for f in sorted((samples / label).iterdir()):
+            image = Image.open(f).convert("RGB")
+            for turn in (0, 90, 180, 270):
+                image.rotate(turn, expand=True).save(cells / label / f"{f.stem}_r{turn}.png")
+    return cells
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +128,7 @@ def test_a_model_that_is_not_a_bundle_is_refused(tmp_path, samples, tiny_bundle)
     shutil.copytree(tiny_bundle.parent, no_keras)
     (no_keras / "tiny.keras").unlink()
     done = cli("edge-adapt", "--cells", samples, "--out", tmp_path / "out", "--model", no_keras / "tiny_int8.tflite")
-    assert done.returncode == 2 and "no Keras weights" in done.stderr and "edge-quantize" in done.stderr
+    assert done.returncode == 1 and "no Keras weights" in done.stderr and "edge-quantize" in done.stderr
 
 
 def test_an_existing_bundle_is_never_overwritten(tmp_path, samples, tiny_bundle):
@@ -137,6 +153,48 @@ def test_ctrl_c_leaves_no_half_written_bundle(tiny_bundle, samples, sample_manif
     assert status == 130, rest
     assert "nothing was written" in rest and "Traceback" not in rest
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cells"]
+
+
+@pytest.mark.parametrize("case,status", [("no cells folder", 2), ("no Uninfected folder", 2), ("too few cells", 1),
+                                         ("out not empty", 2), ("not a bundle", 2), ("no such model", 2),
+                                         ("damaged Keras weights", 1), ("no Keras weights", 1),
+                                         ("no such manifest", 2), ("not a manifest", 1), ("bad folds", 2)])
+def test_each_refusal_exits_by_the_one_rule(tiny_bundle, samples, distinct_cells, tmp_path, case, status):
+    """2 when the command was called wrong (a missing folder or file, a refused option), 1 when the input or the
+    model could not be used (too few cells, a damaged bundle, a file that is not a manifest)."""
+    cells, model, extra = distinct_cells, tiny_bundle.parent, []
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle.parent, bundle)
+    if case == "no cells folder":
+        cells = tmp_path / "nowhere"
+    elif case == "no Uninfected folder":
+        cells = tmp_path / "half"
+        shutil.copytree(samples / "Parasitized", cells / "Parasitized")
+    elif case == "too few cells":
+        cells = samples
+    elif case == "out not empty":
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "keep.txt").write_text("mine")
+    elif case == "not a bundle":
+        model = tmp_path
+    elif case == "no such model":
+        model = tmp_path / "nothing"
+    elif case == "damaged Keras weights":
+        (bundle / "tiny.keras").write_bytes(b"not the weights")
+        model = bundle
+    elif case == "no Keras weights":
+        (bundle / "tiny.keras").unlink()
+        model = bundle
+    elif case == "no such manifest":
+        extra = ["--replay", tmp_path / "manifest.csv"]
+    elif case == "not a manifest":
+        (tmp_path / "manifest.csv").write_text("a,b\n1,2\n")
+        extra = ["--replay", tmp_path / "manifest.csv"]
+    elif case == "bad folds":
+        extra = ["--folds", 1]
+    done = cli("edge-adapt", "--cells", cells, "--out", tmp_path / "out", "--model", model, "--epochs", 1, *extra)
+    assert done.returncode == status, done.stderr
+    assert "Traceback" not in done.stderr and done.stderr.strip().splitlines()[-1].startswith("edge-adapt: ")
 
 
 def test_the_python_twin_loads_tensorflow_only_when_used():

@@ -53,8 +53,11 @@ Log = Callable[[str], None]
 
 class AdaptError(MalariaEdgeError, ValueError):
     """A request edge-adapt cannot honour; the message is one line saying what is wrong and what to do.
-    ``exit_code`` is 2 for a wrong command line (a model that is not a bundle, an existing output folder) and 1 for
-    data that cannot support an adaptation (too few readable cells)."""
+    ``exit_code`` follows the project's one rule (``edge_runtime.errors``): 2 when the command was called wrong
+    (a missing --cells/--model/--replay path, a --cells folder without Parasitized/ or Uninfected/, a --model that is
+    not a bundle, a non-empty --out, a refused option); 1 when what it names could not be used (too few distinct
+    cells, the same cell in both classes, a damaged bundle or one without Keras weights, a file that is not a
+    manifest)."""
 
     def __init__(self, message: str, exit_code: int = EXIT_FAILED):
         super().__init__(message, exit_code)
@@ -147,19 +150,18 @@ def find_base(model: Optional[os.PathLike]) -> BaseModel:
     try:
         parse_card(card)
     except CardError as exc:
-        raise AdaptError(f"{card_path}: {exc}", EXIT_USAGE) from None
+        raise AdaptError(f"{card_path}: {exc}") from None
     int8 = [name for name, info in card.get("files", {}).items() if info.get("kind") == "int8"]
     if not int8:
-        raise AdaptError(f"{card_path}: the card describes no int8 model; pass a bundle written by edge-quantize",
-                         EXIT_USAGE)
+        raise AdaptError(f"{card_path}: the card describes no int8 model; pass a bundle written by edge-quantize")
     keras_info = card.get("keras_model") or {}
     keras_path = card_path.parent / str(keras_info.get("file", ""))
     if not keras_info.get("file") or not keras_path.is_file() or keras_path.suffix != ".keras":
         raise AdaptError(f"{card_path.parent}: the bundle has no Keras weights ({keras_info.get('file') or '<name>.keras'}"
-                         f" missing), and adaptation fine-tunes them; {how}", EXIT_USAGE)
+                         f" missing), and adaptation fine-tunes them; {how}")
     if keras_info.get("sha256") and sha256_file(keras_path) != keras_info["sha256"]:
         raise AdaptError(f"{keras_path}: SHA-256 does not match its card; the file is damaged or not the one the card "
-                         "describes: copy the bundle again", EXIT_USAGE)
+                         "describes: copy the bundle again")
     return BaseModel(card, card_path, card_path.parent / int8[0], keras_path)
 
 
@@ -466,7 +468,7 @@ def _replay_and_old_test(manifest: Optional[Path], size: int, stain: Optional[Di
         cells = read_manifest(manifest)
         info = load_prepare_report(manifest)
     except DatasetError as exc:
-        raise AdaptError(str(exc), EXIT_USAGE) from None
+        raise AdaptError(str(exc), EXIT_FAILED if manifest.is_file() else EXIT_USAGE) from None
     replay_cells = calibration_cells(cells, count, seed) if count else []
     cache = Path(manifest).parent / "cache"
     replay = load_arrays(replay_cells, size, stain, None) if replay_cells else None
@@ -761,10 +763,11 @@ def load_replay(replay: Optional[os.PathLike], size: int, stain: Optional[Dict],
 
 
 def open_base_bundle(base: BaseModel) -> ModelBundle:
+    """The base's int8 file, checked; a damaged one is a model that could not be used (exit 1)."""
     try:
         return ModelBundle(base.int8_path)
     except ModelError as exc:
-        raise AdaptError(str(exc), EXIT_USAGE) from None
+        raise AdaptError(str(exc)) from None
 
 
 def adapt(cells: os.PathLike, out: os.PathLike, model: Optional[os.PathLike] = None,
