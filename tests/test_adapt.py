@@ -155,6 +155,46 @@ def test_ctrl_c_leaves_no_half_written_bundle(tiny_bundle, samples, sample_manif
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cells"]
 
 
+def _copies(samples, root, per_class, copies):
+    for label in ("Parasitized", "Uninfected"):
+        (root / label).mkdir(parents=True)
+        for f in sorted((samples / label).iterdir())[:per_class]:
+            for i in range(copies):
+                shutil.copy(f, root / label / f"copy{i}_{f.name}")
+    return root
+
+
+def test_duplicate_files_count_once(tiny_bundle, samples, tmp_path):
+    """15 distinct cells a class, each copied twice, are 15 cells a class: too few, and said so (exit 1), with
+    how many duplicates were dropped; no copy can sit on both sides of a fold."""
+    cells = _copies(samples, tmp_path / "cells", 15, 2)
+    from malaria_edge.train.adapt import read_clinic_cells
+    clinic = read_clinic_cells(cells, 32, None)
+    assert clinic.count(1) == 15 and clinic.count(0) == 15 and len(clinic.duplicates) == 30
+    done = cli("edge-adapt", "--cells", cells, "--out", tmp_path / "out", "--model", tiny_bundle.parent)
+    assert done.returncode == 1, done.stderr
+    assert "only 15 parasitized and 15 uninfected" in done.stderr
+    assert "dropped 15 duplicate" in done.stderr and "Parasitized" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_same_cell_in_both_classes_is_refused(tiny_bundle, distinct_cells, tmp_path):
+    """Uninfected/ a link to Parasitized/ (or any file in both): one line saying how many and an example, exit 1."""
+    cells = tmp_path / "cells"
+    shutil.copytree(distinct_cells / "Parasitized", cells / "Parasitized")
+    (cells / "Uninfected").symlink_to(cells / "Parasitized", target_is_directory=True)
+    done = cli("edge-adapt", "--cells", cells, "--out", tmp_path / "out", "--model", tiny_bundle.parent)
+    assert done.returncode == 1, done.stderr
+    line = done.stderr.strip().splitlines()[-1]
+    assert "84 files are in both" in line and "_r0.png" in line and "Traceback" not in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cells"]
+    one = tmp_path / "one"
+    shutil.copytree(distinct_cells, one)
+    shutil.copy(next((one / "Parasitized").iterdir()), one / "Uninfected" / "moved.png")
+    done = cli("edge-adapt", "--cells", one, "--out", tmp_path / "out", "--model", tiny_bundle.parent)
+    assert done.returncode == 1 and "1 file is in both" in done.stderr and "moved.png" in done.stderr
+
+
 @pytest.mark.parametrize("case,status", [("no cells folder", 2), ("no Uninfected folder", 2), ("too few cells", 1),
                                          ("out not empty", 2), ("not a bundle", 2), ("no such model", 2),
                                          ("damaged Keras weights", 1), ("no Keras weights", 1),

@@ -91,6 +91,7 @@ class ClinicCells:
     pixels: np.ndarray                  # uint8 [N, size, size, 3]
     failed: List[Tuple[str, str]] = field(default_factory=list)
     list_sha256: str = ""
+    duplicates: List[Tuple[str, str, str]] = field(default_factory=list)  # (label, copy dropped, file it repeats)
 
     def count(self, label: int) -> int:
         return int((self.labels == label).sum())
@@ -188,28 +189,76 @@ def clinic_class_folders(cells_dir: Path) -> Dict[str, Path]:
 
 def read_clinic_cells(cells_dir: Path, size: int, stain: Optional[Dict]) -> ClinicCells:
     """Decode every image under the class folders through the runtime's own ``prepare_cell``; unreadable files are
-    collected with their reason, never fatal. The cell list hash covers label, relative path and file content."""
+    collected with their reason, never fatal. A file with the same content as one before it in its class is a copy,
+    not another cell: it is dropped (listed in ``duplicates``) before cells are counted or dealt into folds, where a
+    copy on each side would leak. The same content in both classes is refused. The cell list hash covers label,
+    relative path and file content."""
     folders = clinic_class_folders(cells_dir)
-    paths, labels, pixels, failed = [], [], [], []
+    files, failed, duplicates = distinct_class_files(folders)
+    paths, labels, pixels = [], [], []
     digest = hashlib.sha256()
     for label in (PARASITIZED, UNINFECTED):
-        for path in sorted(p for p in folders[label].rglob("*") if p.is_file() and not p.name.startswith(".")):
-            if not is_image_path(path):
-                failed.append((str(path), "not an image file (unknown suffix)"))
-                continue
+        for path, content_sha256 in files[label]:
             try:
                 cell = prepare_cell(path, size, stain)
-                data = path.read_bytes()
-            except (ImageError, OSError) as exc:
+            except ImageError as exc:
                 failed.append((str(path), str(exc)))
                 continue
             paths.append(str(path))
             labels.append(1 if label == PARASITIZED else 0)
             pixels.append(cell)
             relative = path.relative_to(cells_dir).as_posix()
-            digest.update(f"{label},{relative},{hashlib.sha256(data).hexdigest()}\n".encode())
+            digest.update(f"{label},{relative},{content_sha256}\n".encode())
     x = np.stack(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8)
-    return ClinicCells(paths, np.array(labels, dtype=np.int64), x, failed, digest.hexdigest())
+    return ClinicCells(paths, np.array(labels, dtype=np.int64), x, failed, digest.hexdigest(), duplicates)
+
+
+def distinct_class_files(folders: Dict[str, Path]) -> Tuple[Dict[str, List[Tuple[Path, str]]],
+                                                             List[Tuple[str, str]], List[Tuple[str, str, str]]]:
+    """{label: [(image file, content SHA-256)]} with each content once per class, the files that could not be read
+    or are no image [(path, reason)], and the copies dropped [(label, copy, the file it repeats)]. Raises
+    :class:`AdaptError` (exit 1) when the same content is in both classes."""
+    files: Dict[str, List[Tuple[Path, str]]] = {}
+    failed, duplicates = [], []
+    for label in (PARASITIZED, UNINFECTED):
+        seen: Dict[str, Path] = {}
+        for path in sorted(p for p in folders[label].rglob("*") if p.is_file() and not p.name.startswith(".")):
+            if not is_image_path(path):
+                failed.append((str(path), "not an image file (unknown suffix)"))
+                continue
+            try:
+                content = hashlib.sha256(path.read_bytes()).hexdigest()
+            except OSError as exc:
+                failed.append((str(path), f"cannot read file: {exc.strerror or exc}"))
+                continue
+            if content in seen:
+                duplicates.append((label, str(path), str(seen[content])))
+            else:
+                seen[content] = path
+        files[label] = [(path, content) for content, path in seen.items()]
+    _refuse_cells_in_both(files, folders)
+    return files, failed, duplicates
+
+
+def _refuse_cells_in_both(files: Dict[str, List[Tuple[Path, str]]], folders: Dict[str, Path]) -> None:
+    """One line, exit 1, when a file's content is both a parasitized and an uninfected cell (a copied file, or one
+    class folder a link to the other): it would teach the model nothing and make its scores worse than chance."""
+    uninfected = {content: path for path, content in files[UNINFECTED]}
+    both = [(path, uninfected[content]) for path, content in files[PARASITIZED] if content in uninfected]
+    if both:
+        n = len(both)
+        raise AdaptError(f"{n} file{'s are' if n != 1 else ' is'} in both {folders[PARASITIZED].name}/ and "
+                         f"{folders[UNINFECTED].name}/ (same content), e.g. {both[0][0]} and {both[0][1]}; a cell has "
+                         "one label: keep each file only in the folder it belongs in")
+
+
+def say_duplicates(clinic: ClinicCells, warn: Log) -> None:
+    """One line per class that held copies: how many were dropped, and an example."""
+    for label in (PARASITIZED, UNINFECTED):
+        pairs = [(copy_path, kept) for of, copy_path, kept in clinic.duplicates if of == label]
+        if pairs:
+            warn(f"dropped {len(pairs)} duplicate {label} file{'s' if len(pairs) != 1 else ''} (the same content as "
+                 f"another file of that class, e.g. {pairs[0][0]} = {Path(pairs[0][1]).name}): each cell counts once")
 
 
 def holdout_split(labels: np.ndarray, fraction: float = HOLDOUT_FRACTION, seed: int = 0) -> Tuple[np.ndarray,
@@ -242,7 +291,7 @@ def check_counts(cells: ClinicCells, minimum: int = MIN_CELLS_PER_CLASS) -> None
     short = [f"{cells.count(v)} {name}" for name, v in (("parasitized", 1), ("uninfected", 0))
              if cells.count(v) < minimum]
     if short:
-        raise AdaptError(f"only {' and '.join(short)} readable cells; edge-adapt needs at least {minimum} per class, "
+        raise AdaptError(f"only {' and '.join(short)} distinct readable cells; edge-adapt needs at least {minimum} per class, "
                          "because the threshold is chosen, and sensitivity and specificity measured, on cells held "
                          f"out of fine-tuning (a fifth per fold, or {HOLDOUT_FRACTION:.0%} with --folds 0), and "
                          "fewer cannot tell a good adaptation from a bad one; "
@@ -688,6 +737,7 @@ def cells_record(clinic: ClinicCells, cells: MeasuredCells, tuned: FineTuned, re
     y, kept = cells.labels, clinic.labels[cells.keep]
     record = {"parasitized": clinic.count(1), "uninfected": clinic.count(0),
               "list_sha256": clinic.list_sha256, "skipped": len(clinic.failed),
+              "duplicates_dropped": len(clinic.duplicates),
               "fine_tuned": {"parasitized": int(kept.sum()), "uninfected": int(len(kept) - kept.sum())}}
     measured = {"parasitized": int(y.sum()), "uninfected": int(len(y) - y.sum())}
     if cells.cross_validated:
@@ -795,6 +845,7 @@ def adapt(cells: os.PathLike, out: os.PathLike, model: Optional[os.PathLike] = N
     clinic = read_clinic_cells(Path(cells), size, stain)
     for path, reason in clinic.failed:
         (warn or log)(f"skipped {path}: {reason}")
+    say_duplicates(clinic, warn or log)
     check_counts(clinic, min_cells)
     paths = BundlePaths(_prepare_out(out), name or f"{base.card.get('name', 'malaria')}_adapted")
     try:
