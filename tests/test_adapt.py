@@ -195,6 +195,19 @@ def test_the_same_cell_in_both_classes_is_refused(tiny_bundle, distinct_cells, t
     assert done.returncode == 1 and "1 file is in both" in done.stderr and "moved.png" in done.stderr
 
 
+def test_an_adaptation_worse_than_the_base_is_written_but_not_recommended(tiny_bundle, distinct_cells, tmp_path):
+    """A fine-tune that wrecks the model (a learning rate of 30) scores the clinic's cells out of fold worse than
+    the base does: the bundle is written and its card says so, but the command says not to use it and exits 1."""
+    out = tmp_path / "out"
+    done = cli("edge-adapt", "--cells", distinct_cells, "--out", out, "--model", tiny_bundle.parent, "--folds", 2,
+               "--epochs", 1, "--replay-cells", 0, "--learning-rate", 30)
+    assert done.returncode == 1, done.stderr
+    assert "use it:" not in done.stdout
+    assert "do not use" in done.stderr and "worse than the base" in done.stderr and "Traceback" not in done.stderr
+    card = json.loads(next(out.glob("*.json")).read_text())
+    assert card["adaptation"]["recommended"] is False and "worse" in card["adaptation"]["not_recommended_because"]
+
+
 @pytest.mark.parametrize("case,status", [("no cells folder", 2), ("no Uninfected folder", 2), ("too few cells", 1),
                                          ("out not empty", 2), ("not a bundle", 2), ("no such model", 2),
                                          ("damaged Keras weights", 1), ("no Keras weights", 1),

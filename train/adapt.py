@@ -114,6 +114,12 @@ class AdaptResult:
     def adaptation(self) -> Dict:
         return self.card["adaptation"]
 
+    @property
+    def recommended(self) -> bool:
+        """False when the adapted model ranked the clinic's measured cells worse than the base model did: the
+        bundle is written for inspection, and ``adaptation["not_recommended_because"]`` says why not to use it."""
+        return bool(self.adaptation.get("recommended", True))
+
 
 @dataclass
 class BaseModel:
@@ -782,12 +788,26 @@ def record_adaptation(card: Dict, base: BaseModel, base_bundle: ModelBundle, cli
         ("out_of_fold" if cells.cross_validated else "held_out"): evaluation,
         "old_lab_test": measured.old_lab,
         "unfamiliar": measured.unfamiliar,
+        **recommendation(measured, cells),
         "wall_seconds": time.time() - started[0],
         "cpu_seconds": _cpu_seconds() - started[1],
         "machine": machine_info(),
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
     }
+
+
+def recommendation(measured: Measured, cells: MeasuredCells) -> Dict:
+    """Whether the adapted model may replace the base: not when its AUC on the measured clinic cells (out of fold,
+    or held out) is below the base model's on the very same cells. AUC, because it does not depend on either
+    model's threshold; a model that ranks the clinic's cells worse than the one it came from gained nothing (a
+    wrong label, a folder of copies, a recipe that wrecked the weights)."""
+    before, after = measured.before["metrics"]["roc_auc"], measured.after["metrics"]["roc_auc"]
+    if before is None or after is None or after >= before:
+        return {"recommended": True}
+    return {"recommended": False,
+            "not_recommended_because": f"its {cells.where} AUC {after:.4f} on the clinic's cells is worse than the "
+                                       f"base model's {before:.4f} on the same cells"}
 
 
 def finish_card(card: Dict, paths: BundlePaths, calibration: np.ndarray, clinic_cells: int, replayed: bool,

@@ -162,7 +162,12 @@ def adapt_main(cells_dir, out, model_path, replay, name, strategy, epochs, learn
     if not console.quiet:
         click.echo(format_adaptation(result.card))
         click.echo(f"bundle: {result.int8_path}, {result.fp32_path}, {result.card_path}, {result.keras_path}")
-        click.echo(f"use it: edge-classify CELLS --model {result.int8_path}")
+        if result.recommended:
+            click.echo(f"use it: edge-classify CELLS --model {result.int8_path}")
+    if not result.recommended:
+        console.warn(f"do not use {result.out}: {result.adaptation['not_recommended_because']} (written for "
+                     "inspection; check the labels of Parasitized/ and Uninfected/, or keep the base model)")
+        sys.exit(EXIT_FAILED)
     if result.failed:
         console.warn(f"{len(result.failed)} unreadable images skipped (named above); the bundle is written from the "
                      "others")
