@@ -140,19 +140,30 @@ def test_an_existing_bundle_is_never_overwritten(tmp_path, samples, tiny_bundle)
     assert (out / "keep.txt").read_text() == "mine"
 
 
-def test_ctrl_c_leaves_no_half_written_bundle(tiny_bundle, samples, sample_manifest, tmp_path):
-    """Interrupted during the first fold's fine-tuning: no OUT folder and no temporary folder beside it."""
-    cells = tmp_path / "cells"
-    for label in ("Parasitized", "Uninfected"):
-        (cells / label).mkdir(parents=True)
-        for i, f in enumerate(sorted((samples / label).iterdir()) * 2):
-            shutil.copy(f, cells / label / f"{i}_{f.name}")
+@pytest.mark.parametrize("sig,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_leaves_no_half_written_bundle(tiny_bundle, distinct_cells, tmp_path, sig, status):
+    """Interrupted (Ctrl-C) or stopped (SIGTERM: kill, a service stop) during the first fold's fine-tuning: exit
+    130 or 143 with a line, no OUT folder and no temporary folder beside it."""
     out = tmp_path / "out"
-    status, rest = interrupt_when("edge-adapt", "--cells", cells, "--out", out, "--model", tiny_bundle.parent,
-                                  "--epochs", 400, line_starts="fold 1/5: epoch 1/")
-    assert status == 130, rest
+    code, rest = interrupt_when("edge-adapt", "--cells", distinct_cells, "--out", out, "--model", tiny_bundle.parent,
+                                "--epochs", 400, line_starts="fold 1/5: epoch 1/", sig=sig)
+    assert code == status, rest
     assert "nothing was written" in rest and "Traceback" not in rest
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cells"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_before_fine_tuning_leaves_no_partial_folder(tiny_bundle, distinct_cells, tmp_path):
+    """SIGTERM while the base model is measured (outside fine-tuning) cleans up too."""
+    out = tmp_path / "out"
+    code, rest = interrupt_when("edge-adapt", "--cells", distinct_cells, "--out", out, "--model", tiny_bundle.parent,
+                                "--epochs", 400, line_starts="before:", sig=signal.SIGTERM)
+    assert code == 143 and "nothing was written" in rest, rest
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_every_file_of_an_adapted_bundle_has_the_same_mode(adapted):
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in adapted[0].out.iterdir()}
+    assert len(set(modes.values())) == 1, modes
 
 
 def _copies(samples, root, per_class, copies):

@@ -63,6 +63,21 @@ class AdaptError(MalariaEdgeError, ValueError):
         super().__init__(message, exit_code)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a service or session stop), raised where Ctrl-C raises KeyboardInterrupt, so the
+    unfinished bundle is removed the same way; the command then exits 143."""
+
+
+def terminate_like_ctrl_c() -> None:
+    """From now on SIGTERM raises :class:`Terminated` in the main thread (the default would kill the process and
+    leave the temporary bundle folder behind)."""
+    def raise_terminated(signum, frame):
+        raise Terminated
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, raise_terminated)
+
+
 @dataclass
 class Recipe:
     """How the Keras model is fine-tuned. The defaults were chosen by measurement on the IML fields as a new lab
@@ -397,9 +412,9 @@ def compile_for_fine_tuning(model, recipe: Recipe, head: str, steps: int) -> Non
 
 
 def fit_until_interrupted(model, dataset, recipe: Recipe, log: Log):
-    """``model.fit`` with one line per epoch through ``log``. Ctrl-C during fit stops after the running batch
-    instead of raising inside TensorFlow's threads (which can crash the process), then raises KeyboardInterrupt
-    here, where the caller removes the unfinished bundle."""
+    """``model.fit`` with one line per epoch through ``log``. Ctrl-C (or SIGTERM) during fit stops after the
+    running batch instead of raising inside TensorFlow's threads (which can crash the process), then raises
+    KeyboardInterrupt (:class:`Terminated`) here, where the caller removes the unfinished bundle."""
     import keras
 
     class EpochLine(keras.callbacks.Callback):
@@ -423,14 +438,14 @@ def fit_until_interrupted(model, dataset, recipe: Recipe, log: Log):
                 self.model.stop_training = True
 
     in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, stop) if in_main else None
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
     try:
         history = model.fit(dataset, epochs=recipe.epochs, callbacks=[EpochLine(), StopOnInterrupt()], verbose=0)
     finally:
-        if in_main:
-            signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if interrupted:
-        raise KeyboardInterrupt
+        raise Terminated if signal.SIGTERM in interrupted else KeyboardInterrupt
     return history
 
 
