@@ -17,7 +17,8 @@ from .classifier import Prediction
 from .images import ImageError, open_image, open_image_size, safe_file_name
 from .labels import PARASITIZED, REVIEW, UNINFECTED
 from .metrics import wilson_interval
-from .segment import CellRegion, cut_cell, segment_field
+from .quality import FieldQuality, assess_field
+from .segment import CellRegion, cut_cell, field_diameter, is_on_black, segment_field
 
 
 # An overlay's file name from its field's name (the field's path relative to the inputs' common folder), and the
@@ -38,14 +39,15 @@ class FieldCell:
     region: Optional[CellRegion] = field(default=None, repr=False)
 
     def to_row(self, source: str, latency_ms: float, true_label: Optional[str] = None,
-               reference: Optional[Prediction] = None) -> Dict:
+               reference: Optional[Prediction] = None, warnings: str = "") -> Dict:
         """The output row of this cell of the field ``source`` (CELL_COLUMNS, rounded as written): its index, its
         box in the field's pixels, its call; ``reference`` adds the full model's REFERENCE_COLUMNS."""
         x, y, w, h = self.box
         row = {"path": source, "cell": self.index, "x": x, "y": y, "w": w, "h": h,
                "prediction": self.prediction, "prob_parasitized": round(self.prob_parasitized, 6),
                "latency_ms": round(latency_ms, 4), "true_label": true_label,
-               "unfamiliar": None if self.unfamiliar_score is None else round(self.unfamiliar_score, 3)}
+               "unfamiliar": None if self.unfamiliar_score is None else round(self.unfamiliar_score, 3),
+               "warnings": warnings or None}
         if reference is not None:
             row.update(reference.reference_columns())
         return row
@@ -63,6 +65,13 @@ class FieldResult:
     seconds_segment: float
     seconds_classify: float
     image: Optional[np.ndarray] = field(default=None, repr=False)
+    quality: Optional[FieldQuality] = None
+
+    @property
+    def warnings(self) -> str:
+        """The quality gate's codes for this field joined by ';' (the rows' ``warnings`` column), empty when the
+        field could be read."""
+        return self.quality.warning_text if self.quality is not None else ""
 
     @property
     def n_cells(self) -> int:
@@ -101,6 +110,8 @@ class FieldResult:
         if self.parasitemia is not None:
             lo, hi = self.parasitemia_ci
             text += f", parasitemia {100 * self.parasitemia:.1f}% (95% CI {100 * lo:.1f}-{100 * hi:.1f}%)"
+        if self.warnings:
+            text += f"; NOT READABLE: {self.warnings}"
         return text
 
     def summary(self) -> dict:
@@ -109,7 +120,9 @@ class FieldResult:
         return {"source": self.source, "cells": self.n_cells, "parasitized": self.n_parasitized,
                 "uninfected": self.n_uninfected, "review": self.n_review,
                 "parasitemia": self.parasitemia, "parasitemia_low": ci[0] if ci else None,
-                "parasitemia_high": ci[1] if ci else None}
+                "parasitemia_high": ci[1] if ci else None,
+                "warnings": list(self.quality.warnings) if self.quality is not None else [],
+                "warning_messages": list(self.quality.messages) if self.quality is not None else []}
 
     def to_rows(self, true_label: Optional[str] = None, reference=None) -> List[Dict]:
         """One row per cell (:meth:`FieldCell.to_row`), each with its share of the field's classify time; with a
@@ -121,7 +134,8 @@ class FieldResult:
             probs, seconds = reference.probabilities(pixels)
             references = [Prediction(self.source, reference.decide(float(p)), float(p),
                                      1000.0 * seconds / self.n_cells) for p in probs]
-        return [cell.to_row(self.source, per_cell_ms, true_label, ref) for cell, ref in zip(self.cells, references)]
+        return [cell.to_row(self.source, per_cell_ms, true_label, ref, self.warnings)
+                for cell, ref in zip(self.cells, references)]
 
     def own_ranks(self) -> Dict[int, int]:
         """{cell index: rank} of this field's cells called parasitized, most probable first: the numbers of an
@@ -173,13 +187,16 @@ class FieldResult:
 
 
 def classify_field_pixels(classifier, rgb: np.ndarray, source: str = "<field>", keep_image: bool = True,
-                          diameter: Optional[float] = None) -> FieldResult:
+                          diameter: Optional[float] = None, expected_diameter: Optional[float] = None) -> FieldResult:
     """Segment a field already decoded to ``rgb`` (HxWx3 uint8), cut every cell, classify them in one batch.
     ``Classifier.classify_field`` takes any image input and comes here; benchmarks call this to time the pixels'
-    part alone (``keep_image=False``) or with a known ``diameter``."""
+    part alone (``keep_image=False``) or with a known ``diameter``. The quality gate (:func:`quality.assess_field`)
+    judges the field: a field it cannot read carries its warnings into every row, its summary and its slide."""
     start = time.perf_counter()
-    regions = segment_field(rgb, diameter=diameter)
+    diameter = diameter if diameter is not None else field_diameter(rgb)
+    regions = segment_field(rgb, diameter=diameter) if diameter is not None else []
     found_diameter = float(np.median([r.diameter for r in regions])) if regions else None
+    quality = assess_field(rgb, regions, diameter, expected_diameter)
     seconds_segment = time.perf_counter() - start
     start = time.perf_counter()
     cells: List[FieldCell] = []
@@ -192,7 +209,7 @@ def classify_field_pixels(classifier, rgb: np.ndarray, source: str = "<field>", 
             cells.append(FieldCell(index, region.box, classifier.decide(float(prob)), float(prob), score, region))
     seconds_classify = time.perf_counter() - start
     return FieldResult(source, int(rgb.shape[1]), int(rgb.shape[0]), cells, found_diameter, seconds_segment,
-                       seconds_classify, rgb if keep_image else None)
+                       seconds_classify, rgb if keep_image else None, quality)
 
 
 # An image this small on its longest side is a single-cell crop (NIH crops are 100-150 px; a field is ~1000+ px).
@@ -218,6 +235,9 @@ def field_or_cell(classifier, path, input_kind: str = "auto") -> Tuple[str, Opti
         raise ImageError(f"image is {width}x{height} px, too small to be a microscope field "
                          f"(at least {FIELD_MIN_SIDE} px a side)")
     rgb = np.asarray(open_image(path), dtype=np.uint8)
+    if input_kind == "auto" and is_on_black(rgb):
+        # A large crop masked on black (the NIH look, enlarged): a close-up of one cell, never a field of glass.
+        return "cell", None
     result = classifier.classify_field(rgb, source=str(path))
     if result.n_cells == 0:
         raise ImageError(f"no red cells found in this {width}x{height} image (not a thin-smear field, or far out "

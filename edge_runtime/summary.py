@@ -210,6 +210,7 @@ def input_lines(summary: Dict) -> List[str]:
             f"{100 * f['parasitemia_high']:.1f}%)")
         lines.append(f"    field {Path(f['source']).name}: {f['cells']} cells, {f['parasitized']} parasitized, "
                      f"{f['review']} review, parasitemia {frac}")
+        lines += [f"      WARNING: {message}" for message in f.get("warning_messages") or []]
     if summary.get("unfamiliar_warning"):
         lines.append(f"  WARNING: {summary['unfamiliar_warning']}")
     return lines

@@ -31,9 +31,9 @@ def cli(name: str, *args, check: bool = False, timeout: int = 600, **kwargs) -> 
     return done
 
 
-def interrupt_when(name: str, *args, line_starts: str, timeout: int = 300) -> tuple:
-    """Start a console script, send Ctrl-C (SIGINT) once it prints a stderr line starting with ``line_starts``, and
-    return (exit status, the rest of its stderr). A shell without job control starts background jobs with SIGINT
+def interrupt_when(name: str, *args, line_starts: str, timeout: int = 300, sig: int = signal.SIGINT) -> tuple:
+    """Start a console script, send Ctrl-C (SIGINT; or ``sig``) once it prints a stderr line starting with
+    ``line_starts``, and return (exit status, the rest of its stderr). A shell without job control starts background jobs with SIGINT
     ignored; a user's Ctrl-C reaches a foreground process, so the child gets the default handler back."""
     proc = subprocess.Popen([str(BIN / name)] + [str(a) for a in args], stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
@@ -43,7 +43,7 @@ def interrupt_when(name: str, *args, line_starts: str, timeout: int = 300) -> tu
         if line.startswith(line_starts):
             break
         assert time.time() < deadline, f"{name} never printed a line starting {line_starts!r}"
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     rest = proc.stderr.read()
     return proc.wait(timeout=timeout), rest
 

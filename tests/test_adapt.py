@@ -3,14 +3,30 @@ adaptation, refusals in one line, and no half-written bundle after Ctrl-C."""
 import json
 import os
 import shutil
+import signal
 import subprocess
 
 import pytest
+from PIL import Image
 
 from malaria_edge.edge_runtime.bundle import sha256_file
 from conftest import cli, interrupt_when
 
 pytestmark = pytest.mark.train
+
+
+@pytest.fixture(scope="module")
+def distinct_cells(samples, tmp_path_factory):
+    """Enough distinct real cells for the command's minimum of 30 a class: each sample cell upright and turned by
+    90, 180 and 270 degrees (different files, the same cells as a microscope turned on its stage shows them)."""
+    cells = tmp_path_factory.mktemp("distinct") / "cells"
+    for label in ("Parasitized", "Uninfected"):
+        (cells / label).mkdir(parents=True)
+        for f in sorted((samples / label).iterdir()):
+            image = Image.open(f).convert("RGB")
+            for turn in (0, 90, 180, 270):
+                image.rotate(turn, expand=True).save(cells / label / f"{f.stem}_r{turn}.png")
+    return cells
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +128,7 @@ def test_a_model_that_is_not_a_bundle_is_refused(tmp_path, samples, tiny_bundle)
     shutil.copytree(tiny_bundle.parent, no_keras)
     (no_keras / "tiny.keras").unlink()
     done = cli("edge-adapt", "--cells", samples, "--out", tmp_path / "out", "--model", no_keras / "tiny_int8.tflite")
-    assert done.returncode == 2 and "no Keras weights" in done.stderr and "edge-quantize" in done.stderr
+    assert done.returncode == 1 and "no Keras weights" in done.stderr and "edge-quantize" in done.stderr
 
 
 def test_an_existing_bundle_is_never_overwritten(tmp_path, samples, tiny_bundle):
@@ -124,19 +140,125 @@ def test_an_existing_bundle_is_never_overwritten(tmp_path, samples, tiny_bundle)
     assert (out / "keep.txt").read_text() == "mine"
 
 
-def test_ctrl_c_leaves_no_half_written_bundle(tiny_bundle, samples, sample_manifest, tmp_path):
-    """Interrupted during the first fold's fine-tuning: no OUT folder and no temporary folder beside it."""
-    cells = tmp_path / "cells"
-    for label in ("Parasitized", "Uninfected"):
-        (cells / label).mkdir(parents=True)
-        for i, f in enumerate(sorted((samples / label).iterdir()) * 2):
-            shutil.copy(f, cells / label / f"{i}_{f.name}")
+@pytest.mark.parametrize("sig,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_leaves_no_half_written_bundle(tiny_bundle, distinct_cells, tmp_path, sig, status):
+    """Interrupted (Ctrl-C) or stopped (SIGTERM: kill, a service stop) during the first fold's fine-tuning: exit
+    130 or 143 with a line, no OUT folder and no temporary folder beside it."""
     out = tmp_path / "out"
-    status, rest = interrupt_when("edge-adapt", "--cells", cells, "--out", out, "--model", tiny_bundle.parent,
-                                  "--epochs", 400, line_starts="fold 1/5: epoch 1/")
-    assert status == 130, rest
+    code, rest = interrupt_when("edge-adapt", "--cells", distinct_cells, "--out", out, "--model", tiny_bundle.parent,
+                                "--epochs", 400, line_starts="fold 1/5: epoch 1/", sig=sig)
+    assert code == status, rest
     assert "nothing was written" in rest and "Traceback" not in rest
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_before_fine_tuning_leaves_no_partial_folder(tiny_bundle, distinct_cells, tmp_path):
+    """SIGTERM while the base model is measured (outside fine-tuning) cleans up too."""
+    out = tmp_path / "out"
+    code, rest = interrupt_when("edge-adapt", "--cells", distinct_cells, "--out", out, "--model", tiny_bundle.parent,
+                                "--epochs", 400, line_starts="before:", sig=signal.SIGTERM)
+    assert code == 143 and "nothing was written" in rest, rest
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_every_file_of_an_adapted_bundle_has_the_same_mode(adapted):
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in adapted[0].out.iterdir()}
+    assert len(set(modes.values())) == 1, modes
+
+
+def _copies(samples, root, per_class, copies):
+    for label in ("Parasitized", "Uninfected"):
+        (root / label).mkdir(parents=True)
+        for f in sorted((samples / label).iterdir())[:per_class]:
+            for i in range(copies):
+                shutil.copy(f, root / label / f"copy{i}_{f.name}")
+    return root
+
+
+def test_duplicate_files_count_once(tiny_bundle, samples, tmp_path):
+    """15 distinct cells a class, each copied twice, are 15 cells a class: too few, and said so (exit 1), with
+    how many duplicates were dropped; no copy can sit on both sides of a fold."""
+    cells = _copies(samples, tmp_path / "cells", 15, 2)
+    from malaria_edge.train.adapt import read_clinic_cells
+    clinic = read_clinic_cells(cells, 32, None)
+    assert clinic.count(1) == 15 and clinic.count(0) == 15 and len(clinic.duplicates) == 30
+    done = cli("edge-adapt", "--cells", cells, "--out", tmp_path / "out", "--model", tiny_bundle.parent)
+    assert done.returncode == 1, done.stderr
+    assert "only 15 parasitized and 15 uninfected" in done.stderr
+    assert "dropped 15 duplicate" in done.stderr and "Parasitized" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_same_cell_in_both_classes_is_refused(tiny_bundle, distinct_cells, tmp_path):
+    """Uninfected/ a link to Parasitized/ (or any file in both): one line saying how many and an example, exit 1."""
+    cells = tmp_path / "cells"
+    shutil.copytree(distinct_cells / "Parasitized", cells / "Parasitized")
+    (cells / "Uninfected").symlink_to(cells / "Parasitized", target_is_directory=True)
+    done = cli("edge-adapt", "--cells", cells, "--out", tmp_path / "out", "--model", tiny_bundle.parent)
+    assert done.returncode == 1, done.stderr
+    line = done.stderr.strip().splitlines()[-1]
+    assert "84 files are in both" in line and "_r0.png" in line and "Traceback" not in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cells"]
+    one = tmp_path / "one"
+    shutil.copytree(distinct_cells, one)
+    shutil.copy(next((one / "Parasitized").iterdir()), one / "Uninfected" / "moved.png")
+    done = cli("edge-adapt", "--cells", one, "--out", tmp_path / "out", "--model", tiny_bundle.parent)
+    assert done.returncode == 1 and "1 file is in both" in done.stderr and "moved.png" in done.stderr
+
+
+def test_an_adaptation_worse_than_the_base_is_written_but_not_recommended(tiny_bundle, distinct_cells, tmp_path):
+    """A fine-tune that wrecks the model (a learning rate of 30) scores the clinic's cells out of fold worse than
+    the base does: the bundle is written and its card says so, but the command says not to use it and exits 1."""
+    out = tmp_path / "out"
+    done = cli("edge-adapt", "--cells", distinct_cells, "--out", out, "--model", tiny_bundle.parent, "--folds", 2,
+               "--epochs", 1, "--replay-cells", 0, "--learning-rate", 30)
+    assert done.returncode == 1, done.stderr
+    assert "use it:" not in done.stdout
+    assert "do not use" in done.stderr and "worse than the base" in done.stderr and "Traceback" not in done.stderr
+    card = json.loads(next(out.glob("*.json")).read_text())
+    assert card["adaptation"]["recommended"] is False and "worse" in card["adaptation"]["not_recommended_because"]
+
+
+@pytest.mark.parametrize("case,status", [("no cells folder", 2), ("no Uninfected folder", 2), ("too few cells", 1),
+                                         ("out not empty", 2), ("not a bundle", 2), ("no such model", 2),
+                                         ("damaged Keras weights", 1), ("no Keras weights", 1),
+                                         ("no such manifest", 2), ("not a manifest", 1), ("bad folds", 2)])
+def test_each_refusal_exits_by_the_one_rule(tiny_bundle, samples, distinct_cells, tmp_path, case, status):
+    """2 when the command was called wrong (a missing folder or file, a refused option), 1 when the input or the
+    model could not be used (too few cells, a damaged bundle, a file that is not a manifest)."""
+    cells, model, extra = distinct_cells, tiny_bundle.parent, []
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle.parent, bundle)
+    if case == "no cells folder":
+        cells = tmp_path / "nowhere"
+    elif case == "no Uninfected folder":
+        cells = tmp_path / "half"
+        shutil.copytree(samples / "Parasitized", cells / "Parasitized")
+    elif case == "too few cells":
+        cells = samples
+    elif case == "out not empty":
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "keep.txt").write_text("mine")
+    elif case == "not a bundle":
+        model = tmp_path
+    elif case == "no such model":
+        model = tmp_path / "nothing"
+    elif case == "damaged Keras weights":
+        (bundle / "tiny.keras").write_bytes(b"not the weights")
+        model = bundle
+    elif case == "no Keras weights":
+        (bundle / "tiny.keras").unlink()
+        model = bundle
+    elif case == "no such manifest":
+        extra = ["--replay", tmp_path / "manifest.csv"]
+    elif case == "not a manifest":
+        (tmp_path / "manifest.csv").write_text("a,b\n1,2\n")
+        extra = ["--replay", tmp_path / "manifest.csv"]
+    elif case == "bad folds":
+        extra = ["--folds", 1]
+    done = cli("edge-adapt", "--cells", cells, "--out", tmp_path / "out", "--model", model, "--epochs", 1, *extra)
+    assert done.returncode == status, done.stderr
+    assert "Traceback" not in done.stderr and done.stderr.strip().splitlines()[-1].startswith("edge-adapt: ")
 
 
 def test_the_python_twin_loads_tensorflow_only_when_used():

@@ -23,7 +23,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 
-from malaria_edge.benchmarks.fields import iml_split  # noqa: E402
+from malaria_edge.edge_runtime.annotations import field_splits  # noqa: E402
 from malaria_edge.edge_runtime import quality, segment  # noqa: E402
 
 BLURS = (0.5, 1, 1.5, 2, 3, 4, 6)
@@ -108,7 +108,8 @@ def load(path: Path) -> np.ndarray:
 
 def run_split(iml: Path, split: str, per_split: int, cache: Path):
     names = sorted(e["image_name"] for e in json.loads((iml / "annotations.json").read_text()))
-    in_split = [(i, n) for i, n in enumerate(names) if iml_split(i) == split]
+    split_of = field_splits(names)
+    in_split = [(i, n) for i, n in enumerate(names) if split_of[n] == split]
     step = max(1, len(in_split) // per_split)
     chosen = in_split[::step][:per_split]
     cache.mkdir(parents=True, exist_ok=True)
@@ -140,7 +141,7 @@ def run_split(iml: Path, split: str, per_split: int, cache: Path):
         for n in (2, 3):
             for index, name in chosen[: max(1, per_split // 4)]:
                 group = [names[j] for j in range(index, index + n * n)]
-                if len(group) < n * n or any(iml_split(j) != split for j in range(index, index + n * n)):
+                if len(group) < n * n or any(split_of[g] != split for g in group):
                     continue
                 expected = done[(name, "original")]["diameter"]
                 full = mosaic([load(iml / "images" / g) for g in group], n)

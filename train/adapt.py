@@ -53,11 +53,29 @@ Log = Callable[[str], None]
 
 class AdaptError(MalariaEdgeError, ValueError):
     """A request edge-adapt cannot honour; the message is one line saying what is wrong and what to do.
-    ``exit_code`` is 2 for a wrong command line (a model that is not a bundle, an existing output folder) and 1 for
-    data that cannot support an adaptation (too few readable cells)."""
+    ``exit_code`` follows the project's one rule (``edge_runtime.errors``): 2 when the command was called wrong
+    (a missing --cells/--model/--replay path, a --cells folder without Parasitized/ or Uninfected/, a --model that is
+    not a bundle, a non-empty --out, a refused option); 1 when what it names could not be used (too few distinct
+    cells, the same cell in both classes, a damaged bundle or one without Keras weights, a file that is not a
+    manifest)."""
 
     def __init__(self, message: str, exit_code: int = EXIT_FAILED):
         super().__init__(message, exit_code)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a service or session stop), raised where Ctrl-C raises KeyboardInterrupt, so the
+    unfinished bundle is removed the same way; the command then exits 143."""
+
+
+def terminate_like_ctrl_c() -> None:
+    """From now on SIGTERM raises :class:`Terminated` in the main thread (the default would kill the process and
+    leave the temporary bundle folder behind)."""
+    def raise_terminated(signum, frame):
+        raise Terminated
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, raise_terminated)
 
 
 @dataclass
@@ -88,6 +106,7 @@ class ClinicCells:
     pixels: np.ndarray                  # uint8 [N, size, size, 3]
     failed: List[Tuple[str, str]] = field(default_factory=list)
     list_sha256: str = ""
+    duplicates: List[Tuple[str, str, str]] = field(default_factory=list)  # (label, copy dropped, file it repeats)
 
     def count(self, label: int) -> int:
         return int((self.labels == label).sum())
@@ -109,6 +128,12 @@ class AdaptResult:
     @property
     def adaptation(self) -> Dict:
         return self.card["adaptation"]
+
+    @property
+    def recommended(self) -> bool:
+        """False when the adapted model ranked the clinic's measured cells worse than the base model did: the
+        bundle is written for inspection, and ``adaptation["not_recommended_because"]`` says why not to use it."""
+        return bool(self.adaptation.get("recommended", True))
 
 
 @dataclass
@@ -147,19 +172,18 @@ def find_base(model: Optional[os.PathLike]) -> BaseModel:
     try:
         parse_card(card)
     except CardError as exc:
-        raise AdaptError(f"{card_path}: {exc}", EXIT_USAGE) from None
+        raise AdaptError(f"{card_path}: {exc}") from None
     int8 = [name for name, info in card.get("files", {}).items() if info.get("kind") == "int8"]
     if not int8:
-        raise AdaptError(f"{card_path}: the card describes no int8 model; pass a bundle written by edge-quantize",
-                         EXIT_USAGE)
+        raise AdaptError(f"{card_path}: the card describes no int8 model; pass a bundle written by edge-quantize")
     keras_info = card.get("keras_model") or {}
     keras_path = card_path.parent / str(keras_info.get("file", ""))
     if not keras_info.get("file") or not keras_path.is_file() or keras_path.suffix != ".keras":
         raise AdaptError(f"{card_path.parent}: the bundle has no Keras weights ({keras_info.get('file') or '<name>.keras'}"
-                         f" missing), and adaptation fine-tunes them; {how}", EXIT_USAGE)
+                         f" missing), and adaptation fine-tunes them; {how}")
     if keras_info.get("sha256") and sha256_file(keras_path) != keras_info["sha256"]:
         raise AdaptError(f"{keras_path}: SHA-256 does not match its card; the file is damaged or not the one the card "
-                         "describes: copy the bundle again", EXIT_USAGE)
+                         "describes: copy the bundle again")
     return BaseModel(card, card_path, card_path.parent / int8[0], keras_path)
 
 
@@ -187,29 +211,77 @@ def clinic_class_folders(cells_dir: Path) -> Dict[str, List[Path]]:
 
 def read_clinic_cells(cells_dir: Path, size: int, stain: Optional[Dict]) -> ClinicCells:
     """Decode every image under the class folders through the runtime's own ``prepare_cell``; unreadable files are
-    collected with their reason, never fatal. The cell list hash covers label, relative path and file content."""
+    collected with their reason, never fatal. A file with the same content as one before it in its class is a copy,
+    not another cell: it is dropped (listed in ``duplicates``) before cells are counted or dealt into folds, where a
+    copy on each side would leak. The same content in both classes is refused. The cell list hash covers label,
+    relative path and file content."""
     folders = clinic_class_folders(cells_dir)
-    paths, labels, pixels, failed = [], [], [], []
+    files, failed, duplicates = distinct_class_files(folders)
+    paths, labels, pixels = [], [], []
     digest = hashlib.sha256()
     for label in (PARASITIZED, UNINFECTED):
-        for path in sorted(p for folder in folders[label] for p in folder.rglob("*")
-                           if p.is_file() and not p.name.startswith(".")):
-            if not is_image_path(path):
-                failed.append((str(path), "not an image file (unknown suffix)"))
-                continue
+        for path, content_sha256 in files[label]:
             try:
                 cell = prepare_cell(path, size, stain)
-                data = path.read_bytes()
-            except (ImageError, OSError) as exc:
+            except ImageError as exc:
                 failed.append((str(path), str(exc)))
                 continue
             paths.append(str(path))
             labels.append(1 if label == PARASITIZED else 0)
             pixels.append(cell)
             relative = path.relative_to(cells_dir).as_posix()
-            digest.update(f"{label},{relative},{hashlib.sha256(data).hexdigest()}\n".encode())
+            digest.update(f"{label},{relative},{content_sha256}\n".encode())
     x = np.stack(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8)
-    return ClinicCells(paths, np.array(labels, dtype=np.int64), x, failed, digest.hexdigest())
+    return ClinicCells(paths, np.array(labels, dtype=np.int64), x, failed, digest.hexdigest(), duplicates)
+
+
+def distinct_class_files(folders: Dict[str, List[Path]]) -> Tuple[Dict[str, List[Tuple[Path, str]]],
+                                                             List[Tuple[str, str]], List[Tuple[str, str, str]]]:
+    """{label: [(image file, content SHA-256)]} with each content once per class, the files that could not be read
+    or are no image [(path, reason)], and the copies dropped [(label, copy, the file it repeats)]. Raises
+    :class:`AdaptError` (exit 1) when the same content is in both classes."""
+    files: Dict[str, List[Tuple[Path, str]]] = {}
+    failed, duplicates = [], []
+    for label in (PARASITIZED, UNINFECTED):
+        seen: Dict[str, Path] = {}
+        for path in sorted(p for folder in folders[label] for p in folder.rglob("*")
+                           if p.is_file() and not p.name.startswith(".")):
+            if not is_image_path(path):
+                failed.append((str(path), "not an image file (unknown suffix)"))
+                continue
+            try:
+                content = hashlib.sha256(path.read_bytes()).hexdigest()
+            except OSError as exc:
+                failed.append((str(path), f"cannot read file: {exc.strerror or exc}"))
+                continue
+            if content in seen:
+                duplicates.append((label, str(path), str(seen[content])))
+            else:
+                seen[content] = path
+        files[label] = [(path, content) for content, path in seen.items()]
+    _refuse_cells_in_both(files, folders)
+    return files, failed, duplicates
+
+
+def _refuse_cells_in_both(files: Dict[str, List[Tuple[Path, str]]], folders: Dict[str, List[Path]]) -> None:
+    """One line, exit 1, when a file's content is both a parasitized and an uninfected cell (a copied file, or one
+    class folder a link to the other): it would teach the model nothing and make its scores worse than chance."""
+    uninfected = {content: path for path, content in files[UNINFECTED]}
+    both = [(path, uninfected[content]) for path, content in files[PARASITIZED] if content in uninfected]
+    if both:
+        n = len(both)
+        raise AdaptError(f"{n} file{'s are' if n != 1 else ' is'} in both {folders[PARASITIZED][0].name}/ and "
+                         f"{folders[UNINFECTED][0].name}/ (same content), e.g. {both[0][0]} and {both[0][1]}; a cell has "
+                         "one label: keep each file only in the folder it belongs in")
+
+
+def say_duplicates(clinic: ClinicCells, warn: Log) -> None:
+    """One line per class that held copies: how many were dropped, and an example."""
+    for label in (PARASITIZED, UNINFECTED):
+        pairs = [(copy_path, kept) for of, copy_path, kept in clinic.duplicates if of == label]
+        if pairs:
+            warn(f"dropped {len(pairs)} duplicate {label} file{'s' if len(pairs) != 1 else ''} (the same content as "
+                 f"another file of that class, e.g. {pairs[0][0]} = {Path(pairs[0][1]).name}): each cell counts once")
 
 
 def holdout_split(labels: np.ndarray, fraction: float = HOLDOUT_FRACTION, seed: int = 0) -> Tuple[np.ndarray,
@@ -242,7 +314,7 @@ def check_counts(cells: ClinicCells, minimum: int = MIN_CELLS_PER_CLASS) -> None
     short = [f"{cells.count(v)} {name}" for name, v in (("parasitized", 1), ("uninfected", 0))
              if cells.count(v) < minimum]
     if short:
-        raise AdaptError(f"only {' and '.join(short)} readable cells; edge-adapt needs at least {minimum} per class, "
+        raise AdaptError(f"only {' and '.join(short)} distinct readable cells; edge-adapt needs at least {minimum} per class, "
                          "because the threshold is chosen, and sensitivity and specificity measured, on cells held "
                          f"out of fine-tuning (a fifth per fold, or {HOLDOUT_FRACTION:.0%} with --folds 0), and "
                          "fewer cannot tell a good adaptation from a bad one; "
@@ -342,9 +414,9 @@ def compile_for_fine_tuning(model, recipe: Recipe, head: str, steps: int) -> Non
 
 
 def fit_until_interrupted(model, dataset, recipe: Recipe, log: Log):
-    """``model.fit`` with one line per epoch through ``log``. Ctrl-C during fit stops after the running batch
-    instead of raising inside TensorFlow's threads (which can crash the process), then raises KeyboardInterrupt
-    here, where the caller removes the unfinished bundle."""
+    """``model.fit`` with one line per epoch through ``log``. Ctrl-C (or SIGTERM) during fit stops after the
+    running batch instead of raising inside TensorFlow's threads (which can crash the process), then raises
+    KeyboardInterrupt (:class:`Terminated`) here, where the caller removes the unfinished bundle."""
     import keras
 
     class EpochLine(keras.callbacks.Callback):
@@ -368,14 +440,14 @@ def fit_until_interrupted(model, dataset, recipe: Recipe, log: Log):
                 self.model.stop_training = True
 
     in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, stop) if in_main else None
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
     try:
         history = model.fit(dataset, epochs=recipe.epochs, callbacks=[EpochLine(), StopOnInterrupt()], verbose=0)
     finally:
-        if in_main:
-            signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if interrupted:
-        raise KeyboardInterrupt
+        raise Terminated if signal.SIGTERM in interrupted else KeyboardInterrupt
     return history
 
 
@@ -468,7 +540,7 @@ def _replay_and_old_test(manifest: Optional[Path], size: int, stain: Optional[Di
         cells = read_manifest(manifest)
         info = load_prepare_report(manifest)
     except DatasetError as exc:
-        raise AdaptError(str(exc), EXIT_USAGE) from None
+        raise AdaptError(str(exc), EXIT_FAILED if manifest.is_file() else EXIT_USAGE) from None
     replay_cells = calibration_cells(cells, count, seed) if count else []
     cache = Path(manifest).parent / "cache"
     replay = load_arrays(replay_cells, size, stain, None) if replay_cells else None
@@ -688,6 +760,7 @@ def cells_record(clinic: ClinicCells, cells: MeasuredCells, tuned: FineTuned, re
     y, kept = cells.labels, clinic.labels[cells.keep]
     record = {"parasitized": clinic.count(1), "uninfected": clinic.count(0),
               "list_sha256": clinic.list_sha256, "skipped": len(clinic.failed),
+              "duplicates_dropped": len(clinic.duplicates),
               "fine_tuned": {"parasitized": int(kept.sum()), "uninfected": int(len(kept) - kept.sum())}}
     measured = {"parasitized": int(y.sum()), "uninfected": int(len(y) - y.sum())}
     if cells.cross_validated:
@@ -732,12 +805,26 @@ def record_adaptation(card: Dict, base: BaseModel, base_bundle: ModelBundle, cli
         ("out_of_fold" if cells.cross_validated else "held_out"): evaluation,
         "old_lab_test": measured.old_lab,
         "unfamiliar": measured.unfamiliar,
+        **recommendation(measured, cells),
         "wall_seconds": time.time() - started[0],
         "cpu_seconds": _cpu_seconds() - started[1],
         "machine": machine_info(),
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
     }
+
+
+def recommendation(measured: Measured, cells: MeasuredCells) -> Dict:
+    """Whether the adapted model may replace the base: not when its AUC on the measured clinic cells (out of fold,
+    or held out) is below the base model's on the very same cells. AUC, because it does not depend on either
+    model's threshold; a model that ranks the clinic's cells worse than the one it came from gained nothing (a
+    wrong label, a folder of copies, a recipe that wrecked the weights)."""
+    before, after = measured.before["metrics"]["roc_auc"], measured.after["metrics"]["roc_auc"]
+    if before is None or after is None or after >= before:
+        return {"recommended": True}
+    return {"recommended": False,
+            "not_recommended_because": f"its {cells.where} AUC {after:.4f} on the clinic's cells is worse than the "
+                                       f"base model's {before:.4f} on the same cells"}
 
 
 def finish_card(card: Dict, paths: BundlePaths, calibration: np.ndarray, clinic_cells: int, replayed: bool,
@@ -763,10 +850,11 @@ def load_replay(replay: Optional[os.PathLike], size: int, stain: Optional[Dict],
 
 
 def open_base_bundle(base: BaseModel) -> ModelBundle:
+    """The base's int8 file, checked; a damaged one is a model that could not be used (exit 1)."""
     try:
         return ModelBundle(base.int8_path)
     except ModelError as exc:
-        raise AdaptError(str(exc), EXIT_USAGE) from None
+        raise AdaptError(str(exc)) from None
 
 
 def adapt(cells: os.PathLike, out: os.PathLike, model: Optional[os.PathLike] = None,
@@ -794,6 +882,7 @@ def adapt(cells: os.PathLike, out: os.PathLike, model: Optional[os.PathLike] = N
     clinic = read_clinic_cells(Path(cells), size, stain)
     for path, reason in clinic.failed:
         (warn or log)(f"skipped {path}: {reason}")
+    say_duplicates(clinic, warn or log)
     check_counts(clinic, min_cells)
     paths = BundlePaths(_prepare_out(out), name or f"{base.card.get('name', 'malaria')}_adapted")
     try:

@@ -15,6 +15,7 @@ from malaria_edge.train.adapt import Recipe
 from malaria_edge.train.dataset import NIH_ZIP_URL, describe_bad, download_zip, format_counts, prepare
 
 INTERRUPTED = 130
+TERMINATED = 143   # 128 + SIGTERM, as a shell reports a process the signal ended
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -145,24 +146,31 @@ def adapt_main(cells_dir, out, model_path, replay, name, strategy, epochs, learn
     """
     console = Console("edge-adapt", verbosity)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from malaria_edge.train.adapt import adapt, format_adaptation
+    from malaria_edge.train.adapt import Terminated, adapt, format_adaptation, terminate_like_ctrl_c
+    terminate_like_ctrl_c()
     recipe = Recipe(strategy=strategy, epochs=epochs, learning_rate=learning_rate, replay_cells=replay_cells,
                     seed=seed, folds=folds, min_sensitivity=min_sensitivity or None)
     try:
         with console.exit_on_error():
             result = adapt(cells_dir, out, model_path, replay, name, recipe, holdout,
                            command=command_line("edge-adapt"), log=console.info, warn=console.warn)
-    except KeyboardInterrupt:
-        console.error(f"interrupted; nothing was written to {out}")
+    except KeyboardInterrupt as exc:
+        stopped = isinstance(exc, Terminated)
+        console.error(f"{'stopped (SIGTERM)' if stopped else 'interrupted'}; nothing was written to {out}")
         sys.stdout.flush()
         sys.stderr.flush()
         # TensorFlow's input-pipeline threads can hold a normal interpreter exit for minutes after an interrupted
         # fit; the temporary folder is already removed, so leave at once.
-        os._exit(INTERRUPTED)
+        os._exit(TERMINATED if stopped else INTERRUPTED)
     if not console.quiet:
         click.echo(format_adaptation(result.card))
         click.echo(f"bundle: {result.int8_path}, {result.fp32_path}, {result.card_path}, {result.keras_path}")
-        click.echo(f"use it: edge-classify CELLS --model {result.int8_path}")
+        if result.recommended:
+            click.echo(f"use it: edge-classify CELLS --model {result.int8_path}")
+    if not result.recommended:
+        console.warn(f"do not use {result.out}: {result.adaptation['not_recommended_because']} (written for "
+                     "inspection; check the labels of Parasitized/ and Uninfected/, or keep the base model)")
+        sys.exit(EXIT_FAILED)
     if result.failed:
         console.warn(f"{len(result.failed)} unreadable images skipped (named above); the bundle is written from the "
                      "others")
