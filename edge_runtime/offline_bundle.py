@@ -44,6 +44,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import click
 
+from .bundle import sha256_file
 from .console import Console, common_options
 from .errors import EXIT_USAGE, MalariaEdgeError
 from .version import __version__
@@ -311,14 +312,6 @@ class BundleResult:
     seconds: float = 0.0
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _tail(done: subprocess.CompletedProcess, lines: int = 4) -> str:
     text = (done.stderr or "") + (done.stdout or "")
     kept = [l for l in text.strip().splitlines() if l.strip() and "[notice]" not in l]
@@ -408,7 +401,7 @@ def _write_bundle_files(work: Path, own_path: Path, own, wheels: List[str], targ
                        "platform_tags": target.platform_tags()},
             "install": install_spec, "index_url": index_url, "extras": list(extras),
             "model": {"files": [Path(m).name for m in own.models], "default_int8_sha256": own.model_sha256},
-            "wheels": {w: _sha256(wheels_dir / w) for w in wheels}}
+            "wheels": {w: sha256_file(wheels_dir / w) for w in wheels}}
     (work / BUNDLE_MARKER).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     install = work / "install.sh"
     install.write_text(INSTALL_SH.replace("@SPEC@", install_spec).replace("@PYTHON@", target.python)
@@ -422,7 +415,7 @@ def _write_bundle_files(work: Path, own_path: Path, own, wheels: List[str], targ
     if unit is not None:
         (work / SERVICE_UNIT).write_bytes(unit)
     files = sorted(p.relative_to(work).as_posix() for p in work.rglob("*") if p.is_file())
-    (work / "SHA256SUMS").write_text("".join(f"{_sha256(work / f)}  {f}\n" for f in files), encoding="utf-8")
+    (work / "SHA256SUMS").write_text("".join(f"{sha256_file(work / f)}  {f}\n" for f in files), encoding="utf-8")
     for path in work.rglob("*"):
         if path.is_file():
             path.chmod(0o755 if path == install else 0o644)
