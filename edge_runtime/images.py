@@ -62,6 +62,11 @@ MIN_FOREGROUND_SPREAD = 2.0
 # neighbour-to-neighbour change at most 0.63 of the spread (squared ratio, :func:`_roughness`); noise is near 1.
 MIN_TIGHT_SPREAD = 4.0
 MAX_TIGHT_ROUGHNESS = 0.75
+# A cell cut tight is one stained part and a few specks (its rim, a parasite, dust): at most 8 parts over
+# TIGHT_PART_AREA of the picture on 400 NIH cells cut tight (13 with a glass-coloured background); a whole field
+# shrunk to crop size is its cells on glass: at least 11 (IML fields at 260-400 px, the sample fields 16-22).
+MAX_TIGHT_PARTS = 10
+TIGHT_PART_AREA = 0.001
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
 
@@ -473,8 +478,18 @@ def _check_tight_crop(rgb: np.ndarray, nonblack: np.ndarray) -> None:
     pixels = rgb.reshape(-1, 3)
     if float(masked_std(pixels, nonblack.reshape(-1)).max()) < MIN_TIGHT_SPREAD:
         raise ImageError(NO_CELL_FOUND)
-    if _roughness(rgb) > MAX_TIGHT_ROUGHNESS:
+    if _roughness(rgb) > MAX_TIGHT_ROUGHNESS or _stained_parts(rgb) > MAX_TIGHT_PARTS:
         raise ImageError(NO_CELL_FOUND)
+
+
+def _stained_parts(rgb: np.ndarray) -> int:
+    """How many separate stained parts larger than TIGHT_PART_AREA of the picture it holds (segmentation's own
+    stain mask): one for a cell filling its crop, many for a field of cells."""
+    import cv2
+    from . import segment
+    mask = segment.foreground_mask(segment.stain_density(rgb), rgb).astype(np.uint8)
+    _, _, stats, _ = cv2.connectedComponentsWithStats(mask)
+    return int(np.count_nonzero(stats[1:, cv2.CC_STAT_AREA] > TIGHT_PART_AREA * mask.size))
 
 
 def _roughness(rgb: np.ndarray) -> float:
