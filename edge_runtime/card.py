@@ -19,6 +19,7 @@ import numpy as np
 from .errors import MalariaEdgeError
 from .outputs import HEADS
 from .results_io import atomic_write_text
+from .slide import SlideRule, SlideRuleError
 
 CARD_SCHEMA = "malaria-edge/model-card/2"
 READABLE_SCHEMAS = ("malaria-edge/model-card/1", CARD_SCHEMA)
@@ -67,6 +68,7 @@ class ModelCard:
     files: Dict[str, Dict]
     stain: Optional[Dict] = None
     patient_rule: Optional[PatientRule] = None
+    slide_rule: Optional[SlideRule] = None      # how a slide of field cells is read (slide.py); None: no slide call
     reference: Optional[str] = None
     unfamiliar: Optional[Unfamiliar] = None
     tool_version: Optional[str] = None     # the malaria-edge that wrote the card; None on cards older than the field
@@ -124,6 +126,15 @@ def _rule(value: Any) -> PatientRule:
         min_fraction=_number("patient_rule.min_fraction", rule["min_fraction"], 0.0, 1.0, open_low=True),
         max_review_fraction=_number("patient_rule.max_review_fraction", rule["max_review_fraction"], 0.0, 1.0),
         chosen_on=str(rule.get("chosen_on", "")))
+
+
+def _slide_rule(value: Any) -> Optional[SlideRule]:
+    if value is None:
+        return None
+    try:
+        return SlideRule.from_dict(value)
+    except SlideRuleError as exc:
+        raise CardError(f"card field {exc}") from None
 
 
 def _stain(value: Any) -> Optional[Dict]:
@@ -203,6 +214,7 @@ def parse_card(card: Any) -> ModelCard:
         threshold=threshold, files={k: dict(v) for k, v in files.items()},
         stain=_stain(_mapping("preprocessing", preprocessing).get("stain")),
         patient_rule=_rule(card["patient_rule"]) if card.get("patient_rule") is not None else None,
+        slide_rule=_slide_rule(card.get("slide_rule")),
         reference=reference, unfamiliar=_unfamiliar(card.get("unfamiliar")), tool_version=tool_version,
         raw=copy.deepcopy(dict(card)))
 

@@ -1,6 +1,7 @@
 """The Python API of the device side: ``Classifier.load().predict(images)``."""
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from .images import ImageError, ImageInput, load_image, plain_webp_pixels, prepa
 from .labels import PARASITIZED, REVIEW, UNINFECTED, label_from_folder, patient_id
 from .outputs import parasitized_probability
 from .patients import summarize_groups
+from .slide import SlideRule
 from .unfamiliar import cell_scores
 
 # More interpreter threads than any phone, Pi or laptop has cores only slows inference down, and the interpreter's
@@ -82,6 +84,7 @@ class Classifier:
         if min_confidence is not None and not 0.5 <= min_confidence <= 1.0:
             raise ValueError("min_confidence must be between 0.5 and 1.0")
         self.min_confidence = min_confidence
+        self._array_fields = itertools.count(1)  # a field given as pixels is named field-1, field-2, ...
 
     @classmethod
     def load(cls, model: Union[str, os.PathLike, None] = None, threads: Optional[int] = None,
@@ -95,6 +98,11 @@ class Classifier:
         """The card's patient-level rule, or None when the card has none (then no group gets a call)."""
         rule = self.bundle.card.patient_rule
         return rule.as_dict() if rule else None
+
+    @property
+    def slide_rule(self) -> Optional[SlideRule]:
+        """The card's slide rule (how a slide of cells gets its call, :mod:`slide`), or None when it has none."""
+        return self.bundle.card.slide_rule
 
     def decide(self, prob: float) -> str:
         """parasitized / uninfected, or review when the confidence is below ``min_confidence``."""
@@ -126,11 +134,13 @@ class Classifier:
     def classify_field(self, image: ImageInput, source: Optional[str] = None) -> "FieldResult":
         """Find every red cell of a microscope field (path, PIL image or HxWx3 array), classify each, and return
         a :class:`~malaria_edge.edge_runtime.fields.FieldResult` (cells with boxes and calls, counts,
-        parasitemia with its interval, ``plot()``, ``save_crops(dir)``)."""
+        parasitemia with its interval, ``plot()``, ``save_crops(dir)``). ``source`` names it in rows and file
+        names: a path by default, ``field-1``, ``field-2``... for pixels. A float array must hold values in
+        [0, 1] (``images.array_to_image``; 0-255 floats are refused, not read as white)."""
         from .fields import classify_field_pixels
         rgb = np.asarray(load_image(image), dtype=np.uint8)
         if source is None:
-            source = str(image) if isinstance(image, (str, os.PathLike)) else "<field>"
+            source = str(image) if isinstance(image, (str, os.PathLike)) else f"field-{next(self._array_fields)}"
         return classify_field_pixels(self, rgb, source)
 
     def unfamiliar_scores(self, pixels: np.ndarray) -> Optional[np.ndarray]:

@@ -14,13 +14,17 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from .classifier import Prediction
-from .images import ImageError, open_image, open_image_size
+from .images import ImageError, open_image, open_image_size, safe_file_name
 from .labels import PARASITIZED, REVIEW, UNINFECTED
 from .metrics import wilson_interval
-from .segment import CellRegion, cut_cell, draw_outlines, segment_field
+from .quality import FieldQuality, assess_field
+from .segment import CellRegion, cut_cell, field_diameter, is_on_black, segment_field
 
-# Overlay colours (RGB): parasitized red, uninfected green, review amber.
-CALL_COLOURS = {PARASITIZED: (230, 30, 30), UNINFECTED: (40, 200, 60), REVIEW: (255, 170, 0)}
+
+# An overlay's file name from its field's name (the field's path relative to the inputs' common folder), and the
+# pattern that recognises one, so a rerun can tell its own overlays from foreign files.
+OVERLAY_NAME = "{name}_overlay.png"
+OVERLAY_PATTERN = r"(?P<name>.+)_overlay\.png"
 
 
 @dataclass
@@ -35,14 +39,15 @@ class FieldCell:
     region: Optional[CellRegion] = field(default=None, repr=False)
 
     def to_row(self, source: str, latency_ms: float, true_label: Optional[str] = None,
-               reference: Optional[Prediction] = None) -> Dict:
+               reference: Optional[Prediction] = None, warnings: str = "") -> Dict:
         """The output row of this cell of the field ``source`` (CELL_COLUMNS, rounded as written): its index, its
         box in the field's pixels, its call; ``reference`` adds the full model's REFERENCE_COLUMNS."""
         x, y, w, h = self.box
         row = {"path": source, "cell": self.index, "x": x, "y": y, "w": w, "h": h,
                "prediction": self.prediction, "prob_parasitized": round(self.prob_parasitized, 6),
                "latency_ms": round(latency_ms, 4), "true_label": true_label,
-               "unfamiliar": None if self.unfamiliar_score is None else round(self.unfamiliar_score, 3)}
+               "unfamiliar": None if self.unfamiliar_score is None else round(self.unfamiliar_score, 3),
+               "warnings": warnings or None}
         if reference is not None:
             row.update(reference.reference_columns())
         return row
@@ -60,6 +65,13 @@ class FieldResult:
     seconds_segment: float
     seconds_classify: float
     image: Optional[np.ndarray] = field(default=None, repr=False)
+    quality: Optional[FieldQuality] = None
+
+    @property
+    def warnings(self) -> str:
+        """The quality gate's codes for this field joined by ';' (the rows' ``warnings`` column), empty when the
+        field could be read."""
+        return self.quality.warning_text if self.quality is not None else ""
 
     @property
     def n_cells(self) -> int:
@@ -98,6 +110,8 @@ class FieldResult:
         if self.parasitemia is not None:
             lo, hi = self.parasitemia_ci
             text += f", parasitemia {100 * self.parasitemia:.1f}% (95% CI {100 * lo:.1f}-{100 * hi:.1f}%)"
+        if self.warnings:
+            text += f"; NOT READABLE: {self.warnings}"
         return text
 
     def summary(self) -> dict:
@@ -106,7 +120,9 @@ class FieldResult:
         return {"source": self.source, "cells": self.n_cells, "parasitized": self.n_parasitized,
                 "uninfected": self.n_uninfected, "review": self.n_review,
                 "parasitemia": self.parasitemia, "parasitemia_low": ci[0] if ci else None,
-                "parasitemia_high": ci[1] if ci else None}
+                "parasitemia_high": ci[1] if ci else None,
+                "warnings": list(self.quality.warnings) if self.quality is not None else [],
+                "warning_messages": list(self.quality.messages) if self.quality is not None else []}
 
     def to_rows(self, true_label: Optional[str] = None, reference=None) -> List[Dict]:
         """One row per cell (:meth:`FieldCell.to_row`), each with its share of the field's classify time; with a
@@ -118,46 +134,44 @@ class FieldResult:
             probs, seconds = reference.probabilities(pixels)
             references = [Prediction(self.source, reference.decide(float(p)), float(p),
                                      1000.0 * seconds / self.n_cells) for p in probs]
-        return [cell.to_row(self.source, per_cell_ms, true_label, ref) for cell, ref in zip(self.cells, references)]
+        return [cell.to_row(self.source, per_cell_ms, true_label, ref, self.warnings)
+                for cell, ref in zip(self.cells, references)]
 
-    def plot(self, image: Optional[np.ndarray] = None) -> np.ndarray:
-        """The overlay as an RGB array: every cell outlined in the colour of its call, and a caption band."""
-        import cv2
-        base = self.image if image is None else image
-        if base is None:
-            raise ValueError("this result keeps no image; pass the field to plot(image)")
-        colours = [CALL_COLOURS.get(c.prediction, (255, 255, 255)) for c in self.cells]
-        thickness = max(2, int(round(max(self.width, self.height) / 640)))
-        drawn = draw_outlines(base, [c.region for c in self.cells], colours, thickness)
-        scale = max(0.6, self.width / 1600.0)
-        band = int(36 * scale)
-        out = np.zeros((drawn.shape[0] + band, drawn.shape[1], 3), np.uint8)
-        out[band:] = drawn
-        cv2.putText(out, self.caption(), (int(8 * scale), int(band * 0.7)), cv2.FONT_HERSHEY_SIMPLEX, 0.7 * scale,
-                    (255, 255, 255), max(1, int(round(1.5 * scale))), cv2.LINE_AA)
-        x = out.shape[1]
-        for call in (REVIEW, UNINFECTED, PARASITIZED):
-            label = call
-            (tw, _), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, 0.6 * scale, 1)
-            x -= tw + int(14 * scale)
-            cv2.putText(out, label, (x, int(band * 0.7)), cv2.FONT_HERSHEY_SIMPLEX, 0.6 * scale,
-                        CALL_COLOURS[call], max(1, int(round(1.5 * scale))), cv2.LINE_AA)
-        return out
+    def own_ranks(self) -> Dict[int, int]:
+        """{cell index: rank} of this field's cells called parasitized, most probable first: the numbers of an
+        overlay drawn without a slide (a slide numbers its candidates across all its fields)."""
+        called = sorted((c for c in self.cells if c.prediction == PARASITIZED), key=lambda c: -c.prob_parasitized)
+        return {c.index: rank for rank, c in enumerate(called, 1)}
 
-    def save_plot(self, path, image: Optional[np.ndarray] = None) -> Path:
-        """Write the overlay as an image file (PNG or JPEG by suffix)."""
+    def plot(self, image: Optional[np.ndarray] = None, ranks: Optional[Dict[int, int]] = None) -> np.ndarray:
+        """The overlay as an RGB array (:func:`overlay.draw_overlay`, colour-blind safe): candidates outlined thick
+        and numbered by ``ranks`` ({cell index: rank}; default :meth:`own_ranks`), the other cells thin."""
+        from .overlay import draw_overlay
+        return draw_overlay(self, self.own_ranks() if ranks is None else ranks, image)
+
+    def save_plot(self, path, image: Optional[np.ndarray] = None, ranks: Optional[Dict[int, int]] = None) -> Path:
+        """Write the overlay (:meth:`plot`) as an image file in the format its suffix names (PNG, JPEG...); a path
+        without a suffix, or with one Pillow cannot write, gets ``.png`` added. Returns the path written."""
         from PIL import Image
         path = Path(path)
+        if path.suffix.lower() not in Image.registered_extensions():
+            path = path.with_name(path.name + ".png")
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(self.plot(image)).save(path)
+        Image.fromarray(self.plot(image, ranks)).save(path)
         return path
 
-    def crop_name(self, cell: FieldCell) -> str:
-        return f"{Path(self.source).stem}_cell{cell.index}.png"
+    def file_stem(self) -> str:
+        """The source's file stem, safe as a file name on every system (``field-1`` for an array field)."""
+        return safe_file_name(Path(self.source).stem)
 
-    def save_crops(self, directory, image: Optional[np.ndarray] = None) -> List[Path]:
+    def crop_name(self, cell: FieldCell, stem: Optional[str] = None) -> str:
+        """``<stem>_cell<index>.png``; ``stem`` defaults to :meth:`file_stem` (edge-classify passes the field's
+        path relative to its inputs' common folder, so two ``field1`` of two slides never share a name)."""
+        return f"{stem or self.file_stem()}_cell{cell.index}.png"
+
+    def save_crops(self, directory, image: Optional[np.ndarray] = None, stem: Optional[str] = None) -> List[Path]:
         """Write each cell as the model sees it before resizing (tight box, masked on black) as
-        ``<field stem>_cell<index>.png``, ready to be sorted into Parasitized/ and Uninfected/."""
+        :meth:`crop_name` gives it, ready to be sorted into Parasitized/ and Uninfected/."""
         from PIL import Image
         base = self.image if image is None else image
         if base is None:
@@ -166,20 +180,23 @@ class FieldResult:
         directory.mkdir(parents=True, exist_ok=True)
         written = []
         for cell in self.cells:
-            path = directory / self.crop_name(cell)
+            path = directory / self.crop_name(cell, stem)
             Image.fromarray(cut_cell(base, cell.region)).save(path)
             written.append(path)
         return written
 
 
 def classify_field_pixels(classifier, rgb: np.ndarray, source: str = "<field>", keep_image: bool = True,
-                          diameter: Optional[float] = None) -> FieldResult:
+                          diameter: Optional[float] = None, expected_diameter: Optional[float] = None) -> FieldResult:
     """Segment a field already decoded to ``rgb`` (HxWx3 uint8), cut every cell, classify them in one batch.
     ``Classifier.classify_field`` takes any image input and comes here; benchmarks call this to time the pixels'
-    part alone (``keep_image=False``) or with a known ``diameter``."""
+    part alone (``keep_image=False``) or with a known ``diameter``. The quality gate (:func:`quality.assess_field`)
+    judges the field: a field it cannot read carries its warnings into every row, its summary and its slide."""
     start = time.perf_counter()
-    regions = segment_field(rgb, diameter=diameter)
+    diameter = diameter if diameter is not None else field_diameter(rgb)
+    regions = segment_field(rgb, diameter=diameter) if diameter is not None else []
     found_diameter = float(np.median([r.diameter for r in regions])) if regions else None
+    quality = assess_field(rgb, regions, diameter, expected_diameter)
     seconds_segment = time.perf_counter() - start
     start = time.perf_counter()
     cells: List[FieldCell] = []
@@ -192,7 +209,7 @@ def classify_field_pixels(classifier, rgb: np.ndarray, source: str = "<field>", 
             cells.append(FieldCell(index, region.box, classifier.decide(float(prob)), float(prob), score, region))
     seconds_classify = time.perf_counter() - start
     return FieldResult(source, int(rgb.shape[1]), int(rgb.shape[0]), cells, found_diameter, seconds_segment,
-                       seconds_classify, rgb if keep_image else None)
+                       seconds_classify, rgb if keep_image else None, quality)
 
 
 # An image this small on its longest side is a single-cell crop (NIH crops are 100-150 px; a field is ~1000+ px).
@@ -218,6 +235,9 @@ def field_or_cell(classifier, path, input_kind: str = "auto") -> Tuple[str, Opti
         raise ImageError(f"image is {width}x{height} px, too small to be a microscope field "
                          f"(at least {FIELD_MIN_SIDE} px a side)")
     rgb = np.asarray(open_image(path), dtype=np.uint8)
+    if input_kind == "auto" and is_on_black(rgb):
+        # A large crop masked on black (the NIH look, enlarged): a close-up of one cell, never a field of glass.
+        return "cell", None
     result = classifier.classify_field(rgb, source=str(path))
     if result.n_cells == 0:
         raise ImageError(f"no red cells found in this {width}x{height} image (not a thin-smear field, or far out "

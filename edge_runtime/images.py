@@ -7,6 +7,8 @@ same to the model on the laptop and on the Pi. Decoding is defensive: a field to
 from __future__ import annotations
 
 import os
+import re
+import stat
 import warnings
 from pathlib import Path
 from typing import Optional, Union
@@ -16,7 +18,17 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import MalariaEdgeError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif")
+try:  # a phone's HEIC photos are read when pillow-heif is installed (it must register its opener)
+    from pillow_heif import register_heif_opener
+    register_heif_opener()
+except ImportError:
+    pass
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".tif", ".tiff", ".bmp", ".gif")
+# Phone formats Pillow reads only with a plugin (or a recent build): read when Pillow has an opener for them here,
+# else named as an input problem with what to install, never skipped silently.
+PLUGIN_SUFFIXES = {".avif": ("AVIF", "Pillow 11.3+ or pillow-avif-plugin"), ".heic": ("HEIC", "pillow-heif"),
+                   ".heif": ("HEIF", "pillow-heif")}
 
 # A segmented cell is ~100-150 px a side; a whole smear field from a phone is ~12 MP. Anything above this many
 # pixels is refused before decoding (decompression bombs, or a whole slide photo passed by mistake).
@@ -58,6 +70,40 @@ class ImageError(MalariaEdgeError, ValueError):
     """An input that cannot be turned into a cell image; the message says why in one line."""
 
 
+def too_large(width: Optional[int] = None, height: Optional[int] = None) -> ImageError:
+    """The one refusal for an image over the pixel limit, cell or field, with what to do about it."""
+    size = f"is {width}x{height} px" if width else "is over Pillow's own decompression-bomb limit"
+    return ImageError(f"image {size}, too large: over the {MAX_PIXELS:,} px pixel limit; downscale it, or split "
+                      "the field into smaller images")
+
+
+def _check_regular_file(path: Union[str, os.PathLike]) -> None:
+    """ImageError unless ``path`` is a regular, non-empty file: a FIFO, a device or a socket would block or be
+    read forever, and is never an image file."""
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        raise ImageError(f"cannot read file: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ImageError("not a regular file (a pipe, device or socket); give the image file itself")
+    if info.st_size == 0:
+        raise ImageError("empty file (0 bytes)")
+
+
+def _unreadable(path: Union[str, os.PathLike]) -> ImageError:
+    """The refusal for a file Pillow cannot identify: which plugin its format needs, when we know."""
+    return ImageError(plugin_hint(path) or "not an image Pillow can read (wrong or unknown format)")
+
+
+def plugin_hint(path: Union[str, os.PathLike]) -> Optional[str]:
+    """For a phone format Pillow cannot read here (no plugin), what to install; else None."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in PLUGIN_SUFFIXES or suffix in Image.registered_extensions():
+        return None
+    name, plugin = PLUGIN_SUFFIXES[suffix]
+    return f"{name} needs {plugin} (pip install it), or convert the image to JPEG or PNG"
+
+
 def max_pixels_for(mode: str) -> int:
     """The largest image of this Pillow mode that decodes within :data:`IMAGE_MEMORY_BOUND`."""
     depth = DEEP_MODE_BYTES.get(mode)
@@ -70,12 +116,7 @@ def open_image(path: Union[str, os.PathLike], draft_to: Optional[int] = None) ->
     ``draft_to``: a JPEG larger than needed is decoded at 1/2, 1/4 or 1/8 scale (never below ``draft_to`` px a
     side) by the JPEG decoder itself, so a phone photo passed as a cell costs a fraction of its full memory."""
     path = Path(path)
-    try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise ImageError(f"cannot read file: {exc.strerror or exc}") from None
-    if size == 0:
-        raise ImageError("empty file (0 bytes)")
+    _check_regular_file(path)
     try:
         plain_webp = _decode_plain_webp(path)
     except OSError as exc:
@@ -88,14 +129,14 @@ def open_image(path: Union[str, os.PathLike], draft_to: Optional[int] = None) ->
             with Image.open(path) as img:
                 width, height = img.size
                 if width * height > MAX_PIXELS:
-                    raise ImageError(
-                        f"image is {width}x{height} px, too large to be a cell photo (limit {MAX_PIXELS:,} px); "
-                        "crop single cells first")
+                    raise too_large(width, height)
+                _check_single_page(img)
                 limit = max_pixels_for(img.mode)
                 if width * height > limit:
                     raise ImageError(
                         f"{img.mode} image is {width}x{height} px, too large to convert within "
-                        f"{IMAGE_MEMORY_BOUND // 2**20} MB (limit {limit:,} px for this bit depth); crop it first")
+                        f"{IMAGE_MEMORY_BOUND // 2**20} MB (limit {limit:,} px for this bit depth); downscale it "
+                        "or split it")
                 if draft_to and img.format == "JPEG":
                     img.draft("RGB", (draft_to, draft_to))
                 img.load()
@@ -110,11 +151,20 @@ def open_image(path: Union[str, os.PathLike], draft_to: Optional[int] = None) ->
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(f"image too large to be a cell photo (limit {MAX_PIXELS:,} px)") from None
+        raise too_large() from None
     except UnidentifiedImageError:
-        raise ImageError("not an image Pillow can read (wrong or unknown format)") from None
+        raise _unreadable(path) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"corrupt or truncated image ({exc})") from None
+
+
+def _check_single_page(img: Image.Image) -> None:
+    """A multi-page TIFF (a z-stack, several fields in one file) is refused: reading its first page alone would
+    pass the others silently."""
+    pages = getattr(img, "n_frames", 1) if img.format == "TIFF" else 1
+    if pages > 1:
+        raise ImageError(f"multi-page TIFF ({pages} pages): only single images are read; save each page as its own "
+                         "file (one field or cell per file)")
 
 
 def _decode_plain_webp(path: Path) -> Optional[Image.Image]:
@@ -162,22 +212,23 @@ def plain_webp_size(head: bytes) -> Optional[tuple]:
 
 def open_image_size(path: Union[str, os.PathLike]) -> tuple:
     """(width, height) read from the file header only; :class:`ImageError` with a one-line reason when the file
-    is missing, empty or not an image. A simple WebP's 30-byte header is read directly (Pillow's WebP opener
+    is missing, empty, not a regular file, not an image or over Pillow's own pixel limit. A simple WebP's 30-byte header is read directly (Pillow's WebP opener
     reads the whole file and sets up its decoder)."""
+    _check_regular_file(path)
     try:
-        if os.stat(path).st_size == 0:
-            raise ImageError("empty file (0 bytes)")
         with open(path, "rb") as handle:
             size = plain_webp_size(handle.read(30))
         if size is not None:
             return size
-        with Image.open(path) as img:
-            return img.size
-    except ImageError:
-        raise
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked where decoded
+            with Image.open(path) as img:
+                return img.size
+    except Image.DecompressionBombError:
+        raise too_large() from None
     except OSError as exc:
         if isinstance(exc, UnidentifiedImageError):
-            raise ImageError("not an image Pillow can read (wrong or unknown format)") from None
+            raise _unreadable(path) from None
         raise ImageError(f"cannot read file: {exc.strerror or exc}") from None
     except (SyntaxError, ValueError) as exc:
         raise ImageError(f"corrupt or truncated image ({exc})") from None
@@ -316,7 +367,9 @@ def masked_std(pixels: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def array_to_image(arr: np.ndarray) -> Image.Image:
-    """Accept HxW, HxWx1, HxWx3 or HxWx4 arrays (uint8, uint16 or float in [0, 1]) as an RGB image."""
+    """Accept HxW, HxWx1, HxWx3 or HxWx4 arrays (uint8, uint16 or float in [0, 1]) as an RGB image. A float array
+    with values outside [0, 1] (0-255 floats from an OpenCV or numpy conversion) is refused: read as [0, 1] it
+    would be all white and show no cell, with no error."""
     arr = np.asarray(arr)
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]
@@ -325,10 +378,19 @@ def array_to_image(arr: np.ndarray) -> Image.Image:
     if arr.dtype == np.uint16:
         arr = (arr.astype(np.float64) / 257.0).round().astype(np.uint8)
     elif np.issubdtype(arr.dtype, np.floating):
+        _check_unit_floats(arr)
         arr = np.clip(arr * 255.0 + 0.5, 0, 255).astype(np.uint8)
     elif arr.dtype != np.uint8:
         arr = np.clip(arr, 0, 255).astype(np.uint8)
     return to_rgb(Image.fromarray(arr))
+
+
+def _check_unit_floats(arr: np.ndarray) -> None:
+    """ImageError when a float image's finite values are not all within [0, 1]."""
+    finite = arr[np.isfinite(arr)]
+    if finite.size and (float(finite.min()) < 0.0 or float(finite.max()) > 1.0):
+        raise ImageError(f"{arr.dtype} array with values from {float(finite.min()):g} to {float(finite.max()):g}: "
+                         "float images must be in [0, 1]; divide 0-255 values by 255, or pass a uint8 array")
 
 
 def load_image(source: ImageInput, draft_to: Optional[int] = None) -> Image.Image:
@@ -464,6 +526,19 @@ def prepare_single_cell(image: Union[np.ndarray, Image.Image], size: int, stain:
     return cut
 
 
+# Characters no Windows file name may hold (and path separators): replaced in names this tool makes up.
+_UNSAFE_NAME = re.compile(r'[<>:"/\\|?*\x00-\x1f\x7f]')
+
+
+def safe_file_name(text: str) -> str:
+    """``text`` usable as one file name on Linux, macOS and Windows (a phone's or a Pi's card is often FAT): path
+    separators, ``<>:"|?*`` and control characters become ``_``; a trailing dot or space (Windows drops them) too."""
+    name = _UNSAFE_NAME.sub("_", text)
+    return re.sub(r"[. ]+$", lambda m: "_" * len(m.group()), name) or "_"
+
+
 def is_image_path(path: Union[str, os.PathLike]) -> bool:
-    """True when the file name has an image suffix this runtime reads."""
-    return Path(path).suffix.lower() in IMAGE_SUFFIXES
+    """True when the file name has an image suffix this runtime reads (AVIF/HEIC only with Pillow's opener for
+    them installed: see :func:`plugin_hint` for the others)."""
+    suffix = Path(path).suffix.lower()
+    return suffix in IMAGE_SUFFIXES or (suffix in PLUGIN_SUFFIXES and suffix in Image.registered_extensions())

@@ -44,6 +44,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import click
 
+from .bundle import sha256_file
 from .console import Console, common_options
 from .errors import EXIT_USAGE, MalariaEdgeError
 from .version import __version__
@@ -311,14 +312,6 @@ class BundleResult:
     seconds: float = 0.0
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _tail(done: subprocess.CompletedProcess, lines: int = 4) -> str:
     text = (done.stderr or "") + (done.stdout or "")
     kept = [l for l in text.strip().splitlines() if l.strip() and "[notice]" not in l]
@@ -342,28 +335,13 @@ def build_bundle(out: Path, target: Target = Target(), wheel: Optional[Path] = N
     started = time.monotonic()
     out = Path(out).absolute()
     archive = out.with_name(out.name + ".tar.gz")
-    for path in (out, archive):
-        if path.exists() and not overwrite:
-            raise BundleError(f"{path} exists; pass --overwrite to replace it, or choose another OUT",
-                              exit_code=EXIT_USAGE)
-    if out.exists() and not _is_our_bundle(out):
-        raise BundleError(f"{out} exists and is not a bundle edge-bundle wrote; refusing to replace it",
-                          exit_code=EXIT_USAGE)
+    _check_bundle_targets(out, archive, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         wheels_dir = work / "wheels"
         wheels_dir.mkdir()
-        if wheel is None:
-            root = source_root()
-            if root is None:
-                raise BundleError("this malaria-edge is installed from a wheel, not a source checkout, so edge-bundle "
-                                  "cannot build our wheel: pass --wheel FILE (the malaria_edge-*.whl you installed "
-                                  "from, or `pip wheel --no-deps -w dist .` in a checkout)", exit_code=EXIT_USAGE)
-            own_path = build_own_wheel(root, wheels_dir, log)
-        else:
-            own_path = wheels_dir / Path(wheel).name
-            shutil.copy2(wheel, own_path)
+        own_path = _own_wheel(wheel, wheels_dir, log)
         own = inspect_own_wheel(own_path)
         log(f"our wheel {own_path.name}: model bundle inside ({', '.join(Path(m).name for m in own.models)}), "
             f"{own.samples} sample images")
@@ -374,49 +352,85 @@ def build_bundle(out: Path, target: Target = Target(), wheel: Optional[Path] = N
             raise BundleError(f"the wheels for {target.label} are incomplete (pip on the device would fail): "
                               + "; ".join(missing))
         wheels = sorted(p.name for p in wheels_dir.glob("*.whl"))
-        install_spec = f"{DISTRIBUTION}[{','.join(extras)}]=={own.version}" if extras else \
-            f"{DISTRIBUTION}=={own.version}"
-        meta = {"tool": "edge-bundle", "bundle_version": 1, "malaria_edge": own.version,
-                "made_with": __version__, "made_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "target": {"machine": target.machine, "python": target.python, "glibc": target.glibc,
-                           "platform_tags": target.platform_tags()},
-                "install": install_spec, "index_url": index_url, "extras": list(extras),
-                "model": {"files": [Path(m).name for m in own.models], "default_int8_sha256": own.model_sha256},
-                "wheels": {name: _sha256(wheels_dir / name) for name in wheels}}
-        (work / BUNDLE_MARKER).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        install = work / "install.sh"
-        install.write_text(INSTALL_SH.replace("@SPEC@", install_spec).replace("@PYTHON@", target.python)
-                           .replace("@MACHINE@", target.machine).replace("@GLIBC@", target.glibc)
-                           .replace("@VERSION@", own.version), encoding="utf-8")
-        install.chmod(0o755)
-        (work / "README.txt").write_text(README_TXT.format(version=own.version, label=target.label,
-                                                           name=out.name, spec=install_spec, n=len(wheels),
-                                                           wheels="\n".join(f"  {w}" for w in wheels)),
-                                         encoding="utf-8")
-        unit = _service_unit(own_path)
-        if unit is not None:
-            (work / SERVICE_UNIT).write_bytes(unit)
-        files = sorted(p.relative_to(work).as_posix() for p in work.rglob("*") if p.is_file())
-        (work / "SHA256SUMS").write_text("".join(f"{_sha256(work / f)}  {f}\n" for f in files), encoding="utf-8")
-        for path in work.rglob("*"):
-            if path.is_file() and path != install:
-                path.chmod(0o644)
-        work.chmod(0o755)
-        wheels_dir.chmod(0o755)
-
+        _write_bundle_files(work, own_path, own, wheels, target, index_url, extras, out.name)
         log(f"writing {archive.name}")
-        tmp_archive = work.with_name(work.name + ".tar.gz")
-        _write_archive(work, tmp_archive, out.name)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(work, out)
-        os.replace(tmp_archive, archive)
+        _move_into_place(work, out, archive)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         Path(str(work) + ".tar.gz").unlink(missing_ok=True)
         raise
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     return BundleResult(out, archive, target, own, wheels, size, archive.stat().st_size, time.monotonic() - started)
+
+
+def _check_bundle_targets(out: Path, archive: Path, overwrite: bool) -> None:
+    """Refuse to replace a folder or archive without --overwrite, and a folder edge-bundle did not write at all."""
+    for path in (out, archive):
+        if path.exists() and not overwrite:
+            raise BundleError(f"{path} exists; pass --overwrite to replace it, or choose another OUT",
+                              exit_code=EXIT_USAGE)
+    if out.exists() and not _is_our_bundle(out):
+        raise BundleError(f"{out} exists and is not a bundle edge-bundle wrote; refusing to replace it",
+                          exit_code=EXIT_USAGE)
+
+
+def _own_wheel(wheel: Optional[Path], wheels_dir: Path, log: Log) -> Path:
+    """Our wheel in ``wheels_dir``: the one given, or built from the source checkout this package runs from."""
+    if wheel is not None:
+        own_path = wheels_dir / Path(wheel).name
+        shutil.copy2(wheel, own_path)
+        return own_path
+    root = source_root()
+    if root is None:
+        raise BundleError("this malaria-edge is installed from a wheel, not a source checkout, so edge-bundle "
+                          "cannot build our wheel: pass --wheel FILE (the malaria_edge-*.whl you installed "
+                          "from, or `pip wheel --no-deps -w dist .` in a checkout)", exit_code=EXIT_USAGE)
+    return build_own_wheel(root, wheels_dir, log)
+
+
+def _write_bundle_files(work: Path, own_path: Path, own, wheels: List[str], target: Target, index_url: str,
+                        extras: Sequence[str], name: str) -> None:
+    """bundle.json, install.sh, README.txt, the service unit and SHA256SUMS beside the wheels; modes a device
+    user can read."""
+    wheels_dir = work / "wheels"
+    install_spec = f"{DISTRIBUTION}[{','.join(extras)}]=={own.version}" if extras else \
+        f"{DISTRIBUTION}=={own.version}"
+    meta = {"tool": "edge-bundle", "bundle_version": 1, "malaria_edge": own.version,
+            "made_with": __version__, "made_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "target": {"machine": target.machine, "python": target.python, "glibc": target.glibc,
+                       "platform_tags": target.platform_tags()},
+            "install": install_spec, "index_url": index_url, "extras": list(extras),
+            "model": {"files": [Path(m).name for m in own.models], "default_int8_sha256": own.model_sha256},
+            "wheels": {w: sha256_file(wheels_dir / w) for w in wheels}}
+    (work / BUNDLE_MARKER).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    install = work / "install.sh"
+    install.write_text(INSTALL_SH.replace("@SPEC@", install_spec).replace("@PYTHON@", target.python)
+                       .replace("@MACHINE@", target.machine).replace("@GLIBC@", target.glibc)
+                       .replace("@VERSION@", own.version), encoding="utf-8")
+    (work / "README.txt").write_text(README_TXT.format(version=own.version, label=target.label, name=name,
+                                                       spec=install_spec, n=len(wheels),
+                                                       wheels="\n".join(f"  {w}" for w in wheels)),
+                                     encoding="utf-8")
+    unit = _service_unit(own_path)
+    if unit is not None:
+        (work / SERVICE_UNIT).write_bytes(unit)
+    files = sorted(p.relative_to(work).as_posix() for p in work.rglob("*") if p.is_file())
+    (work / "SHA256SUMS").write_text("".join(f"{sha256_file(work / f)}  {f}\n" for f in files), encoding="utf-8")
+    for path in work.rglob("*"):
+        if path.is_file():
+            path.chmod(0o755 if path == install else 0o644)
+    work.chmod(0o755)
+    wheels_dir.chmod(0o755)
+
+
+def _move_into_place(work: Path, out: Path, archive: Path) -> None:
+    """The archive of the finished folder, then both renamed over ``out`` and ``out.tar.gz``."""
+    tmp_archive = work.with_name(work.name + ".tar.gz")
+    _write_archive(work, tmp_archive, out.name)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(work, out)
+    os.replace(tmp_archive, archive)
 
 
 SERVICE_UNIT = "malaria-edge-watch.service"

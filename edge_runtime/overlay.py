@@ -3,8 +3,8 @@
 Colours are Okabe-Ito (safe for the common colour-vision deficiencies) and never carry meaning alone: a candidate
 is a thick vermillion outline with its rank in a white-on-black label (the rank is the row's ``rank``, the review
 file's leading number and the report gallery's number); every other cell is a thin sky-blue outline. The caption
-names the field so an overlay found on its own still says where it came from. ``FieldResult.plot`` is to call
-:func:`draw_overlay` once the CLI is switched over.
+names the field so an overlay found on its own still says where it came from. ``FieldResult.plot`` (and so
+``edge-classify --overlays``) and the report both draw with :func:`draw_overlay`: one renderer.
 """
 from __future__ import annotations
 

@@ -30,11 +30,11 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from .errors import EXIT_FAILED, EXIT_USAGE, MalariaEdgeError
-from .images import is_image_path
+from .images import is_image_path, plugin_hint, safe_file_name
 from .labels import CLASSES
 
 CELL_COLUMNS = ["path", "cell", "x", "y", "w", "h", "prediction", "prob_parasitized", "latency_ms", "true_label",
-               "unfamiliar", "error"]
+               "unfamiliar", "warnings", "error"]
 REFERENCE_COLUMNS = ["ref_prediction", "ref_prob_parasitized", "ref_latency_ms"]
 GROUP_COLUMNS = ["group", "call", "cells", "parasitized", "review", "failed", "unfamiliar", "parasitized_fraction", "fraction_low",
                 "fraction_high", "true_status", "reason"]
@@ -71,6 +71,31 @@ class Inputs:
     problems: List[str] = field(default_factory=list)
     duplicates: int = 0
     resolved: Dict[str, str] = field(default_factory=dict, repr=False)
+    folders: List[str] = field(default_factory=list)
+
+    def output_names(self) -> Dict[str, str]:
+        """Each image's name for the files made from it (overlay, crops): its path relative to the folder that
+        holds every input, one name per path (``s1/field1.jpg`` -> ``s1__field1.jpg``), safe on Windows
+        (:func:`safe_file_name`). Two fields called ``field1`` in two slides, or ``field1.jpg`` and
+        ``field1.png``, never share a name; a name that still repeats (``a__b.jpg`` beside ``a/b.jpg``) gets
+        ``~2``. Made from every input found, so a --resume gives each image the name the first run gave it."""
+        absolute = [os.path.abspath(p) for p in self.images]
+        try:
+            root = os.path.commonpath([os.path.dirname(p) for p in absolute]) if absolute else ""
+        except ValueError:  # Windows: inputs on two drives
+            root = ""
+        names: Dict[str, str] = {}
+        taken: Set[str] = set()
+        for path, full in zip(self.images, absolute):
+            rel = os.path.relpath(full, root) if root else full.lstrip("/\\")
+            name = safe_file_name(rel.replace(os.sep, "__").replace("/", "__"))
+            unique, n = name, 1
+            while unique in taken:
+                n += 1
+                unique = f"{name}~{n}"
+            taken.add(unique)
+            names[path] = unique
+        return names
 
     def real(self, path: str) -> str:
         """The resolved path of ``path``, from the de-duplication's own realpath call when it made one (resolving
@@ -125,11 +150,17 @@ def _glob_regex(pattern: str) -> "re.Pattern":
     return re.compile("".join(out) + r"\Z", re.DOTALL)
 
 
+def _glob_root(pattern: str) -> Tuple[str, int]:
+    """The folder a glob starts from (its parts before the first wildcard) and how many parts that is."""
+    parts = pattern.split("/")
+    fixed = next(i for i, p in enumerate(parts) if glob.has_magic(p))
+    return "/".join(parts[:fixed]) or ("/" if pattern.startswith("/") else "."), fixed
+
+
 def _recursive_glob(pattern: str, problems: List[str]) -> List[str]:
     """``**`` globs by walking the tree once (loops never followed) instead of glob's unbounded recursion."""
     parts = pattern.split("/")
-    fixed = next(i for i, p in enumerate(parts) if glob.has_magic(p))
-    root = "/".join(parts[:fixed]) or ("/" if pattern.startswith("/") else ".")
+    root, fixed = _glob_root(pattern)
     regex = _glob_regex("/".join(parts[fixed:]))
     matches = []
     for folder, files in _walk(root, problems):
@@ -140,6 +171,20 @@ def _recursive_glob(pattern: str, problems: List[str]) -> List[str]:
                 matches.append(os.path.join(folder, name) if root != "." or pattern.startswith("./")
                                else rel)
     return sorted(matches)
+
+
+def _folder_images(folder: str, problems: List[str]) -> List[str]:
+    """The images under ``folder``; a phone format Pillow cannot read here (HEIC without pillow-heif) is named in
+    ``problems`` with what to install, never skipped silently."""
+    found = []
+    for parent, files in _walk(folder, problems):
+        for name in files:
+            path = os.path.join(parent, name)
+            if is_image_path(name):
+                found.append(path)
+            elif plugin_hint(name) and not name.startswith("."):
+                problems.append(f"skipped {path}: {plugin_hint(name)}")
+    return found
 
 
 def expand_inputs(paths: Sequence[str]) -> Inputs:
@@ -163,14 +208,16 @@ def expand_inputs(paths: Sequence[str]) -> Inputs:
             matches = [item]
         elif glob.has_magic(item):
             matches = _recursive_glob(item, result.problems) if "**" in item else sorted(glob.glob(item))
+            if "**" in item:
+                result.folders.append(os.path.realpath(_glob_root(item)[0]))
         else:
             matches = []
         if not matches:
             result.problems.append(f"{item}: no such file, folder or glob match")
         for match in matches:
             if os.path.isdir(match):
-                found = [os.path.join(folder, name) for folder, files in _walk(match, result.problems)
-                         for name in files if is_image_path(name)]
+                result.folders.append(os.path.realpath(match))
+                found = _folder_images(match, result.problems)
                 if not found:
                     result.problems.append(f"{match}: folder holds no images (png, jpg, webp, tif, bmp, gif)")
                 for path in found:
@@ -293,6 +340,38 @@ def check_outputs(targets: Dict[str, Optional[Path]], inputs: Iterable[str], res
                           + ", or choose a new file")
 
 
+def check_side_folders(folders: Dict[str, Optional[Path]], input_folders: Iterable[str]) -> None:
+    """Refuse an ``--overlays`` or ``--save-crops`` folder inside (or equal to) a folder the inputs are read from:
+    the next run, or a --resume, would read its pictures back as cells and fields (581 cells became 1,621)."""
+    for option, folder in folders.items():
+        if folder is None:
+            continue
+        real = _real(folder)
+        for source in input_folders:
+            if real == source or real.startswith(source.rstrip(os.sep) + os.sep):
+                raise OutputError(f"{option} {folder} is inside the input folder {source}: the next run would read "
+                                  "its pictures back as inputs; choose a folder outside it")
+
+
+def check_side_files(option: str, folder: Optional[Path], names: Iterable[str], pattern: str) -> None:
+    """Refuse, before any work, to replace a file already in an ``--overlays`` or ``--save-crops`` folder that
+    this run would write. ``pattern``: a regex that one image's file names match, its group ``name`` the image's
+    name (:meth:`Inputs.output_names`). The caller skips this with --overwrite, or with --resume (the files are
+    then this output's own, and the field cut short is redrawn)."""
+    if folder is None or not folder.is_dir():
+        return
+    regex = re.compile(pattern)
+    present: Dict[str, str] = {}
+    for entry in os.listdir(folder):
+        match = regex.fullmatch(entry)
+        if match:
+            present.setdefault(match.group("name"), entry)
+    clash = next((present[n] for n in names if n in present), None)
+    if clash:
+        raise OutputError(f"{option} {folder} already holds {clash}; pass --overwrite to replace its files, or "
+                          "choose an empty folder")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a small file so that a reader sees the old or the new content, never half (power cut included)."""
     if not is_regular_target(path):
@@ -398,10 +477,11 @@ def settings_differences(recorded: Dict, current: Dict) -> List[str]:
     return out
 
 
-def _complete_csv_records(text: str) -> Tuple[List[List[str]], int]:
-    """Parse CSV text; return the complete records and the character offset where they end. The last record is
-    complete only when it ends with a newline outside quotes (a power cut can tear a row anywhere, even inside a
-    quoted path that holds a newline)."""
+def _csv_records(text: str) -> Tuple[List[List[str]], List[int], int]:
+    """Parse CSV text record by record (a quoted path may hold newlines: a record is not a line); return the
+    complete records, the character offset where each one starts, and where the last complete one ends. The last
+    record is complete only when it ends with a newline outside quotes (a power cut can tear a row anywhere, even
+    inside a quoted path that holds a newline)."""
     lines = re.findall(r"[^\n]*\n|[^\n]+\Z", text)
     consumed = [0]
 
@@ -411,7 +491,9 @@ def _complete_csv_records(text: str) -> Tuple[List[List[str]], int]:
             yield line
 
     reader = csv.reader(feed(), strict=True)
-    records, end = [], 0
+    records: List[List[str]] = []
+    starts: List[int] = []
+    end = 0
     while True:
         try:
             record = next(reader)
@@ -422,7 +504,14 @@ def _complete_csv_records(text: str) -> Tuple[List[List[str]], int]:
         if text[consumed[0] - 1:consumed[0]] != "\n":
             break
         records.append(record)
+        starts.append(end)
         end = consumed[0]
+    return records, starts, end
+
+
+def _complete_csv_records(text: str) -> Tuple[List[List[str]], int]:
+    """:func:`_csv_records` without the start offsets."""
+    records, _, end = _csv_records(text)
     return records, end
 
 
@@ -504,6 +593,59 @@ def prepare_resume(output: Path, fmt: str, settings: Dict) -> Tuple[List[Dict], 
     rows = [r for r in rows if not r.get("error")]     # images that failed are tried again
     done = {os.path.realpath(os.path.join(base, r["path"])) for r in rows}
     return rows, done
+
+
+def drop_last_field(path: Path, fmt: str) -> Optional[str]:
+    """Resume on fields: a field is done only when all its rows are written, and only the last image of the file
+    can be cut short, so when that image is a field (its rows have a cell index) its rows are removed and the
+    field is classified again. Returns the path of the field dropped, if any.
+
+    Only the tail is cut, in place: ``os.truncate`` at the first byte of that field's rows, then fsync. The file is
+    never rewritten, so a kill or a power cut at any moment leaves every earlier row where it was. CSV records are
+    parsed with the csv module (a path may hold a newline), JSONL by line."""
+    if not path.exists() or path.stat().st_size == 0:
+        return None
+    text = path.read_bytes().decode("utf-8", "surrogateescape")
+    rows, starts = _rows_with_starts(text, fmt)
+    if not rows or rows[-1].get("cell") in (None, ""):
+        return None
+    last = rows[-1].get("path")
+    keep = len(rows)
+    while keep > 0 and rows[keep - 1].get("path") == last:
+        keep -= 1
+    offset = len(text.encode("utf-8", "surrogateescape")) - len(text[starts[keep]:].encode("utf-8",
+                                                                                            "surrogateescape"))
+    os.truncate(path, offset)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return last
+
+
+def _rows_with_starts(text: str, fmt: str) -> Tuple[List[Dict], List[int]]:
+    """The complete rows of an output (CSV by its header, or JSONL) and the character offset where each starts;
+    a line that does not parse ends the rows."""
+    if fmt == "csv":
+        records, starts, _ = _csv_records(text)
+        if not records:
+            return [], []
+        return [dict(zip(records[0], r)) for r in records[1:]], starts[1:]
+    rows: List[Dict] = []
+    starts: List[int] = []
+    offset = 0
+    for line in re.findall(r"[^\n]*\n", text):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            break
+        if not isinstance(row, dict):
+            break
+        rows.append(row)
+        starts.append(offset)
+        offset += len(line)
+    return rows, starts
 
 
 def recorded_side_files(output: Optional[Path]) -> List[str]:

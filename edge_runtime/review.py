@@ -14,8 +14,8 @@ Parasitized/ are confirmed and counted exactly, the rest carry the measured miss
 ``reviewed``).
 
 The same ``DIR/<slide>`` is an ``edge-adapt --cells`` input as it is (Parasitized/ and Uninfected/ directly inside,
-crops cut by ``segment.cut_cell`` like edge-classify --save-crops). ``edge-adapt --cells DIR`` over many slides
-needs train/adapt.py's find_class_folders to also accept one level of slide folders (``DIR/*/Parasitized``).
+crops cut by ``segment.cut_cell`` like edge-classify --save-crops), and so is ``DIR`` itself: edge-adapt merges
+the class folders of every slide folder (``DIR/*/Parasitized``, ``DIR/*/Uninfected``).
 """
 from __future__ import annotations
 
@@ -92,9 +92,10 @@ def _plain_row(row: Mapping) -> Dict:
 
 def write_review(directory, slide_name: str, cell_records: Iterable[Mapping], crops: CropSource, rule: SlideRule,
                  source: Optional[str] = None, negatives: int = NEGATIVE_SAMPLE, rbc_per_ul: Optional[float] = None,
-                 unfamiliar: Optional[Tuple[float, float]] = None) -> Path:
+                 unfamiliar_limits: Optional[Tuple[float, float]] = None, model: Optional[Mapping] = None) -> Path:
     """Write one slide's review folder (see the module docstring) and return it. ``crops``: {cell_key: crop} (see
-    :func:`field_crops`) or a function of the row. Refuses a slide folder that already exists: a review in
+    :func:`field_crops`) or a function of the row; ``model``: {name, sha256} of the model that read it, for the
+    report after review. Refuses a slide folder that already exists: a review in
     progress is never overwritten."""
     from PIL import Image
     rows = [dict(r) for r in cell_records]
@@ -120,7 +121,8 @@ def write_review(directory, slide_name: str, cell_records: Iterable[Mapping], cr
             w.writerow([rank, name, where, r.get("path", ""), r.get("cell", ""),
                         f"{float(r['prob_parasitized']):.6f}", *box])
     meta = {"slide": slide_name, "source": source, "rule": rule.as_dict(), "rbc_per_ul": rbc_per_ul,
-            "unfamiliar": list(unfamiliar) if unfamiliar else None, "rows": [_plain_row(r) for r in rows]}
+            "unfamiliar_limits": list(unfamiliar_limits) if unfamiliar_limits else None, "model": dict(model or {}),
+            "rows": [_plain_row(r) for r in rows]}
     (folder / SLIDE_NAME).write_text(json.dumps(meta), encoding="utf-8")
     return folder
 
@@ -154,8 +156,9 @@ def read_slide_folder(folder) -> SlideResult:
     rule = SlideRule.from_dict(meta["rule"])
     confirmed, unknown = confirmed_cells(folder)
     kwargs = {"rbc_per_ul": meta["rbc_per_ul"]} if meta.get("rbc_per_ul") else {}
+    limits = meta.get("unfamiliar_limits")
     result = assess_slide(meta["rows"], rule, name=meta["slide"], source=meta.get("source"), reviewed=confirmed,
-                          unfamiliar=tuple(meta["unfamiliar"]) if meta.get("unfamiliar") else None, **kwargs)
+                          unfamiliar_limits=tuple(limits) if limits else None, **kwargs)
     if unknown:
         result.warnings.append(f"{len(unknown)} file(s) in {PARASITIZED_DIR}/ not in {INDEX_NAME} (not counted): "
                                + ", ".join(unknown[:5]))
@@ -169,3 +172,30 @@ def read_review(directory) -> Dict[str, SlideResult]:
         result = read_slide_folder(folder)
         out[result.name] = result
     return out
+
+
+def review_crops(directory) -> Dict[str, Dict[Tuple[str, object], np.ndarray]]:
+    """{slide name: {cell_key: crop}} of every crop in a review folder, read from where it is now (the report
+    after review shows them)."""
+    from PIL import Image
+    out: Dict[str, Dict[Tuple[str, object], np.ndarray]] = {}
+    for folder in sorted(p for p in Path(directory).iterdir() if (p / SLIDE_NAME).is_file()):
+        name = json.loads((folder / SLIDE_NAME).read_text(encoding="utf-8"))["slide"]
+        crops = out.setdefault(name, {})
+        for file_name, entry in read_index(folder).items():
+            for where in (PARASITIZED_DIR, UNINFECTED_DIR):
+                path = folder / where / file_name
+                if path.is_file():
+                    with Image.open(path) as img:
+                        crops[cell_key({"path": entry["path"], "cell": entry["cell"]})] = np.asarray(img.convert("RGB"))
+                    break
+    return out
+
+
+def review_model(directory) -> Dict[str, str]:
+    """{name, sha256} of the model that read the slides of a review folder (the first slide that records it)."""
+    for folder in sorted(p for p in Path(directory).iterdir() if (p / SLIDE_NAME).is_file()):
+        model = json.loads((folder / SLIDE_NAME).read_text(encoding="utf-8")).get("model")
+        if model:
+            return {"name": str(model.get("name", "")), "sha256": str(model.get("sha256", ""))}
+    return {"name": "unknown", "sha256": ""}

@@ -9,7 +9,7 @@ run's exit status; :func:`run` ties them together. The click layer (``cli.py``) 
 from __future__ import annotations
 
 import contextlib
-import csv
+import dataclasses
 import json
 import os
 import signal
@@ -22,16 +22,19 @@ import click
 import numpy as np
 
 from .bundle import ModelBundle, ModelError
-from .classifier import Classifier, Prediction
+from .classifier import Classifier, Prediction, group_key
 from .console import NORMAL, Console
 from .errors import EXIT_FAILED, EXIT_USAGE, MalariaEdgeError
-from .fields import FieldResult, field_or_cell
+from .fields import CELL_MAX_SIDE, FIELD_MIN_SIDE, OVERLAY_NAME, OVERLAY_PATTERN, FieldResult, field_or_cell, image_size
 from .images import ImageError
+from .run_slides import check_slide_outputs, read_slides, write_slide_outputs
 from .results_io import (CELL_COLUMNS, GROUP_COLUMNS, REFERENCE_COLUMNS, Inputs, Labels, OutputLock, RowWriter,
-                         atomic_write_text, check_outputs, expand_inputs, is_regular_target, prepare_resume,
-                         recorded_side_files, run_settings, side_file, write_rows)
+                         atomic_write_text, check_outputs, check_side_files, check_side_folders, drop_last_field,
+                         expand_inputs, is_regular_target, prepare_resume, recorded_side_files, run_settings,
+                         side_file, write_rows)
 from .segment import SegmentationUnavailable
-from .summary import build_summary, format_summary, group_table_rows
+from .slide import DEFAULT_RBC_PER_UL
+from .summary import build_summary, format_summary, group_table_rows, resumed_coverage
 
 EXIT_INTERRUPTED = 130
 
@@ -59,6 +62,10 @@ class ClassifyOptions:
     input_kind: str = "auto"
     overlays_dir: Optional[Path] = None
     crops_dir: Optional[Path] = None
+    slide: Optional[str] = None
+    rbc_per_ul: float = DEFAULT_RBC_PER_UL
+    review_dir: Optional[Path] = None
+    report: Optional[Path] = None
     verbosity: int = NORMAL
 
     def usage_problem(self) -> Optional[str]:
@@ -67,14 +74,30 @@ class ClassifyOptions:
             return "--resume needs --output FILE"
         if self.resume and not is_regular_target(self.output):
             return f"--resume needs a regular --output file; {self.output} is a folder, device or pipe"
-        if self.groups_output and not self.group_by:
-            return "--groups-output needs --group-by"
-        return None
+        if self.groups_output and not self.grouping:
+            return "--groups-output needs --group-by or --slide"
+        return slide_usage_problem(self)
+
+    @property
+    def grouping(self):
+        """How rows are grouped: --group-by's name, or with --slide NAME a function naming every input NAME."""
+        return (lambda path: self.slide) if self.slide else self.group_by
 
     @property
     def regular_output(self) -> bool:
         """True when --output is a file of ours (locked, fsynced, resumable), not stdout, a device or a pipe."""
         return self.output is not None and is_regular_target(self.output)
+
+
+def slide_usage_problem(options: ClassifyOptions) -> Optional[str]:
+    """Why the slide options (--slide, --review, --report) cannot go with the others, or None."""
+    if options.slide is not None and options.group_by:
+        return "--slide NAME makes all inputs one slide; --group-by makes several: give one of them"
+    if (options.review_dir or options.report) and not options.grouping:
+        return "--review and --report read slides: give --slide NAME or --group-by folder|patient"
+    if (options.review_dir or options.report) and options.resume:
+        return "--review and --report need every field's cells from this run; run without --resume"
+    return None
 
 
 @dataclass
@@ -89,12 +112,16 @@ class Models:
 
 @dataclass
 class Progress:
-    """What the classify step has done so far: rows (with those resumed), failures, kinds, fields."""
+    """What the classify step has done so far: rows (the first ``resumed`` of them found in the output by
+    --resume), failures, kinds, fields."""
     rows: List[Dict]
+    resumed: int = 0
     failed: List[str] = field(default_factory=list)
     kinds: Dict[str, int] = field(default_factory=lambda: {"cell": 0, "field": 0})
     fields: List[Dict] = field(default_factory=list)
     written: int = 0
+    field_results: List[FieldResult] = field(default_factory=list)   # without their images (run_slides)
+    slides: Dict = field(default_factory=dict)
 
 
 def run(options: ClassifyOptions, console: Console) -> int:
@@ -165,10 +192,29 @@ def check_run_outputs(options: ClassifyOptions, models: Models, found: Inputs) -
     used = models.paths() + ([str(options.labels)] if options.labels else [])
     check_outputs(targets, found.images + used, options.resume, options.overwrite,
                   recorded_side_files(options.output), found.real)
+    check_picture_folders(options, found)
     labels = Labels.read(options.labels) if options.labels else None
+    check_slide_outputs(options.review_dir, options.report, options.overwrite, models.classifier,
+                        {str(group_key(options.grouping)(p)) for p in found.images} if options.grouping else ())
     if not found.images:
         raise MalariaEdgeError("no images to classify", exit_code=EXIT_FAILED)
     return labels
+
+
+CROP_PATTERN = r"(?P<name>.+)_cell\d+\.png"
+
+
+def check_picture_folders(options: ClassifyOptions, found: Inputs) -> None:
+    """--overlays and --save-crops: never inside an input folder (their pictures would be read back as inputs),
+    and never replacing a file already there without --overwrite (refused up front, before any row, so a run
+    never stops half-way with its rows written and its pictures not; --resume replaces this output's own)."""
+    folders = {"--overlays": options.overlays_dir, "--save-crops": options.crops_dir}
+    check_side_folders(folders, found.folders)
+    if options.overwrite or options.resume or not (options.overlays_dir or options.crops_dir):
+        return
+    names = found.output_names().values()
+    check_side_files("--overlays", options.overlays_dir, names, OVERLAY_PATTERN)
+    check_side_files("--save-crops", options.crops_dir, names, CROP_PATTERN)
 
 
 def output_lock(options: ClassifyOptions):
@@ -183,9 +229,10 @@ def classify_and_report(options: ClassifyOptions, console: Console, models: Mode
     if len(todo) < len(found.images):
         console.detail(f"{len(found.images) - len(todo)} images already in {options.output}; "
                        f"{len(todo)} to classify")
-    progress = Progress(rows=list(previous))
+    progress = Progress(rows=list(previous), resumed=len(previous))
     try:
-        classify(options, console, models, todo, labels, progress)
+        names = found.output_names() if options.overlays_dir or options.crops_dir else None
+        classify(options, console, models, todo, labels, progress, names)
     except KeyboardInterrupt:
         where = f" to {options.output}" if options.output else ""
         console.warn(f"interrupted; {progress.written} new rows are written{where}"
@@ -193,7 +240,12 @@ def classify_and_report(options: ClassifyOptions, console: Console, models: Mode
                         else ""))
         return EXIT_INTERRUPTED
     summary = summarise(options, models, found, todo, progress)
-    return write_results(options, console, summary, found, progress)
+    status = write_results(options, console, summary, found, progress)
+    for path in write_slide_outputs(progress.slides, progress.field_results, models.classifier, options.review_dir,
+                                    options.report, options.overlays_dir if options.grouping else None,
+                                    found.output_names() if options.overlays_dir else None):
+        console.detail(f"wrote {path}")
+    return status
 
 
 def resume_point(options: ClassifyOptions, settings: Dict, found: Inputs) -> Tuple[List[Dict], List[str]]:
@@ -213,41 +265,6 @@ def resume_point(options: ClassifyOptions, settings: Dict, found: Inputs) -> Tup
     return previous, todo
 
 
-def drop_last_field(path: Path, fmt: str) -> Optional[str]:
-    """Resume on fields: a field is done only when all its rows are written, and only the last image of the file
-    can be cut short, so when that image is a field (its rows have a cell index) its rows are removed and the
-    field is classified again. Returns the path of the field dropped, if any."""
-    if not path.exists() or path.stat().st_size == 0:
-        return None
-    lines = path.read_bytes().splitlines(keepends=True)
-    body_start = 1 if fmt == "csv" else 0
-    if len(lines) <= body_start:
-        return None
-    header = lines[0].decode("utf-8", errors="surrogateescape") if fmt == "csv" else None
-    last = _parse_row(lines[-1], fmt, header)
-    if not last or last.get("cell") in (None, ""):
-        return None
-    keep = len(lines)
-    while keep > body_start:
-        row = _parse_row(lines[keep - 1], fmt, header)
-        if not row or row.get("path") != last.get("path"):
-            break
-        keep -= 1
-    path.write_bytes(b"".join(lines[:keep]))
-    return last.get("path")
-
-
-def _parse_row(line: bytes, fmt: str, header: Optional[str]) -> Optional[Dict]:
-    """One written row back as a dict (CSV by its header line, or JSONL); None when it does not parse."""
-    text = line.decode("utf-8", errors="surrogateescape")
-    try:
-        if fmt == "csv":
-            return dict(zip(next(csv.reader([header])), next(csv.reader([text]))))
-        return json.loads(text)
-    except (ValueError, StopIteration):
-        return None
-
-
 class _Interrupted(KeyboardInterrupt):
     """SIGTERM (a phone's task killer, systemd stop) handled like Ctrl-C: the rows written so far are made durable."""
 
@@ -257,14 +274,16 @@ def _on_sigterm(signum, frame):
 
 
 def classify(options: ClassifyOptions, console: Console, models: Models, todo: List[str],
-             labels: Optional[Labels], progress: Progress) -> None:
+             labels: Optional[Labels], progress: Progress, names: Optional[Dict[str, str]] = None) -> None:
     """Step 5: classify every image still to do, writing each row as soon as its batch has run; SIGTERM stops
-    the run like Ctrl-C, with the rows written so far made durable."""
+    the run like Ctrl-C, with the rows written so far made durable. ``names``: each image's name for its overlay
+    and crops (:meth:`Inputs.output_names`)."""
     columns = CELL_COLUMNS + (REFERENCE_COLUMNS if models.reference else [])
     writer = RowWriter(options.output, options.format, columns, append=bool(options.resume))
     if models.reference:
         share_preprocessing(models.classifier, models.reference)
     job = _Job(options, console, models, labels, writer, progress)
+    job.names = names or {}
     show_bar = sys.stderr.isatty() and len(todo) > 1 and not console.quiet
     previous_handler = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
@@ -285,6 +304,7 @@ class _Job:
                  writer: RowWriter, progress: Progress):
         self.options, self.console, self.models = options, console, models
         self.labels, self.writer, self.progress = labels, writer, progress
+        self.names: Dict[str, str] = {}
 
     def true_label(self, source: str) -> Optional[str]:
         return self.labels.get(source) if self.labels else None
@@ -304,10 +324,25 @@ class _Job:
 
     def write_cell(self, result: Prediction, reference: Optional[Prediction]) -> None:
         if result.error:
-            self.write_error(result.source, result.error)
+            self.write_error(result.source, self.cell_error(result.source, result.error))
             return
         self.progress.kinds["cell"] += 1
         self.write_rows([result.to_row(self.true_label(result.source), reference)])
+
+    def cell_error(self, source: str, reason: str) -> str:
+        """Why a single-cell image failed; when --input-kind auto read it as a cell only for its size and it is
+        big enough to be a field, say so and how to read it as a field (a small field is otherwise told "no cell
+        found ... not a blood smear" with no hint why it was taken for a cell)."""
+        if self.options.input_kind != "auto":
+            return reason
+        try:
+            width, height = image_size(source)
+        except ImageError:
+            return reason
+        if max(width, height) > CELL_MAX_SIDE or min(width, height) < FIELD_MIN_SIDE:
+            return reason
+        return (f"{reason}; read as a single cell because it is {width}x{height} px (a field is over "
+                f"{CELL_MAX_SIDE} px a side): if it is a microscope field, pass --input-kind field")
 
     def classify_cells(self, paths: List[str], bar=None) -> None:
         """Single-cell images in batches of --batch-size, with the full model beside the model on --compare."""
@@ -350,10 +385,12 @@ class _Job:
         self.progress.kinds["field"] += 1
         self.write_rows(result.to_rows(self.true_label(path), self.models.reference))
         self.progress.fields.append(result.summary())
-        if self.options.overlays_dir:
-            result.save_plot(self.options.overlays_dir / f"{Path(path).stem}_overlay.png")
+        self.progress.field_results.append(dataclasses.replace(result, image=None))
+        name = self.names.get(path)
+        if self.options.overlays_dir and not self.options.grouping:
+            result.save_plot(self.options.overlays_dir / OVERLAY_NAME.format(name=name or result.file_stem()))
         if self.options.crops_dir:
-            result.save_crops(self.options.crops_dir)
+            result.save_crops(self.options.crops_dir, stem=name)
 
 
 def share_preprocessing(classifier: Classifier, reference: Classifier) -> None:
@@ -379,14 +416,18 @@ def share_preprocessing(classifier: Classifier, reference: Classifier) -> None:
 
 
 def summarise(options: ClassifyOptions, models: Models, found: Inputs, todo: List[str], progress: Progress) -> Dict:
-    """Step 6: the run's summary (see :mod:`summary`) with what the inputs and their kinds were."""
+    """Step 6: the run's summary (see :mod:`summary`) with what the inputs and their kinds were, over the whole
+    output: the rows a --resume found written count with this run's."""
+    progress.slides = read_slides(models.classifier, progress.rows, progress.failed, options.grouping,
+                                  every_group=options.slide is not None, rbc_per_ul=options.rbc_per_ul)
+    kinds, fields = resumed_coverage(progress.rows[:progress.resumed])
     summary = build_summary(models.classifier, models.reference, progress.rows, found.images, todo,
-                            progress.failed, options.group_by)
+                            progress.failed, options.grouping, {k: s.result for k, s in progress.slides.items()})
     summary["duplicates_dropped"] = found.duplicates
     summary["input_problems"] = found.problems
     summary["input_kind"] = options.input_kind
-    summary["input_kinds"] = progress.kinds
-    summary["fields"] = progress.fields
+    summary["input_kinds"] = {kind: kinds[kind] + progress.kinds[kind] for kind in kinds}
+    summary["fields"] = fields + progress.fields
     return summary
 
 

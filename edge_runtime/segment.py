@@ -477,29 +477,11 @@ def _write_debug(debug_dir, name: str, picture: np.ndarray) -> None:
 
 
 def field_diameter(rgb: np.ndarray) -> Optional[float]:
-    """The red-cell diameter of a field in its own pixels, from a quick pass on a copy at most 640 px wide: the
-    lone round blobs' median (:func:`estimate_diameter`), checked against the median circle the Hough transform
-    finds there. Where cells touch in one network across a dense smear, the few lone blobs left are specks and
-    fragments and their median is a fraction of a cell; the circles of the cells' rims are not fooled, so when the
-    two disagree by more than DIAMETER_AGREEMENT the circles' median is used."""
-    _require_cv2()
-    scale = work_scale(rgb)
-    small = _resize(rgb, scale)
-    density = stain_density(small)
-    mask = foreground_mask(density, small)
-    mask = clean(mask, 1.5)
-    mask = fill_holes(mask, max_area=0.02 * mask.size)
-    blobs = estimate_diameter(mask)
-    blobs = None if blobs is None else blobs / scale
-    # The circles are sought on a smaller copy still (cells ~20 px across): a third of the time, the same answer.
-    rim_scale = min(1.0, 400.0 / max(rgb.shape[:2]))
-    rim_copy = _resize(rgb, rim_scale)
-    found = circles(stain_density(rim_copy), 3, max(rim_copy.shape[:2]) / 8.0, 4, SIZE_CIRCLE_PERFECTNESS)
-    from_circles = 2.0 * float(np.median(found[:, 2])) / rim_scale if len(found) >= 3 else None
-    if from_circles is not None and (blobs is None
-                                     or not 1.0 / DIAMETER_AGREEMENT <= blobs / from_circles <= DIAMETER_AGREEMENT):
-        return from_circles
-    return blobs
+    """The red-cell diameter of a field in its own pixels, at any magnification or field of view
+    (:func:`quality.measure_cell_diameter`: lone round blobs checked against the circles of the cells' rims, on a
+    copy measured again at twice the scale while its cells are too small to resolve, as in a mosaic of fields)."""
+    from .quality import measure_cell_diameter  # quality builds on this module's steps
+    return measure_cell_diameter(rgb)
 
 
 def label_cells(rgb: np.ndarray, diameter: float, drop_border: bool = True,

@@ -353,21 +353,41 @@ def default_source(rows: Sequence[Mapping]) -> str:
 
 def assess_slide(rows: Iterable[Mapping], rule: SlideRule, name: str = "", source: Optional[str] = None,
                  reviewed: Optional[Collection[Hashable]] = None, rbc_per_ul: float = DEFAULT_RBC_PER_UL,
-                 unfamiliar: Optional[Tuple[float, float]] = None, draws: int = DEFAULT_DRAWS) -> SlideResult:
+                 unfamiliar_limits: Optional[Tuple[float, float]] = None,
+                 draws: int = DEFAULT_DRAWS) -> SlideResult:
     """Read one slide from its cell rows (dicts with ``prob_parasitized`` and ``prediction``; optionally ``path``,
     ``cell``, ``box``, ``warnings``, ``unfamiliar`` (score or bool), ``error``).
 
     ``reviewed``: None before review; after review, the keys (:func:`cell_key`) of the cells the microscopist
-    confirmed as parasitized (an empty set: all candidates rejected). ``unfamiliar``: (score threshold, warn
-    fraction) from the card. ``source``: which measured rates apply (default: :func:`default_source`)."""
+    confirmed as parasitized (an empty set: all candidates rejected). ``unfamiliar_limits``: (score threshold, warn
+    fraction) from the card. ``source``: which measured rates apply (default: :func:`default_source`).
+    Steps: leave out doubtful fields, count, estimate, call."""
     rows = list(rows)
-    failed = sum(1 for r in rows if r.get("error"))
-    rows = [r for r in rows if not r.get("error")]
-    source = source or default_source(rows)
+    readable = [r for r in rows if not r.get("error")]
+    source = source or default_source(readable)
     rates = rule.rates(source)
-    threshold_u, warn = (unfamiliar if unfamiliar else (None, DEFAULT_UNFAMILIAR_WARN))
+    warnings, excluded = doubtful_fields(readable, unfamiliar_limits)
+    good = [r for r in readable if str(r.get("path") or "") not in set(excluded)]
+    cands = candidate_rows(good, rule)
+    result = SlideResult(name=name, cells=len(good), candidates=len(cands), parasitemia=None, parasitemia_ci=None,
+                         parasites_per_ul=None, detection_limit=detection_limit(len(good),
+                                                                                rates.candidate_sensitivity),
+                         call=INDETERMINATE, reviewed=reviewed is not None, source=source,
+                         flagged=sum(float(r["prob_parasitized"]) >= rule.threshold for r in good),
+                         rbc_per_ul=float(rbc_per_ul), warnings=warnings, excluded_fields=excluded,
+                         cells_total=len(readable), failed=len(rows) - len(readable), rates=rates.as_dict(),
+                         rule=rule.as_dict(), candidate_list=cands)
+    if good:
+        estimate(result, good, rates, reviewed, draws)
+    call_slide(result, rule, rates, fields=len({str(r.get("path") or "") for r in readable}))
+    return result
 
-    # Fields that failed the quality gate or look unlike the training data are left out.
+
+def doubtful_fields(rows: Sequence[Mapping],
+                    unfamiliar_limits: Optional[Tuple[float, float]]) -> Tuple[List[str], List[str]]:
+    """(warnings, fields left out): a field whose rows carry warnings (a failed quality gate) or whose share of
+    unfamiliar cells exceeds the warn fraction is left out of the slide, and named with its reasons."""
+    threshold_u, warn = unfamiliar_limits if unfamiliar_limits else (None, DEFAULT_UNFAMILIAR_WARN)
     by_field: Dict[str, List[Mapping]] = {}
     for r in rows:
         by_field.setdefault(str(r.get("path") or ""), []).append(r)
@@ -381,57 +401,54 @@ def assess_slide(rows: Iterable[Mapping], rule: SlideRule, name: str = "", sourc
         if reasons:
             excluded.append(path)
             warnings.append(f"{path or 'slide'}: " + "; ".join(reasons))
-    good = [r for r in rows if str(r.get("path") or "") not in set(excluded)]
-    n = len(good)
-    cands = candidate_rows(good, rule)
-    flagged = sum(float(r["prob_parasitized"]) >= rule.threshold for r in good)
-    result = SlideResult(name=name, cells=n, candidates=len(cands), parasitemia=None, parasitemia_ci=None,
-                         parasites_per_ul=None, detection_limit=detection_limit(n, rates.candidate_sensitivity),
-                         call=INDETERMINATE, reviewed=reviewed is not None, source=source, flagged=flagged,
-                         rbc_per_ul=float(rbc_per_ul), warnings=warnings, excluded_fields=excluded,
-                         cells_total=len(rows), failed=failed, rates=rates.as_dict(), rule=rule.as_dict(),
-                         candidate_list=cands)
-    if n:
-        if reviewed is None:
-            est, ci = corrected_parasitemia(flagged, n, (rates.sensitivity_k, rates.sensitivity_n),
-                                            rates, draws)
-        else:
-            confirmed_keys = set(reviewed)
-            result.confirmed = sum(cell_key(r) in confirmed_keys for r in good)
-            est, ci = corrected_parasitemia(result.confirmed, n, (rates.candidate_sensitivity_k,
-                                                                  rates.sensitivity_n), None, draws)
-        result.parasitemia, result.parasitemia_ci = est, ci
-        result.parasites_per_ul = est * float(rbc_per_ul)
-        result.p_value = false_flag_p_value(flagged, n, *rates.false_flag_beta())
+    return warnings, excluded
 
+
+def estimate(result: SlideResult, good: Sequence[Mapping], rates: SourceRates,
+             reviewed: Optional[Collection[Hashable]], draws: int) -> None:
+    """Fill the parasitemia, its interval, parasites/µL and the false-flag p-value of a slide with cells: before
+    review from the flagged count (Rogan-Gladen), after review from the confirmed cells."""
+    n = len(good)
+    if reviewed is None:
+        est, ci = corrected_parasitemia(result.flagged, n, (rates.sensitivity_k, rates.sensitivity_n), rates, draws)
+    else:
+        confirmed_keys = set(reviewed)
+        result.confirmed = sum(cell_key(r) in confirmed_keys for r in good)
+        est, ci = corrected_parasitemia(result.confirmed, n, (rates.candidate_sensitivity_k, rates.sensitivity_n),
+                                        None, draws)
+    result.parasitemia, result.parasitemia_ci = est, ci
+    result.parasites_per_ul = est * result.rbc_per_ul
+    result.p_value = false_flag_p_value(result.flagged, n, *rates.false_flag_beta())
+
+
+def call_slide(result: SlideResult, rule: SlideRule, rates: SourceRates, fields: int) -> None:
+    """Set the call and its reason (the rules in the module docstring); ``fields``: how many fields were read."""
+    n, cands, excluded = result.cells, result.candidates, result.excluded_fields
     if n < rule.min_cells:
-        left = f" after leaving out {len(excluded)} of {len(by_field)} fields" if excluded else ""
+        left = f" after leaving out {len(excluded)} of {fields} fields" if excluded else ""
         result.reason = f"too few usable cells ({n} < {rule.min_cells}){left}"
-        if not rows:
-            result.reason = "no readable cells" + (f" ({failed} failed)" if failed else "")
-        return result
+        if not result.cells_total:
+            result.reason = "no readable cells" + (f" ({result.failed} failed)" if result.failed else "")
+        return
     dl = f"{result.detection_limit:.2%}"
-    if reviewed is not None:
+    if result.reviewed:
         if result.confirmed >= rule.min_confirmed:
-            result.call = FOUND
-            result.reason = f"the microscopist confirmed {result.confirmed} of {len(cands)} candidates"
+            result.call, result.reason = FOUND, f"the microscopist confirmed {result.confirmed} of {cands} candidates"
         else:
             result.call = NONE_FOUND
-            result.reason = (f"none of {len(cands)} candidates confirmed; {n} cells examined, detection limit {dl}")
-        return result
+            result.reason = f"none of {cands} candidates confirmed; {n} cells examined, detection limit {dl}"
+        return
     expected = rates.false_flag_rate * n
     if result.p_value < rule.alpha:
         result.call = FOUND
-        result.reason = (f"{flagged} cells flagged where false flags explain about {expected:.1f} "
+        result.reason = (f"{result.flagged} cells flagged where false flags explain about {expected:.1f} "
                          f"(p = {result.p_value:.2g} < {rule.alpha:g})")
     elif cands:
         result.call = REVIEW_NEEDED
-        result.reason = (f"{flagged} cells flagged, within what false flags explain (about {expected:.1f}, "
-                         f"p = {result.p_value:.2g}); look at the {len(cands)} candidates")
+        result.reason = (f"{result.flagged} cells flagged, within what false flags explain (about {expected:.1f}, "
+                         f"p = {result.p_value:.2g}); look at the {cands} candidates")
     else:
-        result.call = NONE_FOUND
-        result.reason = f"no candidate among {n} cells; detection limit {dl}"
-    return result
+        result.call, result.reason = NONE_FOUND, f"no candidate among {n} cells; detection limit {dl}"
 
 
 def assess_slides(rows: Iterable[Mapping], rule: SlideRule, key: str = "group", **kwargs) -> Dict[str, SlideResult]:

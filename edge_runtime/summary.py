@@ -1,16 +1,21 @@
-"""A run's summary: built from its rows (per model, their agreement, per-group calls, the unfamiliar warning) and
-written for people (stderr lines) and for programs (the ``--summary-json`` dict, with the tool's version)."""
+"""A run's summary: built from its rows (per model, their agreement, per-group calls, the slides, the unfamiliar
+warning) and written for people (stderr lines) and for programs (the ``--summary-json`` dict, with the tool's
+version).
+
+A group that is a slide (:mod:`run_slides`) holds exactly the keys of ``SlideResult.to_json()`` under ``groups``;
+how its figures were reached, its line of text and its ranked candidates are under ``slide_details``."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
 from .classifier import Classifier, group_key
-from .labels import CLASSES, PARASITIZED, REVIEW, patient_id
-from .metrics import binary_metrics, figure, pct
+from .labels import CLASSES, PARASITIZED, REVIEW, UNINFECTED, patient_id
+from .metrics import binary_metrics, figure, pct, wilson_interval
 from .patients import FIELD_RULE_REASON, patient_level_metrics, summarize_groups
+from .slide import INDETERMINATE, SlideResult
 from .version import __version__
 
 
@@ -37,9 +42,11 @@ def model_summary(rows: List[Dict], prefix: str, threshold: float) -> Dict:
 
 
 def build_summary(classifier: Classifier, reference: Optional[Classifier], rows: List[Dict], images: List[str],
-                  todo: List[str], failed: List[str], group_by: Optional[str]) -> Dict:
-    """The run's summary: the tool's version, per model, their comparison, the per-group calls, the unfamiliar
-    share."""
+                  todo: List[str], failed: List[str], group_by, slides: Optional[Mapping[str, SlideResult]] = None
+                  ) -> Dict:
+    """The run's summary: the tool's version, per model, their comparison, the per-group calls (``slides``: the
+    groups read as slides), the unfamiliar share. ``group_by``: "folder", "patient", a function of the path, or
+    None."""
     def describe(c: Classifier, prefix: str) -> Dict:
         info = c.bundle.describe()
         return {"file": info["path"], **info, **(model_summary(rows, prefix, c.threshold) if rows else {})}
@@ -52,12 +59,35 @@ def build_summary(classifier: Classifier, reference: Optional[Classifier], rows:
         summary["reference"] = describe(reference, "ref_")
         summary.update(agreement(rows, summary["reference"], summary["model"]))
     if group_by:
-        summary.update(group_summary(classifier, rows, failed, group_by))
+        summary.update(group_summary(classifier, rows, failed, group_by, slides or {}))
     if classifier.unfamiliar_limits and rows:
         summary.update(unfamiliar_summary(classifier, rows))
     if not rows:
         summary["model"].setdefault("cells", 0)
     return summary
+
+
+def resumed_coverage(rows: List[Dict]) -> Tuple[Dict[str, int], List[Dict]]:
+    """What the rows a resume found already written cover, so that the summary describes the whole output and not
+    only this run: the kinds ({"cell": n, "field": n}; a field's rows carry a ``cell`` index, a single cell's do
+    not) and each field's figures as :meth:`FieldResult.summary` gives them, in the order the rows were written."""
+    kinds = {"cell": 0, "field": 0}
+    by_field: Dict[str, List[str]] = {}
+    for row in rows:
+        if row.get("cell") in (None, ""):
+            kinds["cell"] += 1
+        else:
+            by_field.setdefault(row["path"], []).append(row.get("prediction"))
+    kinds["field"] = len(by_field)
+    fields = []
+    for source, calls in by_field.items():
+        parasitized, uninfected = calls.count(PARASITIZED), calls.count(UNINFECTED)
+        decided = parasitized + uninfected
+        low, high = wilson_interval(parasitized, decided) if decided else (None, None)
+        fields.append({"source": source, "cells": len(calls), "parasitized": parasitized, "uninfected": uninfected,
+                       "review": calls.count(REVIEW), "parasitemia": parasitized / decided if decided else None,
+                       "parasitemia_low": low, "parasitemia_high": high})
+    return kinds, fields
 
 
 def agreement(rows: List[Dict], reference: Dict, model: Dict) -> Dict:
@@ -68,19 +98,45 @@ def agreement(rows: List[Dict], reference: Dict, model: Dict) -> Dict:
             "speed_ratio": reference["latency_ms_p50"] / model["latency_ms_p50"]}
 
 
-def group_summary(classifier: Classifier, rows: List[Dict], failed: List[str], group_by: str) -> Dict:
-    """Per-slide or per-patient calls with the card's rule; cells in no group are counted apart."""
+def group_summary(classifier: Classifier, rows: List[Dict], failed: List[str], group_by,
+                  slides: Mapping[str, SlideResult]) -> Dict:
+    """Per-patient calls with the card's patient rule, and the slides' readings in place of their groups' (see the
+    module docstring); cells in no group are counted apart."""
     keyer = group_key(group_by)
     group_rows = [{**r, "group": keyer(r["path"])} for r in rows]
     group_rows += [{"group": keyer(p), "error": "failed"} for p in failed]
     out: Dict = {"without_patient_id": sum(g["group"] is None and not g.get("error") for g in group_rows)}
     groups = summarize_groups([g for g in group_rows if g["group"] is not None], classifier.rule,
                               unfamiliar_limits=classifier.unfamiliar_limits)
+    groups.update({name: r.to_json() for name, r in slides.items()})
     out["groups"] = groups
     out["patient_rule"] = classifier.rule
+    if slides:
+        out["slide_details"] = slide_details(slides)
     if any("true_status" in g for g in groups.values()):
         out["patient_level"] = patient_level_metrics(groups)
     return out
+
+
+def slide_details(slides: Mapping[str, SlideResult]) -> Dict[str, Dict]:
+    """The summary's ``slide_details``: how each slide's figures were reached, its one-line text and its ranked
+    candidates (rank, field, cell, probability: the numbers on the overlays, review files and report)."""
+    return {name: {**r.detail(), "text": slide_text(r),
+                   "candidate_cells": [{"rank": c["rank"], "path": c.get("path"), "cell": c.get("cell"),
+                                        "prob_parasitized": float(c["prob_parasitized"])} for c in r.candidate_list]}
+            for name, r in slides.items()}
+
+
+def slide_text(result: SlideResult) -> str:
+    """The slide's line for a terminal: SlideResult.text, with the reason when there is no call."""
+    text = result.text()
+    return text if result.call != INDETERMINATE or result.reason in text else f"{text} ({result.reason})"
+
+
+def slides_summary(slides: Mapping[str, SlideResult]) -> Dict:
+    """The summary of slides alone (``edge-review``): the same ``groups`` and ``slide_details`` as edge-classify's."""
+    return {"tool_version": __version__, "groups": {name: r.to_json() for name, r in slides.items()},
+            "slide_details": slide_details(slides)}
 
 
 def unfamiliar_summary(classifier: Classifier, rows: List[Dict]) -> Dict:
@@ -98,7 +154,10 @@ def unfamiliar_summary(classifier: Classifier, rows: List[Dict]) -> Dict:
 def group_table_rows(groups: Dict[str, Dict]) -> List[Dict]:
     """The per-group rows of ``--groups-output`` (GROUP_COLUMNS): the group's name and its interval split in two."""
     return [{"group": name, **g, "fraction_low": (g["fraction_ci95"] or [None, None])[0],
-             "fraction_high": (g["fraction_ci95"] or [None, None])[1]} for name, g in groups.items()]
+             "fraction_high": (g["fraction_ci95"] or [None, None])[1]} if "fraction_ci95" in g else
+            {"group": name, "call": g["call"], "cells": g["cells"], "parasitized_fraction": g["parasitemia"],
+             "fraction_low": (g["parasitemia_ci"] or [None, None])[0],
+             "fraction_high": (g["parasitemia_ci"] or [None, None])[1]} for name, g in groups.items()]
 
 
 def format_summary(summary: Dict) -> str:
@@ -151,16 +210,28 @@ def input_lines(summary: Dict) -> List[str]:
             f"{100 * f['parasitemia_high']:.1f}%)")
         lines.append(f"    field {Path(f['source']).name}: {f['cells']} cells, {f['parasitized']} parasitized, "
                      f"{f['review']} review, parasitemia {frac}")
+        lines += [f"      WARNING: {message}" for message in f.get("warning_messages") or []]
     if summary.get("unfamiliar_warning"):
         lines.append(f"  WARNING: {summary['unfamiliar_warning']}")
     return lines
 
 
 def group_lines(summary: Dict) -> List[str]:
-    """The per-group table with each call, why there is no call, and the calls' patient-level accuracy."""
-    groups = summary.get("groups")
-    if not groups:
-        return []
+    """The per-group table with each call and why there is no call, the calls' patient-level accuracy, then one
+    line per slide."""
+    details = summary.get("slide_details") or {}
+    groups = {k: g for k, g in (summary.get("groups") or {}).items() if k not in details}
+    lines = patient_table(summary, groups) if groups else []
+    if details:
+        lines += ["", "slides (candidates are for a microscopist to confirm; edge-review recounts them):"]
+    for d in details.values():
+        lines.append(f"    slide {d['text']}")
+        lines += [f"      warning: {w}" for w in d["warnings"]]
+    return lines
+
+
+def patient_table(summary: Dict, groups: Dict[str, Dict]) -> List[str]:
+    """The patient-rule groups as a table with each call, why there is no call, and their patient-level accuracy."""
     lines = ["", f"{'group':<28} {'call':<13} {'cells':>6} {'parasit.':>8} {'review':>6} {'fraction':>9} "
                  f"{'95% CI':>15} {'truth':>8}"]
     for name, g in groups.items():

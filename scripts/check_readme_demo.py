@@ -55,6 +55,7 @@ MATTERS = [
     re.compile(r"against the full model: agreement"),
     re.compile(r"infected patients called positive"),
     re.compile(r"^\s*WARNING: \d+(\.\d+)?% of cells look unlike"),
+    re.compile(r"^\s*slide \S.*: .*\d+ cells"),
 ]
 GROUP_HEADER = re.compile(r"^group\s+call\s+cells")
 LONG = 118  # a line that does not matter and is longer than this is printed as a prefix ending in " [...]"

@@ -35,7 +35,8 @@ def _set(path, value):
     ("preprocessing.stain", {"mean": [180.0, 141.0, 151.0], "std": [33.0, 0.0, 27.0]}),
     ("patient_rule.min_parasitized", -1), ("patient_rule.min_fraction", float("nan")),
     ("patient_rule.max_review_fraction", 2.0), ("reference", "../elsewhere/model.tflite"), ("head", "sigmoid3"),
-    ("schema", "malaria-edge/model-card/99"),
+    ("schema", "malaria-edge/model-card/99"), ("slide_rule.candidate_threshold", 1.5),
+    ("slide_rule.sources.iml.false_flag_n", 0),
 ])
 def test_a_wrong_card_is_refused_with_one_line_naming_the_field(bundle_copy, samples, field, value):
     _edit_card(bundle_copy, _set(field, value))
@@ -54,6 +55,15 @@ def test_the_shipped_card_and_the_current_schema_both_read(bundled_model):
     assert 0 < card.threshold < 1 and card.input_size > 0 and card.labels[0] == "parasitized"
     upgraded = dict(card.raw, schema=CARD_SCHEMA)
     assert parse_card(upgraded).threshold == card.threshold
+
+
+def test_the_shipped_card_carries_the_measured_slide_rule(bundled_model):
+    """The slide rule measured on validation data (docs/slide_rule.json) travels in the card the runtime loads."""
+    from malaria_edge.edge_runtime.slide import SlideRule
+    measured = SlideRule.from_dict(json.loads((bundled_model.parents[2] / "docs" / "slide_rule.json").read_text()))
+    clf = Classifier.load(bundled_model)
+    assert clf.slide_rule == measured and clf.bundle.card.to_json()["slide_rule"]["candidate_threshold"] == 0.36
+    assert parse_card({k: v for k, v in clf.bundle.card.raw.items() if k != "slide_rule"}).slide_rule is None
 
 
 def test_a_card_without_a_patient_rule_gives_no_calls_and_says_so(bundle_copy, samples, tmp_path):

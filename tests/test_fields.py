@@ -275,3 +275,16 @@ def test_without_opencv_nih_crops_still_classify_and_fields_say_what_to_install(
         prepare_cell(FIELDS / "nih_field_sparse.jpg", 48)
     with pytest.raises(ImageError, match="no cell"):
         prepare_cell(np.zeros((100, 100, 3), np.uint8), 48)
+
+
+def test_a_close_up_of_one_cell_larger_than_a_crop_is_classified_as_a_cell(tmp_path):
+    """An NIH cell (masked on black) enlarged to 500x500 is over the single-cell size, but it is one cell: auto
+    gives it the same call as --input-kind cell, never a 'field' of fragments or 'no red cells found'."""
+    from PIL import Image
+    sample = sorted((Path(__file__).resolve().parents[1] / "edge_runtime" / "samples" / "Parasitized").iterdir())[0]
+    close_up = tmp_path / "close_up.png"
+    Image.open(sample).convert("RGB").resize((500, 500), Image.BICUBIC).save(close_up)
+    auto = cli("edge-classify", close_up, check=True).stdout.splitlines()
+    as_cell = cli("edge-classify", close_up, "--input-kind", "cell", check=True).stdout.splitlines()
+    assert len(auto) == 2 and auto[1].split(",")[1] == ""      # one row, no cell index: a cell, not a field
+    assert auto[1].split(",")[6:8] == as_cell[1].split(",")[6:8]

@@ -37,7 +37,7 @@ def report():
     rows = [{"path": f.source, "cell": c.index, "box": list(c.box), "prob_parasitized": c.prob_parasitized,
              "prediction": c.prediction} for f in fields for c in f.cells]
     rule = SlideRule.from_dict({**json.loads((REPO / "docs" / "slide_rule.json").read_text()), "min_cells": 20})
-    result = assess_slide(rows, rule, name="sample slide", unfamiliar=clf.unfamiliar_limits)
+    result = assess_slide(rows, rule, name="sample slide", unfamiliar_limits=clf.unfamiliar_limits)
     name, sha = model_identity(clf)
     html = render_report([SlidePage(result, fields)], name, sha, date="2025-06-07")
     return html, result, fields, sha

@@ -72,8 +72,13 @@ def test_the_slide_folder_is_an_edge_adapt_cells_input(tmp_path, slide_cells):
     adapt = pytest.importorskip("malaria_edge.train.adapt")
     fields, rows, rule = slide_cells
     folder = write_review(tmp_path, "s", rows, field_crops(fields), rule)
-    found = adapt.find_class_folders(folder)
-    assert set(found) == {"parasitized", "uninfected"}
-    # The parent of many slides is not (yet): find_class_folders looks only directly inside.
-    with pytest.raises(adapt.AdaptError):
-        adapt.find_class_folders(tmp_path)
+    write_review(tmp_path, "t", rows, field_crops(fields), rule)
+    assert {k: len(v) for k, v in adapt.clinic_class_folders(folder).items()} == {"parasitized": 1,
+                                                                                  "uninfected": 1}
+    # The parent of many slides too: the class folders of every slide, merged.
+    merged = adapt.clinic_class_folders(tmp_path)
+    assert sorted(f.parent.name for f in merged["parasitized"]) == ["s", "t"]
+    clinic = adapt.read_clinic_cells(tmp_path, 32, None)
+    crops = list(tmp_path.glob("*/*/*.png"))
+    assert len(clinic.paths) == len(crops) and not clinic.failed
+    assert int(clinic.labels.sum()) == len(list(tmp_path.glob("*/Parasitized/*.png")))

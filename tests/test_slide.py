@@ -80,7 +80,7 @@ def test_nothing_flagged_is_no_parasites_found_with_the_detection_limit(rule):
 def test_unfamiliar_cells_make_the_slide_indeterminate(rule):
     r = assess_slide(rows(500, 50, unfamiliar=True), rule)
     assert r.call == INDETERMINATE and any("unfamiliar" in w for w in r.warnings)
-    scored = assess_slide(rows(500, 50, unfamiliar=99.0), rule, unfamiliar=(46.8, 0.1))
+    scored = assess_slide(rows(500, 50, unfamiliar=99.0), rule, unfamiliar_limits=(46.8, 0.1))
     assert scored.call == INDETERMINATE
 
 
@@ -144,6 +144,6 @@ def test_a_real_slide_of_iml_fields(rule):
         f = clf.classify_field(IML / "images" / name)
         cells += [{"path": f.source, "cell": c.index, "box": c.box, "prob_parasitized": c.prob_parasitized,
                    "prediction": c.prediction, "unfamiliar": c.unfamiliar_score} for c in f.cells]
-    r = assess_slide(cells, rule, name="PA171842-45", unfamiliar=clf.unfamiliar_limits)
+    r = assess_slide(cells, rule, name="PA171842-45", unfamiliar_limits=clf.unfamiliar_limits)
     assert r.cells > 300 and r.call in (FOUND, REVIEW_NEEDED)
     assert 0 <= r.parasitemia_ci[0] <= r.parasitemia <= r.parasitemia_ci[1] < 0.1

@@ -5,7 +5,7 @@
 
 Data (default: $MALARIA_DATA, else shared/data beside the repository):
   IML fields  fields/iml_vivax/{images,annotations.json}; split in blocks of 8 consecutive captures
-              (benchmarks.fields.iml_split: block % 4 == 3 test, block % 8 == 1 val). One block = one slide.
+              (edge_runtime.annotations.field_split: block % 4 == 3 test, block % 8 == 1 val). One block = one slide.
   NIH cells   cell_images/{Parasitized,Uninfected}; patients split as the model card records (data.patients),
               which is train.dataset.split_patients(seed 42, test 0.2, val 0.1) over the manifest's patients.
 
@@ -24,7 +24,7 @@ from typing import Dict, List
 
 import numpy as np
 
-from malaria_edge.benchmarks.fields import iml_split, left_out_detections, load_annotations, match
+from malaria_edge.benchmarks.fields import left_out_detections, load_annotations, match
 from malaria_edge.edge_runtime.classifier import Classifier
 from malaria_edge.edge_runtime.images import open_image
 from malaria_edge.edge_runtime.labels import PARASITIZED, patient_id

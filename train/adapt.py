@@ -40,7 +40,7 @@ from malaria_edge.edge_runtime.metrics import pct, wilson_interval
 from malaria_edge.edge_runtime.outputs import parasitized_probability
 from malaria_edge.edge_runtime.patients import DEFAULT_RULE, choose_rule, per_patient_counts
 from malaria_edge.export.writer import BundlePaths, load_written, write_bundle, write_card
-from malaria_edge.train.dataset import find_class_folders
+from malaria_edge.train.dataset import find_cell_folders
 
 # The held-out cells must estimate sensitivity and specificity: 30 cells a class with 30% held out leaves 9 a class
 # there (one missed parasitized cell moves sensitivity by 11 points), 5 folds leave 6 a class per fold; fewer cannot
@@ -195,12 +195,13 @@ def _is_card(path: Path) -> bool:
     return isinstance(card, dict) and str(card.get("schema", "")).startswith("malaria-edge/model-card")
 
 
-def clinic_class_folders(cells_dir: Path) -> Dict[str, Path]:
-    """``Parasitized/`` and ``Uninfected/`` (any case) directly inside ``cells_dir``, or a one-line refusal."""
+def clinic_class_folders(cells_dir: Path) -> Dict[str, List[Path]]:
+    """``Parasitized/`` and ``Uninfected/`` (any case) directly inside ``cells_dir``, or those of each of its slide
+    folders merged (an ``edge-classify --review`` folder), or a one-line refusal."""
     if not cells_dir.is_dir():
         raise AdaptError(f"{cells_dir}: no such folder; --cells takes a folder holding Parasitized/ and Uninfected/",
                          EXIT_USAGE)
-    found = find_class_folders(cells_dir)
+    found = find_cell_folders(cells_dir)
     missing = [name for name, label in (("Parasitized", PARASITIZED), ("Uninfected", UNINFECTED)) if label not in found]
     if missing:
         raise AdaptError(f"{cells_dir}: no {' or '.join(m + '/' for m in missing)} folder; put the clinic's sorted "
@@ -234,7 +235,7 @@ def read_clinic_cells(cells_dir: Path, size: int, stain: Optional[Dict]) -> Clin
     return ClinicCells(paths, np.array(labels, dtype=np.int64), x, failed, digest.hexdigest(), duplicates)
 
 
-def distinct_class_files(folders: Dict[str, Path]) -> Tuple[Dict[str, List[Tuple[Path, str]]],
+def distinct_class_files(folders: Dict[str, List[Path]]) -> Tuple[Dict[str, List[Tuple[Path, str]]],
                                                              List[Tuple[str, str]], List[Tuple[str, str, str]]]:
     """{label: [(image file, content SHA-256)]} with each content once per class, the files that could not be read
     or are no image [(path, reason)], and the copies dropped [(label, copy, the file it repeats)]. Raises
@@ -243,7 +244,8 @@ def distinct_class_files(folders: Dict[str, Path]) -> Tuple[Dict[str, List[Tuple
     failed, duplicates = [], []
     for label in (PARASITIZED, UNINFECTED):
         seen: Dict[str, Path] = {}
-        for path in sorted(p for p in folders[label].rglob("*") if p.is_file() and not p.name.startswith(".")):
+        for path in sorted(p for folder in folders[label] for p in folder.rglob("*")
+                           if p.is_file() and not p.name.startswith(".")):
             if not is_image_path(path):
                 failed.append((str(path), "not an image file (unknown suffix)"))
                 continue
@@ -261,15 +263,15 @@ def distinct_class_files(folders: Dict[str, Path]) -> Tuple[Dict[str, List[Tuple
     return files, failed, duplicates
 
 
-def _refuse_cells_in_both(files: Dict[str, List[Tuple[Path, str]]], folders: Dict[str, Path]) -> None:
+def _refuse_cells_in_both(files: Dict[str, List[Tuple[Path, str]]], folders: Dict[str, List[Path]]) -> None:
     """One line, exit 1, when a file's content is both a parasitized and an uninfected cell (a copied file, or one
     class folder a link to the other): it would teach the model nothing and make its scores worse than chance."""
     uninfected = {content: path for path, content in files[UNINFECTED]}
     both = [(path, uninfected[content]) for path, content in files[PARASITIZED] if content in uninfected]
     if both:
         n = len(both)
-        raise AdaptError(f"{n} file{'s are' if n != 1 else ' is'} in both {folders[PARASITIZED].name}/ and "
-                         f"{folders[UNINFECTED].name}/ (same content), e.g. {both[0][0]} and {both[0][1]}; a cell has "
+        raise AdaptError(f"{n} file{'s are' if n != 1 else ' is'} in both {folders[PARASITIZED][0].name}/ and "
+                         f"{folders[UNINFECTED][0].name}/ (same content), e.g. {both[0][0]} and {both[0][1]}; a cell has "
                          "one label: keep each file only in the folder it belongs in")
 
 

@@ -58,6 +58,21 @@ def find_class_folders(root: Path, one_level_down: bool = False) -> Dict[str, Pa
     return inside(root)
 
 
+def find_cell_folders(root: Path) -> Dict[str, List[Path]]:
+    """{label: [folders]}: ``Parasitized/`` and ``Uninfected/`` directly inside ``root``, or else those of every
+    subfolder holding both (an ``edge-classify --review`` folder: one subfolder per slide), merged."""
+    direct = find_class_folders(root)
+    if len(direct) == 2:
+        return {label: [folder] for label, folder in direct.items()}
+    merged: Dict[str, List[Path]] = {label: [folder] for label, folder in direct.items()}
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and p.name.lower() not in CLASS_FOLDERS):
+        found = find_class_folders(sub)
+        if len(found) == 2:
+            for label, folder in found.items():
+                merged.setdefault(label, []).append(folder)
+    return merged
+
+
 def _check_file(path: Path) -> Tuple[str, Optional[str]]:
     """Return (sha256, None) for a decodable image, or ("", reason) for a bad one."""
     try:
