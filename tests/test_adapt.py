@@ -348,3 +348,14 @@ def test_the_adapted_card_describes_the_scores_its_files_return(adapted, cross_v
         bundle = ModelBundle(result.int8_path)
         assert result.card["head"] == "softmax2" and bundle.head == "softmax2"
         assert tuple(bundle.interpreter.get_output_details()[0]["shape"]) == (1, 2)
+
+
+def test_a_threshold_chosen_on_saturated_scores_stays_inside_zero_and_one():
+    """A wrecked fine-tune scores every cell ~0 or ~1: the threshold is still one a card accepts (0 < t < 1), so
+    the run writes its not-recommended bundle instead of failing on its own card."""
+    import numpy as np
+    from malaria_edge.train.adapt import choose_decision_threshold
+    y = np.array([1] * 30 + [0] * 30)
+    for prob in (np.full(60, 1e-9), np.full(60, 1 - 1e-9), np.r_[np.full(30, 1e-7), np.full(30, 1e-9)]):
+        for minimum in (None, 0.95):
+            assert 0 < choose_decision_threshold(y, prob, minimum) < 1

@@ -349,7 +349,8 @@ def choose_decision_threshold(y: np.ndarray, prob: np.ndarray, min_sensitivity: 
     runs.append((start, best[-1]))
     lo, hi = max(runs, key=lambda r: cuts[r[1]] - cuts[r[0]])
     middle = (cuts[lo] + cuts[hi]) / 2
-    return float(round(1 / (1 + np.exp(-middle)), 4))
+    # Rounded to 4 places, but never to 0 or 1: a card's threshold lies strictly between them.
+    return float(min(max(round(1 / (1 + np.exp(-middle)), 4), 1e-4), 1 - 1e-4))
 
 
 def clinic_rule(y: np.ndarray, prob: np.ndarray, threshold: float, groups: Optional[Sequence[str]],
