@@ -288,3 +288,68 @@ def test_a_close_up_of_one_cell_larger_than_a_crop_is_classified_as_a_cell(tmp_p
     as_cell = cli("edge-classify", close_up, "--input-kind", "cell", check=True).stdout.splitlines()
     assert len(auto) == 2 and auto[1].split(",")[1] == ""      # one row, no cell index: a cell, not a field
     assert auto[1].split(",")[6:8] == as_cell[1].split(",")[6:8]
+
+
+def iml_rgb(name: str) -> np.ndarray:
+    path = IML / "images" / name
+    if not path.is_file():
+        pytest.skip("../shared/data/fields/iml_vivax is absent (IML fields live outside the repo)")
+    return rgb_of(path)
+
+
+def parasitized_of_crops(classifier, crops, turns: int) -> int:
+    pixels = np.stack([classifier.prepare_crop(np.ascontiguousarray(np.rot90(c, turns))) for c in crops])
+    return sum(classifier.decide(float(p)) == "parasitized" for p in classifier.probabilities(pixels)[0])
+
+
+# Rotation (defect 13), measured on 12 IML fields at 0/90/180/270 degrees (docs/experiments.md): the count of a
+# turned field differs from the same cells' crops turned by at most 4 (segmentation: OpenCV's Hough circles are
+# not rotation-equivariant, 85-90% of circles found again); the crops' own spread is the model's.
+ROTATION_SEGMENTATION_TOLERANCE = 4
+
+
+@pytest.mark.parametrize("name", ["PA171694.JPG", "PA171692.JPG"])
+def test_a_field_turned_by_quarter_turns_keeps_its_cells_and_moves_its_calls_only_by_the_model_s_spread(
+        classifier, name):
+    """Defect 13: PA171694 turned 90 degrees gave 16 parasitized where it gave 9. Measured on crops, the model
+    itself calls 9, 17, 12, 10 of the same 157 cells turned 0/90/180/270 degrees: the model's own rotation
+    sensitivity on this field's many borderline cells (probabilities 0.2-0.6). The bound: cells within 3%, and the
+    parasitized count within the crops' spread plus segmentation's share."""
+    from malaria_edge.edge_runtime.fields import classify_field_pixels
+    rgb = iml_rgb(name)
+    base = classify_field_pixels(classifier, rgb)
+    crops = [cut_cell(rgb, cell.region) for cell in base.cells]
+    spread = np.ptp([parasitized_of_crops(classifier, crops, k) for k in range(4)])
+    for turns in (1, 2, 3):
+        turned = classify_field_pixels(classifier, np.ascontiguousarray(np.rot90(rgb, turns)))
+        assert abs(turned.n_cells - base.n_cells) <= 0.03 * base.n_cells, (turns, turned.n_cells, base.n_cells)
+        moved = abs(turned.n_parasitized - base.n_parasitized)
+        assert moved <= spread + ROTATION_SEGMENTATION_TOLERANCE, (turns, turned.n_parasitized, base.n_parasitized)
+
+
+@pytest.fixture(scope="module")
+def mosaic_counts(classifier):
+    """The four fields PA171690-93 alone (summed), as a 2x2 mosaic and that mosaic at 1280x960."""
+    import cv2
+    from malaria_edge.edge_runtime.fields import classify_field_pixels
+    fields = [iml_rgb(f"PA17169{i}.JPG") for i in range(4)]
+    alone = [classify_field_pixels(classifier, f, keep_image=False) for f in fields]
+    whole = np.vstack([np.hstack(fields[:2]), np.hstack(fields[2:])])
+    half = cv2.resize(whole, (1280, 960), interpolation=cv2.INTER_AREA)
+    mosaics = [classify_field_pixels(classifier, m, keep_image=False) for m in (whole, half)]
+    return (sum(r.n_cells for r in alone), sum(r.n_parasitized for r in alone),
+            [(m.n_cells, m.n_parasitized) for m in mosaics])
+
+
+def test_a_2x2_mosaic_finds_the_four_fields_cells_within_5_percent(mosaic_counts):
+    cells, _, mosaics = mosaic_counts
+    for found, _ in mosaics:
+        assert abs(found / cells - 1) <= 0.05, (found, cells)
+
+
+@pytest.mark.xfail(strict=True, reason="open: 19 parasitized in the mosaic vs 22 in the four fields alone (target "
+                   "+-2); segmentation's calls move with sub-pixel resampling (docs/experiments.md, defect 13)")
+def test_a_2x2_mosaic_calls_the_four_fields_parasites_within_2(mosaic_counts):
+    _, parasitized, mosaics = mosaic_counts
+    for _, found in mosaics:
+        assert abs(found - parasitized) <= 2, (found, parasitized)

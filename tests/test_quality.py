@@ -135,3 +135,31 @@ def test_an_empty_or_tiny_picture_is_flagged_too_few_cells(size):
     quality = gate(glass)
     assert "too_few_cells" in quality.warnings
     assert not quality.ok
+
+
+@pytest.mark.parametrize("source", ["demo", "iml"])
+def test_edge_classify_warns_on_each_blurred_field_and_leaves_its_slide_indeterminate(tmp_path, source):
+    """End to end: fields blurred at sigma 4 (IML pixels) in one slide folder. Each field's summary is followed by
+    its WARNING with the advice, its rows carry out_of_focus, no field reads as a clean "0 parasitized", and the
+    slide is indeterminate because every field was left out, not because of a count."""
+    import csv
+    from conftest import cli
+    if source == "demo":
+        pictures = {name: rgb_of(FIELDS / name) for name in SAMPLE_NAMES}
+    else:
+        pictures = {name: iml(name) for name in ("PA171690.JPG", "PA171691.JPG")}
+    slide = tmp_path / "slide"
+    slide.mkdir()
+    for name, rgb in pictures.items():
+        Image.fromarray(blurred(rgb, 4)).save(slide / f"{Path(name).stem}.png")
+    done = cli("edge-classify", slide, "--group-by", "folder", "-o", tmp_path / "rows.csv")
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    for i, line in enumerate(lines):
+        if line.strip().startswith("field "):
+            assert "WARNING: out of focus" in lines[i + 1] and "refocus" in lines[i + 1], line
+    assert sum(line.strip().startswith("field ") for line in lines) == len(pictures)
+    slide_line = next(line for line in lines if line.strip().startswith("slide "))
+    assert "indeterminate" in slide_line and f"leaving out {len(pictures)} of {len(pictures)} fields" in slide_line
+    with open(tmp_path / "rows.csv", newline="") as fh:
+        assert all("out_of_focus" in row["warnings"] for row in csv.DictReader(fh))
