@@ -72,6 +72,7 @@ class ModelCard:
     reference: Optional[str] = None
     unfamiliar: Optional[Unfamiliar] = None
     tool_version: Optional[str] = None     # the malaria-edge that wrote the card; None on cards older than the field
+    provenance: Dict[str, Dict[str, str]] = field(default_factory=dict)  # training source -> origin, licence
     raw: Dict = field(default_factory=dict, repr=False)
 
     def to_json(self) -> Dict:
@@ -209,6 +210,7 @@ def parse_card(card: Any) -> ModelCard:
     if tool_version is not None and (not isinstance(tool_version, str) or not tool_version):
         _fail("tool_version", tool_version, "must be a version string")
     preprocessing = card.get("preprocessing") or {}
+    provenance = _provenance(card.get("provenance"))
     return ModelCard(
         schema=schema, name=str(card.get("name", "")), labels=list(labels), head=head, input_size=size,
         threshold=threshold, files={k: dict(v) for k, v in files.items()},
@@ -216,7 +218,22 @@ def parse_card(card: Any) -> ModelCard:
         patient_rule=_rule(card["patient_rule"]) if card.get("patient_rule") is not None else None,
         slide_rule=_slide_rule(card.get("slide_rule")),
         reference=reference, unfamiliar=_unfamiliar(card.get("unfamiliar")), tool_version=tool_version,
-        raw=copy.deepcopy(dict(card)))
+        provenance=provenance, raw=copy.deepcopy(dict(card)))
+
+
+def _provenance(value: Any) -> Dict[str, Dict[str, str]]:
+    """``provenance``: {training source: {"origin": ..., "licence": ...}}, both non-empty text; {} when absent."""
+    if value is None:
+        return {}
+    sources = _mapping("provenance", value)
+    checked = {}
+    for source, terms in sources.items():
+        terms = _mapping(f"provenance.{source}", terms)
+        for key in ("origin", "licence"):
+            if not isinstance(terms.get(key), str) or not terms[key].strip():
+                _fail(f"provenance.{source}.{key}", terms.get(key), "must say where the data came from and on what terms")
+        checked[str(source)] = {"origin": terms["origin"], "licence": terms["licence"]}
+    return checked
 
 
 def read_card(path: Path) -> ModelCard:

@@ -23,6 +23,17 @@ from .labels import CLASSES, PARASITIZED
 SPLITS = ("train", "val", "test")
 MANIFEST_FIELDS = ("path", "label", "patient", "split", "sha256", "source")
 NIH = "NIH"
+# Where each training source came from and on what terms, recorded in every card a model trained on it carries, so a
+# clinic knows what its model learned from (shown in the report and README).
+PROVENANCE = {
+    "NIH": {"origin": "NIH malaria cell images (Rajaraman et al., PeerJ 6:e4568, 2018), U.S. National Library of "
+                      "Medicine: segmented red cells of Giemsa thin smears, P. falciparum, Chittagong, Bangladesh",
+            "licence": "public domain (a work of the U.S. government)"},
+    "IML": {"origin": "IML-Malaria fields (Arshad et al., Neural Computing and Applications 34:4473-4485, 2022), "
+                      "Lahore, Pakistan: annotated Giemsa thin-smear fields, P. vivax; cells cut by this tool's "
+                      "segmentation",
+            "licence": "no licence stated in its repository: research use only; cite the paper"},
+}
 
 
 class DatasetError(MalariaEdgeError, RuntimeError):

@@ -81,6 +81,8 @@ figure{margin:8px 0}img{max-width:100%;height:auto}
 <footer>
 <p>Model: <span id="model-name">{{model.name}}</span>, SHA-256 <span id="model-sha">{{model.sha256}}</span>.
 Tool: malaria-edge <span id="tool-version">{{version}}</span>. Date: <span id="report-date">{{date}}</span>.</p>
+{{#provenance.length}}<p>The model learned from: {{#provenance}}<span class="source">{{source}}: {{origin}}
+({{licence}})</span>. {{/provenance}}</p>{{/provenance.length}}
 <p>{{disclaimer}}</p>
 </footer>
 </body></html>
@@ -230,18 +232,21 @@ def slide_data(page: SlidePage, index: int) -> Dict:
 
 
 def report_data(pages: Sequence[SlidePage], model_name: str, model_sha256: str, date: Optional[str] = None,
-                title: str = "Malaria screening report") -> Dict:
-    """The whole report as a plain JSON-able dict (the phone page builds the same dict)."""
+                title: str = "Malaria screening report", provenance: Optional[Mapping] = None) -> Dict:
+    """The whole report as a plain JSON-able dict (the phone page builds the same dict). ``provenance``: the card's
+    {training source: {origin, licence}}, so a clinic sees what its model learned from."""
     return {"title": title, "disclaimer": DISCLAIMER, "version": __version__,
             "date": date or _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
             "model": {"name": model_name, "sha256": (model_sha256 or "")[:12]},
+            "provenance": [{"source": k, **v} for k, v in (provenance or {}).items()],
             "slides": [slide_data(p, i) for i, p in enumerate(pages)]}
 
 
 def render_report(pages: Sequence[SlidePage], model_name: str, model_sha256: str, date: Optional[str] = None,
-                  title: str = "Malaria screening report", template: str = TEMPLATE) -> str:
+                  title: str = "Malaria screening report", template: str = TEMPLATE,
+                  provenance: Optional[Mapping] = None) -> str:
     """One self-contained HTML page (see the module docstring)."""
-    return fill(template, report_data(pages, model_name, model_sha256, date, title))
+    return fill(template, report_data(pages, model_name, model_sha256, date, title, provenance))
 
 
 def model_identity(classifier) -> tuple:

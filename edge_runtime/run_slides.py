@@ -143,7 +143,7 @@ def write_slide_outputs(slides: Mapping[str, RunSlide], fields: Sequence, classi
         written += [save_overlay(with_image(f), overlays_dir, names=names) for f in fields
                     if str(f.source) not in drawn]
     if report is not None:
-        atomic_write_text(report, render_report(pages, name, sha))
+        atomic_write_text(report, render_report(pages, name, sha, provenance=classifier.bundle.card.provenance))
         written.append(report)
     return written
 

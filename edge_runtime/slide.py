@@ -182,6 +182,11 @@ class SlideRule:
         for name, d in self.sources.items():
             _rates(name, d)
 
+    def source_for(self, source: str) -> str:
+        """The source whose rates apply: ``source`` itself, or a clinic's own rule's only source (an adapted
+        model's rates were measured on that clinic's cells, which are what it reads)."""
+        return next(iter(self.sources)) if source not in self.sources and len(self.sources) == 1 else source
+
     def rates(self, source: str) -> SourceRates:
         if source not in self.sources:
             raise SlideRuleError(f"slide_rule has no rates for source {source!r} (has {', '.join(self.sources)})")
@@ -364,7 +369,7 @@ def assess_slide(rows: Iterable[Mapping], rule: SlideRule, name: str = "", sourc
     Steps: leave out doubtful fields, count, estimate, call."""
     rows = list(rows)
     readable = [r for r in rows if not r.get("error")]
-    source = source or default_source(readable)
+    source = rule.source_for(source or default_source(readable))
     rates = rule.rates(source)
     warnings, excluded = doubtful_fields(readable, unfamiliar_limits)
     good = [r for r in readable if str(r.get("path") or "") not in set(excluded)]

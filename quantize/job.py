@@ -21,7 +21,8 @@ from malaria_edge.edge_runtime.card import CARD_SCHEMA
 from malaria_edge.edge_runtime.cell_arrays import bundle_probabilities, load_arrays
 from malaria_edge.edge_runtime.evaluation import evaluate, format_evaluation
 from malaria_edge.edge_runtime.labels import PARASITIZED, UNINFECTED
-from malaria_edge.edge_runtime.manifest import NIH, Cell, calibration_cells, load_prepare_report, read_manifest
+from malaria_edge.edge_runtime.manifest import (NIH, PROVENANCE, Cell, calibration_cells, load_prepare_report,
+                                                read_manifest)
 from malaria_edge.edge_runtime.metrics import pct
 from malaria_edge.edge_runtime.outputs import parasitized_probability
 from malaria_edge.edge_runtime.patients import choose_rule, per_patient_counts
@@ -128,6 +129,7 @@ def describe_model(trained: TrainedModel, data_info: Dict, calibration: List[Cel
                  "calibration": {"cells": len(calibration), "split": "train",
                                  "patients": len({c.patient for c in calibration})}},
         "commands": [c for c in (trained.config.get("commands") or []) if c] + ([command] if command else []),
+        "provenance": {source: PROVENANCE[source] for source in trained.trained_on if source in PROVENANCE},
     }
 
 

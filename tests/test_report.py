@@ -146,3 +146,12 @@ def test_report_opens_in_headless_chromium_offline(report, tmp_path):
         finally:
             browser.close()
     assert all(u.startswith(("file:", "data:")) for u in requests), requests
+
+
+def test_the_report_says_what_the_model_learned_from_and_on_what_terms():
+    from malaria_edge.edge_runtime import Classifier
+    from malaria_edge.edge_runtime.report import render_report
+    card = Classifier.load().bundle.card
+    html = render_report([], "malaria_int8", "0" * 64, provenance=card.provenance)
+    assert set(card.provenance) == {"NIH", "IML"}
+    assert "public domain" in html and "no licence stated" in html and "research use" in html

@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -39,6 +39,7 @@ from malaria_edge.edge_runtime.manifest import DatasetError, calibration_cells, 
 from malaria_edge.edge_runtime.metrics import pct, wilson_interval
 from malaria_edge.edge_runtime.outputs import parasitized_probability
 from malaria_edge.edge_runtime.patients import DEFAULT_RULE, choose_rule, per_patient_counts
+from malaria_edge.edge_runtime.slide import SlideRule, SlideRuleError
 from malaria_edge.export.writer import BundlePaths, load_written, write_bundle, write_card
 from malaria_edge.train.dataset import find_cell_folders
 
@@ -705,7 +706,7 @@ def write_adapted_bundle(tuned: FineTuned, base: BaseModel, calibration: np.ndar
     """The adapted bundle through the one bundle writer, its card started from the base's (without the base's
     test figures) at a provisional threshold of 0.5 until the clinic's is chosen."""
     card = copy.deepcopy(base.card)
-    for stale in ("test", "test_sources", "sizes"):
+    for stale in ("test", "test_sources", "sizes", "slide_rule"):
         card.pop(stale, None)
     card["name"] = paths.name
     card["threshold"] = 0.5
@@ -713,6 +714,31 @@ def write_adapted_bundle(tuned: FineTuned, base: BaseModel, calibration: np.ndar
     write_bundle(tuned.model, calibration, paths, card)
     log(f"quantized in {time.time() - started:.0f}s: {paths.int8.name} {paths.int8.stat().st_size / 1024:.0f} KiB")
     return card
+
+
+def clinic_slide_rule(labels: np.ndarray, prob: np.ndarray, threshold: float, base_rule: Optional[Mapping],
+                      where: str) -> Optional[Dict]:
+    """The adapted model's slide rule: the base rule's settings with the error rates measured on the clinic's own
+    cells at the clinic's threshold (the base's rates describe another model); the review band keeps its width in
+    proportion. None when there is no base rule or the clinic's cells cannot support one (no cell of a class, or
+    no better than chance), so no slide is called on rates nobody measured."""
+    if not base_rule:
+        return None
+    base = SlideRule.from_dict(base_rule)
+    y, prob = np.asarray(labels) == 1, np.asarray(prob, dtype=float)
+    candidate = min(threshold, base.candidate_threshold * threshold / base.threshold)
+    rates = {"sensitivity_k": int(np.sum(prob[y] >= threshold)), "sensitivity_n": int(np.sum(y)),
+             "false_flag_k": int(np.sum(prob[~y] >= threshold)), "false_flag_n": int(np.sum(~y)),
+             "candidate_sensitivity_k": int(np.sum(prob[y] >= candidate)),
+             "candidate_false_flag_k": int(np.sum(prob[~y] >= candidate)),
+             "measured_on": f"the clinic's cells ({where}); crops, so cells that segmentation loses are not counted"}
+    try:
+        rule = SlideRule(threshold=threshold, candidate_threshold=candidate, sources={"clinic": rates},
+                         min_cells=base.min_cells, alpha=base.alpha, max_candidate_share=base.max_candidate_share,
+                         min_confirmed=base.min_confirmed, chosen_on=f"base rule's settings; rates: {where}")
+    except SlideRuleError:
+        return None
+    return rule.as_dict()
 
 
 def choose_clinic_threshold(card: Dict, base: BaseModel, bundles: Dict, cells: MeasuredCells, tuned: FineTuned,
@@ -726,6 +752,9 @@ def choose_clinic_threshold(card: Dict, base: BaseModel, bundles: Dict, cells: M
                  f"most specific keeping sensitivity >= {pct(recipe.min_sensitivity)}")
     after = cells.evaluate(prob, threshold)
     card["threshold"] = threshold
+    slide_rule = clinic_slide_rule(cells.labels, prob, threshold, base.card.get("slide_rule"), cells.where)
+    if slide_rule is not None:
+        card["slide_rule"] = slide_rule
     card["patient_rule"] = clinic_rule(cells.labels, prob, threshold, cells.groups if cells.with_patients else None,
                                        base.card.get("patient_rule") or DEFAULT_RULE, cells.where)
     m = after["metrics"]
