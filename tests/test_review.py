@@ -80,5 +80,6 @@ def test_the_slide_folder_is_an_edge_adapt_cells_input(tmp_path, slide_cells):
     assert sorted(f.parent.name for f in merged["parasitized"]) == ["s", "t"]
     clinic = adapt.read_clinic_cells(tmp_path, 32, None)
     crops = list(tmp_path.glob("*/*/*.png"))
-    assert len(clinic.paths) == len(crops) and not clinic.failed
-    assert int(clinic.labels.sum()) == len(list(tmp_path.glob("*/Parasitized/*.png")))
+    # Slide t holds the same cells as slide s: each is a cell once, its copy dropped as a duplicate.
+    assert len(clinic.paths) == len(clinic.duplicates) == len(crops) // 2 and not clinic.failed
+    assert int(clinic.labels.sum()) == len(list((tmp_path / "s").glob("Parasitized/*.png")))
