@@ -6,7 +6,7 @@
 #
 # Usage (as root; needs network to a Debian mirror and to the package index pip is configured for):
 #   scripts/pi_check.sh [--root DIR] [--out DIR] [--field IMAGE]... [--cpus "cortex-a72 ..."] [--no-tflite-runtime]
-#                       [--rebuild-root] [--fresh-venvs] [--wheels-from host|pypi]
+#                       [--rebuild-root] [--fresh-venvs] [--wheels-from host|pypi] [--no-bundle]
 #
 #   --root DIR           where the arm64 root and venvs are built once and reused (default $PI_ROOT, else
 #                        ~/.cache/malaria-edge/pi-root)
@@ -26,9 +26,13 @@
 #                        Python and glibc, and pip in the root resolves and installs from them offline; pypi: pip
 #                        in the root downloads from PyPI itself, as a Pi does (slow TLS under emulation; this
 #                        sandbox's egress proxy resets such slow downloads under load)
+#   --no-bundle          skip the offline bundle: by default edge-bundle (on this host, from PyPI) writes the aarch64
+#                        bundle a field device gets, its tar.gz is unpacked in the root, and its install.sh installs
+#                        and the installed edge-classify classifies the cells and fields inside a network namespace
+#                        with no interface (unshare --net), rows diffed like every other run
 #
 # Slow (arm64 is emulated), so it is not part of every CI run: on 2 shared cores a first run takes ~15-25 min
-# (debootstrap ~12), a cached run ~2-5 min, depending on load; the report says how long this run took.
+# (debootstrap 7-12), a cached run ~5-8 min (the bundle ~3 of it), depending on load; the report says how long.
 set -euo pipefail
 {  # the whole script is one block, so bash has read all of it before running any (safe to edit while it runs)
 
@@ -41,6 +45,7 @@ WITH_TFLITE_RUNTIME=1
 REBUILD_ROOT=0
 FRESH_VENVS=0
 WHEELS_FROM=host
+WITH_BUNDLE=1
 SUITE=bookworm
 MIRROR=${DEBIAN_MIRROR:-}
 IML=${IML_FIELDS:-}
@@ -59,7 +64,8 @@ while [ $# -gt 0 ]; do
         --rebuild-root) REBUILD_ROOT=1; shift ;;
         --fresh-venvs) FRESH_VENVS=1; shift ;;
         --wheels-from) WHEELS_FROM=$2; shift 2 ;;
-        -h|--help) sed -n '2,32p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --no-bundle) WITH_BUNDLE=0; shift ;;
+        -h|--help) sed -n '2,35p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown option $1 (see --help)" ;;
     esac
 done
@@ -170,13 +176,15 @@ bind_cpuinfo() {  # bind_cpuinfo CPU: the root's /proc/cpuinfo becomes that core
 }
 
 # Run a command in the arm64 root, niced, with a clean environment (no host pip settings leak in), qemu emulating
-# the CPU named in $QEMU_CPU (each exec starts a new qemu, so the variable must survive env -i).
+# the CPU named in $QEMU_CPU (each exec starts a new qemu, so the variable must survive env -i). NET_WRAP=(unshare
+# --net) runs it in a new network namespace: no interface but a loopback that is down, as on a device offline.
 QEMU_CPU=$MAIN_CPU
 PIP_SOURCE_ENV=()
 [ "$WHEELS_FROM" = host ] && PIP_SOURCE_ENV=(PIP_NO_INDEX=1 PIP_FIND_LINKS=/opt/pi-check/wheelhouse)
+NET_WRAP=()
 in_root() {
     bind_cpuinfo "$QEMU_CPU"
-    QEMU_CPU=$QEMU_CPU chroot "$ROOT" /usr/bin/env -i QEMU_CPU="$QEMU_CPU" HOME=/root LANG=C.UTF-8 \
+    QEMU_CPU=$QEMU_CPU "${NET_WRAP[@]}" chroot "$ROOT" /usr/bin/env -i QEMU_CPU="$QEMU_CPU" HOME=/root LANG=C.UTF-8 \
         PATH=/usr/local/bin:/usr/bin:/bin PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_DEFAULT_TIMEOUT=120 \
         PIP_CERT=/etc/ssl/certs/host-ca-bundle.crt PIP_ROOT_USER_ACTION=ignore "${PIP_SOURCE_ENV[@]}" \
         /bin/sh -c 'cd /opt/pi-check/inputs 2>/dev/null || cd /; exec nice -n 10 "$@"' sh "$@"
@@ -189,7 +197,7 @@ t=$(date +%s.%N)
 rm -rf "$CHECK/dist" "$CHECK/inputs" "$RUNS"
 mkdir -p "$CHECK/dist" "$CHECK/inputs" "$RUNS" "$CHECK/tools"
 : >"$RUNS/notes.txt"
-echo "Under qemu-user the guest reads this host's /proc/cpuinfo (x86), and a bare chroot has no /sys: XNNPACK's CPU detection then fails and the interpreter silently falls back to TFLite's built-in kernels, whose int8 outputs differ from x86_64 (BUILTIN_WITHOUT_DEFAULT_DELEGATES in the kernel table), or, with /sys, crashes. The script mounts sysfs and binds the /proc/cpuinfo of each emulated Pi core, so XNNPACK starts as on the Pi ('+ XNNPACK' in the table means the run logged its delegate)." >>"$RUNS/notes.txt"
+echo "Under qemu-user the guest reads this host's /proc/cpuinfo (x86), and a bare chroot has no /sys: XNNPACK's CPU detection then fails and the interpreter silently falls back to TFLite's built-in kernels, whose int8 outputs differ from x86_64 (BUILTIN_WITHOUT_DEFAULT_DELEGATES in the kernel table), or, with /sys, crashes. The script mounts sysfs and binds the /proc/cpuinfo of each emulated Pi core, so XNNPACK starts as on the Pi ('+ XNNPACK' in the table: the run logged its delegate; '+ XNNPACK (venv probe)': edge-classify, which keeps that log line off stderr, ran in a venv whose interpreter logged it when the int8 model was loaded on its own, on the first emulated core)." >>"$RUNS/notes.txt"
 cp "$REPO/scripts/pi_check_report.py" "$CHECK/tools/"
 HOST_PY=python3
 [ -x "$REPO/.venv/bin/python" ] && HOST_PY=$REPO/.venv/bin/python
@@ -435,7 +443,67 @@ if [ "$WITH_TFLITE_RUNTIME" = 1 ]; then
     fi
 fi
 
-# 7. The report.
+# 7. The offline bundle, as a field device gets it: edge-bundle on this host (from the x86_64 venv, our wheel given,
+# its dependencies' aarch64 wheels from PyPI for the root's Python and glibc), the tar.gz unpacked in the root's /opt
+# (the USB stick), then install.sh and edge-classify run in the root inside a network namespace with no interface
+# (unshare --net): pip gets --no-index and nothing else to reach. Rows diffed against the normal x86_64 [fields]
+# install like every other run, and (in the report) against the normal pip install in this root.
+if [ "$WITH_BUNDLE" = 1 ] && [ "$HAS_FIELDS_EXTRA" = 1 ]; then
+    t=$(date +%s.%N)
+    BUNDLE_NAME=me-bundle
+    BUNDLE_BUILD=$CHECK/bundle-build
+    BUNDLE_VENV=/opt/pi-check/venvs/arm64-bundle
+    rm -rf "$BUNDLE_BUILD" "${ROOT:?}/opt/$BUNDLE_NAME" "$CHECK/venvs/arm64-bundle"
+    mkdir -p "$BUNDLE_BUILD"
+    start=$(date +%s.%N)
+    "$CHECK/venvs/x86_64-fields/bin/edge-bundle" "$BUNDLE_BUILD/$BUNDLE_NAME" --platform aarch64 --python "$PY_TAG" \
+        --glibc "2.$GLIBC_MINOR" --wheel "$WHEEL" --cert "${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}" -v \
+        >"$RUNS/bundle-build.log" 2>&1 || die "edge-bundle failed: $(tail -3 "$RUNS/bundle-build.log")"
+    BUNDLE_BUILD_SECONDS=$(seconds_since "$start")
+    tar -C "$ROOT/opt" -xzf "$BUNDLE_BUILD/$BUNDLE_NAME.tar.gz"
+    PIP_SOURCE_ENV=()      # nothing of the wheelhouse's pip settings: install.sh's own pip options only
+    NET_WRAP=(unshare --net)
+    # The proof: the namespace's links as ip sees them (on the host side of the same kind of namespace), and from
+    # inside the root the interfaces this process sees and what a connection to PyPI does.
+    unshare --net ip -o link show >"$RUNS/bundle-network.txt" 2>&1 || echo "ip link: not available" >"$RUNS/bundle-network.txt"
+    in_root python3 -c 'import socket
+print("interfaces seen inside the root:", " ".join(n for _, n in socket.if_nameindex()))
+for host in ("pypi.org", "151.101.0.223"):
+    try:
+        socket.create_connection((host, 443), timeout=10).close(); print(f"connect {host}:443: CONNECTED")
+    except OSError as err:
+        print(f"connect {host}:443: {err}")' >>"$RUNS/bundle-network.txt" 2>&1 || true
+    # install.sh's output, each line stamped with the seconds since the start, to split pip from the self-check.
+    start=$(date +%s.%N)
+    rc=0
+    in_root /bin/sh -c "cd /opt/$BUNDLE_NAME && exec ./install.sh $BUNDLE_VENV" 2>&1 \
+        | python3 -uc 'import sys, time; t = float(sys.argv[1])
+for line in sys.stdin: print(f"{time.time() - t:7.1f} {line}", end="")' "$start" >"$RUNS/bundle-install.log" || rc=$?
+    BUNDLE_INSTALL_SECONDS=$(seconds_since "$start")
+    echo "pi_check: bundle install.sh in the root, no network: exit $rc in $BUNDLE_INSTALL_SECONDS s" >&2
+    python3 - "$BUNDLE_BUILD/$BUNDLE_NAME" "$BUNDLE_BUILD_SECONDS" "$BUNDLE_INSTALL_SECONDS" "$rc" "$MAIN_CPU" \
+        "$BUNDLE_VENV" >"$RUNS/bundle.json" <<'PY'
+import json, os, sys
+folder, build, install, rc, cpu, venv = sys.argv[1:]
+size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(folder) for f in fs)
+meta = json.load(open(os.path.join(folder, "bundle.json")))
+print(json.dumps({"name": os.path.basename(folder), "folder_bytes": size,
+                  "archive_bytes": os.path.getsize(folder + ".tar.gz"), "wheels": sorted(meta["wheels"]),
+                  "target": meta["target"], "install": meta["install"], "build_seconds": float(build),
+                  "install_seconds": float(install), "install_exit_code": int(rc), "cpu": cpu, "venv": venv}))
+PY
+    if [ "$rc" = 0 ]; then
+        VENVS_BUILT=$((VENVS_BUILT + 1))
+        describe_venv arm64-bundle arm64
+        classify_cells "bundle-cells-arm64-$MAIN_CPU" arm64 "$MAIN_CPU" arm64-bundle cells-x86_64-fields
+        [ ${#FIELD_INPUTS[@]} -eq 0 ] \
+            || classify_fields "bundle-fields-arm64-$MAIN_CPU" arm64 "$MAIN_CPU" arm64-bundle fields-x86_64
+    fi
+    NET_WRAP=()
+    phase_done bundle "$t"
+fi
+
+# 8. The report.
 TOTAL=$(seconds_since "$RUN_START")
 echo "$(date -u +%Y-%m-%dT%H:%M:%SZ) total_seconds=$TOTAL root_built=$ROOT_BUILT_NOW venvs_built=$VENVS_BUILT venvs=$(ls "$CHECK/venvs" | wc -l) ${PHASES[*]}" >>"$CHECK/timings.log"
 mkdir -p "$OUT"

@@ -49,10 +49,23 @@ def describe() -> dict:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
+    # edge-classify keeps the runtime's "Created TensorFlow Lite XNNPACK delegate" line off stderr (and TFLite logs it
+    # once per process), so whether XNNPACK starts is probed here: the bundled int8 model on this venv's first
+    # interpreter, built the way the runtime builds it, in a fresh process whose stderr is read.
+    probe = ("import glob, os, malaria_edge.edge_runtime as e\n"
+             "try:\n    from ai_edge_litert.interpreter import Interpreter\n"
+             "except ImportError:\n    from tflite_runtime.interpreter import Interpreter\n"
+             "m = sorted(glob.glob(os.path.join(os.path.dirname(e.__file__), 'models', '*_int8.tflite')))[0]\n"
+             "Interpreter(model_path=m, num_threads=1).allocate_tensors()\n")
+    try:
+        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd="/")
+        xnnpack = "XNNPACK delegate" in done.stderr if done.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired):
+        xnnpack = None
     entries = [(tree_bytes(p), p.name) for p in site.iterdir()
                if not p.name.endswith((".dist-info", ".pth")) and p.name != "__pycache__"]
     return {"machine": platform.machine(), "python": platform.python_version(),
-            "libc": " ".join(platform.libc_ver()), "versions": versions,
+            "libc": " ".join(platform.libc_ver()), "versions": versions, "xnnpack_probe": xnnpack,
             "installed": sorted(f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions()),
             "site_packages_bytes": tree_bytes(site), "malaria_edge_bytes": tree_bytes(site / "malaria_edge"),
             "largest_in_site_packages": [{"name": n, "bytes": b} for b, n in sorted(entries, reverse=True)[:6]]}
@@ -278,9 +291,13 @@ def report(args) -> int:
         csv_path = runs_dir / f"{label}.csv"
         meta["summary"] = load_json(runs_dir / f"{label}.summary.json") or {}
         meta["stderr_tail"] = note(f"{label}.stderr").splitlines()[-2:]
-        meta["xnnpack"] = "XNNPACK delegate" in note(f"{label}.stderr")
+        meta["xnnpack"] = "XNNPACK delegate" in note(f"{label}.stderr") or None
         meta["rows"] = read_rows(csv_path) if csv_path.exists() else {}
         runs[label] = meta
+    venvs = {p.name[len("venv-"):-len(".env.json")]: load_json(p) for p in sorted(runs_dir.glob("venv-*.env.json"))}
+    for meta in runs.values():  # the run's own log line, else its venv's probe (see describe)
+        if meta["xnnpack"] is None and (venvs.get(meta["venv"]) or {}).get("xnnpack_probe") is not None:
+            meta["xnnpack"] = "probe" if venvs[meta["venv"]]["xnnpack_probe"] else False
     for meta in runs.values():
         ref = runs.get(meta.get("reference") or "")
         if ref is not None:
@@ -288,9 +305,9 @@ def report(args) -> int:
             if meta["kind"] == "fields":
                 meta["field_inputs"] = compare_field_inputs(load_json(runs_dir / f"{ref['label']}.fieldinputs.json") or {},
                                                             load_json(runs_dir / f"{meta['label']}.fieldinputs.json") or {})
+    bundle = bundle_facts(runs_dir, runs)
     for meta in runs.values():
         meta["rows"] = len(meta["rows"])
-    venvs = {p.name[len("venv-"):-len(".env.json")]: load_json(p) for p in sorted(runs_dir.glob("venv-*.env.json"))}
     kernels = None
     ref_k, arm_k = load_json(runs_dir / "x86_64.kernels.json"), load_json(runs_dir / "arm64.kernels.json")
     if ref_k and arm_k:
@@ -310,13 +327,16 @@ def report(args) -> int:
                "predictions_identical": bool(compared) and all(m["diff"]["predictions_identical"] for m in compared),
                "probabilities_within_tolerance": bool(compared) and all(m["diff"]["within_tolerance"]
                                                                         for m in compared)}
-    verdict["passed"] = all(verdict[k] for k in ("all_ran", "predictions_identical", "probabilities_within_tolerance"))
+    if bundle:
+        verdict["bundle_installed_offline"] = bundle["install_exit_code"] == 0 and bundle["offline"]
+    verdict["passed"] = all(verdict[k] for k in ("all_ran", "predictions_identical", "probabilities_within_tolerance",
+                                                 "bundle_installed_offline") if k in verdict)
     dirty = bool(git(repo, "status", "--porcelain", "--untracked-files=no"))
     result = {"generated_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
               "commit": git(repo, "rev-parse", "--short", "HEAD") + ("+uncommitted changes" if dirty else ""),
               "wheel": args.wheel, "inputs": args.inputs.split(), "field_inputs": args.field_inputs.split(),
               "tolerance": PROB_TOLERANCE, "verdict": verdict, "host": host_description(), "runs": runs,
-              "venvs": venvs, "int8_kernels": kernels, "tflite_runtime": tflite, "timing": timing,
+              "venvs": venvs, "bundle": bundle, "int8_kernels": kernels, "tflite_runtime": tflite, "timing": timing,
               "notes": [line for line in note("notes.txt").splitlines() if line]}
     result = relative_to_root(result, str(Path(args.root).resolve()))
     out.mkdir(parents=True, exist_ok=True)
@@ -324,6 +344,88 @@ def report(args) -> int:
     (out / "report.md").write_text(render_markdown(result))
     print(f"pi_check: {'PASS' if verdict['passed'] else 'FAIL'}: report in {out}/report.md", file=sys.stderr)
     return 0 if verdict["passed"] else 1
+
+
+def bundle_facts(runs_dir: Path, runs: dict) -> dict | None:
+    """The offline bundle's figures (runs/bundle.json from pi_check.sh), the proof that its install and runs had no
+    network, install.sh's own lines, and its rows against the normal pip install of [fields] in the same root
+    (``runs`` still holds the rows)."""
+    bundle = load_json(runs_dir / "bundle.json")
+    if not bundle:
+        return None
+    network = (runs_dir / "bundle-network.txt").read_text() if (runs_dir / "bundle-network.txt").exists() else ""
+    links = [line.split(":")[1].strip() for line in network.splitlines() if line[:1].isdigit() and ":" in line]
+    seen = next((line.split(":", 1)[1].split() for line in network.splitlines()
+                 if line.startswith("interfaces seen inside the root:")), None)
+    bundle["network"] = [line.split("\\")[0].strip() for line in network.splitlines() if line.strip()]
+    bundle["offline"] = (links == ["lo"] and "state DOWN" in network and seen == ["lo"]
+                         and "CONNECTED" not in network)
+    log = (runs_dir / "bundle-install.log").read_text().splitlines() if (runs_dir / "bundle-install.log").exists() else []
+    stamped = [(float(line[:7]), line[8:]) for line in log if line[:7].strip().replace(".", "", 1).isdigit()]
+    pip_done = next((t for t, line in stamped if "self-check: classifying" in line), None)
+    bundle["pip_install_seconds"] = pip_done
+    bundle["self_check_seconds"] = (round(bundle["install_seconds"] - pip_done, 1)
+                                    if pip_done is not None else None)
+    bundle["install_lines"] = [line for _, line in stamped if line.startswith("install.sh:")]
+    bundle["against_arm64_pip_install"] = {}
+    for label, meta in runs.items():
+        if not label.startswith("bundle-"):
+            continue
+        normal = {"cells": f"cells-arm64-{meta['cpu']}-fields", "fields": f"fields-arm64-{meta['cpu']}"}[meta["kind"]]
+        if normal in runs and isinstance(runs[normal]["rows"], dict):
+            d = diff_rows(runs[normal]["rows"], meta["rows"])
+            bundle["against_arm64_pip_install"][label] = {
+                "reference": normal, "rows": d["rows"], "predictions_identical": d["predictions_identical"],
+                "max_abs_prob_diff_int8": d["max_abs_prob_diff_int8"],
+                "max_abs_prob_diff_fp32": d["max_abs_prob_diff_fp32"], "within_tolerance": d["within_tolerance"]}
+    return bundle
+
+
+def render_bundle(r: dict) -> list[str]:
+    b = r.get("bundle")
+    if not b:
+        return []
+    yes = {True: "yes", False: "**no**"}
+    runs = {k: v for k, v in r["runs"].items() if k.startswith("bundle-")}
+    lines = ["", "## Offline bundle (edge-bundle) installed and run in the arm64 root with no network", "",
+             f"`edge-bundle OUT --platform aarch64 --python {b['target']['python']} --glibc {b['target']['glibc']} "
+             f"--wheel <our wheel>` on this host in {b['build_seconds']:.0f} s (wheels from PyPI; pip's download cache makes a "
+             f"repeat fast): {len(b['wheels'])} wheels, "
+             f"folder {mib(b['folder_bytes'])}, `{b['name']}.tar.gz` {mib(b['archive_bytes'])}. The tar.gz is unpacked "
+             f"in the root's `/opt`, then, with qemu emulating {b['cpu']} ({BOARDS.get(b['cpu'], '')}):", "",
+             f"    unshare --net chroot <root> /bin/sh -c 'cd /opt/{b['name']} && ./install.sh {b['venv']}'", "",
+             f"Installed offline: {yes[b['install_exit_code'] == 0 and b['offline']]}. install.sh exit "
+             f"{b['install_exit_code']} in {b['install_seconds']:.0f} s emulated"
+             + (f" (SHA256SUMS, venv and `pip install --no-index` {b['pip_install_seconds']:.0f} s, its self-check "
+                f"{b['self_check_seconds']:.0f} s)" if b.get("pip_install_seconds") is not None else "") + "; it said:",
+             ""] + [f"    {line}" for line in b["install_lines"]] + [
+             "", "No network (every bundle step ran in a new network namespace, `unshare --net`):", ""] + [
+             f"    {line}" for line in b["network"]] + [""]
+    for label, m in runs.items():
+        d = m.get("diff")
+        if not d:
+            lines.append(f"- `{label}`: exit {m['exit_code']}, no rows to compare")
+            continue
+        a = b["against_arm64_pip_install"].get(label)
+        wall = m["wall_seconds"]
+        images = (m.get("summary") or {}).get("images") or m["rows"]
+        per = (f"{wall / max(m['rows'], 1):.2f} s per cell" if m["kind"] == "cells"
+               else f"{images} fields, {wall / max(images, 1):.1f} s per field")
+        lines.append(f"- `{label}` ({m['rows']} rows, {wall:.1f} s emulated, {per} including start-up): against the "
+                     f"normal x86_64 install: same rows {yes[d['same_rows']]}, calls identical "
+                     f"{yes[d['same_rows'] and not d['prediction_mismatches']]}, boxes differ on "
+                     f"{len(d['box_mismatches'])}, max |dp| int8 {d['max_abs_prob_diff_int8']:.2g}"
+                     + (f", fp32 {d['max_abs_prob_diff_fp32']:.2g}" if m["kind"] == "cells" else "")
+                     + (f"; against the normal pip install in this root (`{a['reference']}`): same rows and calls "
+                        f"{yes[a['predictions_identical']]}, boxes included, max |dp| int8 {a['max_abs_prob_diff_int8']:.2g}" if a else "")
+                     + ".")
+    env, normal = r["venvs"].get("arm64-bundle"), r["venvs"].get("arm64-fields")
+    if env and normal:
+        drop = ("pip==", "setuptools==")
+        only = sorted(set(x for x in env["installed"] if not x.startswith(drop)) - set(normal["installed"]))
+        lines += ["", "Versions the bundle installed that the root's normal pip install did not: "
+                  + (", ".join(only) if only else "none") + "."]
+    return lines
 
 
 def host_description() -> str:
@@ -400,7 +502,8 @@ def render_markdown(r: dict) -> str:
         s, d = m.get("summary") or {}, m.get("diff")
         model = s.get("model") or {}
         backend = (f"{model.get('backend')} {model.get('backend_version')}"
-                   + (" + XNNPACK" if m.get("xnnpack") else " (no XNNPACK)")) if model else f"did not run (exit {m['exit_code']})"
+                   + {True: " + XNNPACK", "probe": " + XNNPACK (venv probe)", False: " (XNNPACK not logged)"}.get(
+                       m.get("xnnpack"), "")) if model else f"did not run (exit {m['exit_code']})"
         cpu = m["cpu"] if m["cpu"] == "host" else f"{m['cpu']} ({BOARDS.get(m['cpu'], '')})"
         wall = f"{m['wall_seconds']:.1f} s" + (" emulated" if m["machine"] == "arm64" else "")
         same = "reference" if d is None else (f"{yes[d['predictions_identical']]} ({d['rows']}/{d['rows_reference']} rows"
@@ -428,6 +531,7 @@ def render_markdown(r: dict) -> str:
                          "x86_64 code paths differ in a few pixels), not from the interpreter."
                          if f["crops_differing"] and f["image_identical"] and not m["diff"]["within_tolerance"]
                          else "")]
+    lines += render_bundle(r)
     k = r.get("int8_kernels")
     if k:
         lines += ["", "## int8 outputs on x86_64 and arm64, per kernel family", "",

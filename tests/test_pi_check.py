@@ -56,3 +56,34 @@ def test_base_dependencies_for_a_board_skip_extras_and_windows_only(tmp_path):
     assert pi_check_report.base_dependencies(wheel, []) == ["numpy>=1.21", "ai-edge-litert>=1.2"]
     assert pi_check_report.base_dependencies(wheel, ["ai_edge_litert"]) == ["numpy>=1.21"]
 
+
+
+def _bundle_runs(tmp_path, network):
+    runs = tmp_path / "runs"
+    runs.mkdir(parents=True)
+    (runs / "bundle.json").write_text(
+        '{"name": "me-bundle", "folder_bytes": 74600000, "archive_bytes": 74000000, "wheels": ["a.whl"], '
+        '"target": {"python": "3.11", "glibc": "2.36"}, "install": "malaria-edge[fields]==0.2.0", '
+        '"build_seconds": 45.0, "install_seconds": 100.0, "install_exit_code": 0, "cpu": "cortex-a72", '
+        '"venv": "/opt/pi-check/venvs/arm64-bundle"}')
+    (runs / "bundle-network.txt").write_text(network)
+    (runs / "bundle-install.log").write_text(
+        "    0.1 install.sh: checking the bundle's files against SHA256SUMS\n"
+        "    2.0 Processing ./wheels/click-8.5.1-py3-none-any.whl\n"
+        "   70.5 install.sh: self-check: classifying the sample cells and one sample field that ship with the package\n"
+        "   99.9 install.sh: OK: malaria-edge 0.2.0 installed in /opt/pi-check/venvs/arm64-bundle\n")
+    return runs
+
+
+def test_bundle_offline_proof_and_install_split(tmp_path):
+    offline = ("1: lo: <LOOPBACK> mtu 65536 qdisc noop state DOWN mode DEFAULT group default qlen 1000\\    link/loopback\n"
+               "interfaces seen inside the root: lo\n"
+               "connect pypi.org:443: [Errno -3] Temporary failure in name resolution\n"
+               "connect 151.101.0.223:443: [Errno 101] Network is unreachable\n")
+    facts = pi_check_report.bundle_facts(_bundle_runs(tmp_path, offline), {})
+    assert facts["offline"] and facts["pip_install_seconds"] == 70.5 and facts["self_check_seconds"] == 29.5
+    assert facts["install_lines"][-1].startswith("install.sh: OK")
+    assert "\\" not in "".join(facts["network"])
+
+    online = offline.replace("[Errno 101] Network is unreachable", "CONNECTED")
+    assert not pi_check_report.bundle_facts(_bundle_runs(tmp_path / "b", online), {})["offline"]
