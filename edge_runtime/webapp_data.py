@@ -2,7 +2,8 @@
 
 The page (``edge_runtime/webapp/``, served by ``edge-serve``) finds cells, judges fields and reads slides with the
 same numbers as ``segment``, ``quality``, ``slide`` and ``results_io``; :func:`constants` collects them (every
-module-level UPPER_CASE value that JSON can hold) with the model card's figures the page needs, and
+module-level UPPER_CASE value that JSON can hold, report.py's TEMPLATE included: the page fills the same
+template) with the model card's figures the page needs, and
 ``webapp/constants.json`` is that dict, written by :func:`write_constants` and checked by a test, so the two sides
 cannot drift apart. Numbers written inside a function body of segment.py (kernel fractions, Hough's dp) are not
 module constants: the JS port repeats them next to a comment naming the Python line.
@@ -51,9 +52,10 @@ def output_quantization(model: Path) -> Dict[str, float]:
 def constants() -> Dict[str, Any]:
     """Everything the page reads that Python decides: per module, its constants; the phone model's file, digest
     and output quantization."""
-    from . import fields, images, labels, quality, results_io, segment, slide, unfamiliar
+    from . import fields, images, labels, overlay, quality, report, results_io, segment, slide, unfamiliar
     modules = {"segment": segment, "quality": quality, "slide": slide, "results_io": results_io,
-               "unfamiliar": unfamiliar, "images": images, "fields": fields, "labels": labels}
+               "unfamiliar": unfamiliar, "images": images, "fields": fields, "labels": labels,
+               "overlay": overlay, "report": report}
     out: Dict[str, Any] = {name: _module_constants(module) for name, module in modules.items()}
     model = MODELS_DIR / PHONE_MODEL
     card = json.loads((MODELS_DIR / CARD).read_text())
