@@ -124,6 +124,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._send(True)
 
     def _not_allowed(self):
+        # Read (and drop) a small body first, so the client gets the answer rather than a reset connection.
+        length = self.headers.get("Content-Length", "0")
+        if length.isdigit() and int(length) <= 1 << 16:
+            self.rfile.read(int(length))
+        else:
+            self.close_connection = True
         self._refuse(405, "read-only: GET and HEAD only")
 
     do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed

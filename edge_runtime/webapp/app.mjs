@@ -313,6 +313,13 @@ async function registerWorker() {
     const list = await (await fetch('vendor/precache.json', { cache: 'no-cache' })).json();
     await navigator.serviceWorker.register(`sw.js?v=${encodeURIComponent(list.version)}`);
     await navigator.serviceWorker.ready;
+    // The runtime wasm this browser picked (relaxed SIMD or not) joins the offline copy: the service worker may
+    // not have been in control yet when it was fetched.
+    await ready;
+    const used = performance.getEntriesByType('resource').map((e) => new URL(e.name))
+      .filter((u) => u.origin === location.origin && list.lazy.some((f) => u.pathname.endsWith(`/${f}`)));
+    const cache = await caches.open(`malaria-edge-${list.version}`);
+    for (const u of used) if (!(await cache.match(u.pathname))) await cache.add(u.pathname);
     $('offline').textContent = `Kept on this phone for offline use (version ${list.version}).`;
   } catch (err) {
     if (!navigator.serviceWorker.controller) $('offline').textContent = `Offline copy not made: ${err.message || err}`;

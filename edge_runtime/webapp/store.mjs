@@ -16,8 +16,8 @@ async function tx(mode, fn) {
   try {
     return await new Promise((resolve, reject) => {
       const t = db.transaction(STORE, mode);
-      const result = fn(t.objectStore(STORE));
-      t.oncomplete = () => resolve(result.result !== undefined ? result.result : result);
+      const request = fn(t.objectStore(STORE));
+      t.oncomplete = () => resolve(request.result);
       t.onerror = () => reject(t.error);
     });
   } finally { db.close(); }
