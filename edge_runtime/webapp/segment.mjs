@@ -27,6 +27,50 @@ export function disk(radius) {
   return c.getStructuringElement(c.MORPH_ELLIPSE, new c.Size(2 * r + 1, 2 * r + 1));
 }
 
+
+/** cv2.dilate(src, disk(radius)) for a float32 or uint8 array: the same values (a maximum is exact), computed
+ * as the maximum over the ellipse's rows of a running maximum along each row (van Herk / Gil-Werman), which in
+ * wasm is ~10x faster than OpenCV.js's dilate with a large kernel. Outside the image counts as -infinity, as
+ * OpenCV's default border for dilation. */
+export function dilateDisk(src, w, h, radius) {
+  const c = cv();
+  const kernel = take(disk(radius));
+  const size = Math.round(Math.sqrt(kernel.length));
+  const r = (size - 1) / 2;
+  const out = new (src.constructor)(src.length).fill(src instanceof Float32Array ? -Infinity : 0);
+  const rowMax = new Map();
+  const runMax = (half) => {
+    if (rowMax.has(half)) return rowMax.get(half);
+    const res = new (src.constructor)(src.length);
+    const width = 2 * half + 1;
+    const g = new Float64Array(w + width); const hh = new Float64Array(w + width);
+    for (let y = 0; y < h; y++) {
+      const base = y * w;
+      const n = w + 2 * half;
+      const at = (i) => { const x = i - half; return x >= 0 && x < w ? src[base + x] : -Infinity; };
+      for (let i = 0; i < n; i++) g[i] = i % width === 0 ? at(i) : Math.max(g[i - 1], at(i));
+      for (let i = n - 1; i >= 0; i--) hh[i] = (i % width === width - 1 || i === n - 1) ? at(i) : Math.max(hh[i + 1], at(i));
+      for (let x = 0; x < w; x++) res[base + x] = Math.max(hh[x], g[x + width - 1]);
+    }
+    rowMax.set(half, res);
+    return res;
+  };
+  for (let dy = -r; dy <= r; dy++) {
+    const row = kernel.subarray((dy + r) * size, (dy + r + 1) * size);
+    let first = -1; let last = -1;
+    for (let i = 0; i < size; i++) if (row[i]) { if (first < 0) first = i; last = i; }
+    if (first < 0) continue;
+    if (first - r !== -(last - r)) throw new Error('dilateDisk: kernel row not symmetric');
+    const m = runMax(r - first);
+    for (let y = Math.max(0, -dy); y < Math.min(h, h - dy); y++) {
+      const o = y * w; const s = (y + dy) * w;
+      for (let x = 0; x < w; x++) if (m[s + x] > out[o + x]) out[o + x] = m[s + x];
+    }
+  }
+  void c;
+  return out;
+}
+
 /** segment.glass_level: the bright glass level of one float32 channel. */
 function glassLevel(channel, w, h) {
   const c = cv();
@@ -213,10 +257,8 @@ function markers(distance, w, h, diameter) {
     const d = k(toMat(distance, h, w, c.CV_32F));
     const smooth = k(new c.Mat());
     c.GaussianBlur(d, smooth, new c.Size(0, 0), Math.max(1.0, radius / 8.0));
-    const kernel = k(disk(radius * 0.55));
-    const dil = k(new c.Mat());
-    c.dilate(smooth, dil, kernel);
-    const s = smooth.data32F.slice(); const dl = dil.data32F.slice();
+    const s = smooth.data32F.slice();
+    const dl = dilateDisk(s, w, h, radius * 0.55);
     const floor = f32(radius * 0.35);
     const peaks = new Uint8Array(s.length);
     for (let i = 0; i < s.length; i++) peaks[i] = s[i] >= dl[i] && s[i] > floor ? 1 : 0;
@@ -302,13 +344,7 @@ function cellSeeds(distance, cellCircles, mask, w, h, diameter) {
   });
   const count = cellCircles.length;
   const { labels: peaks, count: peakCount } = markers(distance, w, h, diameter);
-  const near = withMats((k) => {
-    const on = k(toMat(seeds.map((v) => (v > 0 ? 1 : 0)), h, w, c.CV_8U));
-    const kernel = k(disk(diameter * 0.4));
-    const out = k(new c.Mat());
-    c.dilate(on, out, kernel);
-    return out.data.slice();
-  });
+  const near = dilateDisk(Uint8Array.from(seeds, (v) => (v > 0 ? 1 : 0)), w, h, diameter * 0.4);
   const covered = new Uint8Array(peakCount + 1);
   for (let i = 0; i < peaks.length; i++) if (near[i] && peaks[i] > 0) covered[peaks[i]] = 1;
   const loneIds = new Int32Array(peakCount + 1).fill(-1);
