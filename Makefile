@@ -9,16 +9,28 @@ DEVICE_VENV ?= .venv-device
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip --disable-pip-version-check -q
 
-.PHONY: demo test test-device install install-dev bench clean
+.PHONY: demo test test-device install install-dev bench clean webapp system-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
 
-install: $(BIN)/python
+# The phone page's runtime (OpenCV.js, LiteRT.js and its wasm) comes from npm, pinned by web/package-lock.json, and
+# is copied into edge_runtime/webapp/vendor/ (package data, gitignored). Node/npm and Chromium (the page's end-to-end
+# test) come from Debian's packages where missing (needs root or sudo).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+system-deps:
+	@command -v node >/dev/null && command -v npm >/dev/null || ($(SUDO) apt-get update && $(SUDO) apt-get install -y nodejs npm)
+	@command -v chromium >/dev/null || ($(SUDO) apt-get update && $(SUDO) apt-get install -y chromium)
+
+webapp: system-deps
+	cd web && npm ci --no-audit --no-fund
+	node web/scripts/build_webapp.mjs
+
+install: $(BIN)/python webapp
 	$(PIP) install -e '.[fields]'
 
-install-dev: $(BIN)/python
+install-dev: $(BIN)/python webapp
 	$(PIP) install -e '.[train,dev,fields]'
 
 # The demo's commands live in scripts/check_readme_demo.py, which also checks README's pasted output against them.
@@ -42,5 +54,5 @@ bench: install
 	$(BIN)/edge-bench cells --threads 1
 
 clean:
-	rm -rf $(VENV) $(DEVICE_VENV) build *.egg-info samples_results.csv samples_summary.json fields_results.csv \
+	rm -rf $(VENV) $(DEVICE_VENV) build *.egg-info web/node_modules edge_runtime/webapp/vendor samples_results.csv samples_summary.json fields_results.csv \
 		demo_overlays
