@@ -2,6 +2,7 @@
 read; a card without a patient rule gives no patient calls. Device layer: the bundled model, no TensorFlow."""
 import csv
 import json
+from pathlib import Path
 
 import pytest
 
@@ -60,7 +61,7 @@ def test_the_shipped_card_and_the_current_schema_both_read(bundled_model):
 def test_the_shipped_card_carries_the_measured_slide_rule(bundled_model):
     """The slide rule measured on validation data (docs/slide_rule.json) travels in the card the runtime loads."""
     from malaria_edge.edge_runtime.slide import SlideRule
-    measured = SlideRule.from_dict(json.loads((bundled_model.parents[2] / "docs" / "slide_rule.json").read_text()))
+    measured = SlideRule.from_dict(json.loads((Path(__file__).resolve().parents[1] / "docs" / "slide_rule.json").read_text()))
     clf = Classifier.load(bundled_model)
     assert clf.slide_rule == measured and clf.bundle.card.to_json()["slide_rule"]["candidate_threshold"] == 0.36
     assert parse_card({k: v for k, v in clf.bundle.card.raw.items() if k != "slide_rule"}).slide_rule is None

@@ -56,6 +56,9 @@ def bundle(tmp_path_factory):
     why = _pypi_reachable()
     if why:
         pytest.skip(why)
+    if ob.source_root() is None:
+        pytest.skip("edge-bundle builds our wheel from a source checkout; this install is from a wheel (the "
+                    "device layer): the source-checkout run of the suite covers it")
     glibc = os.confstr("CS_GNU_LIBC_VERSION").split()[-1]          # e.g. 'glibc 2.36'
     target = ob.Target("x86_64", f"{sys.version_info[0]}.{sys.version_info[1]}", ".".join(glibc.split(".")[:2]))
     out = tmp_path_factory.mktemp("bundle") / "field-bundle"

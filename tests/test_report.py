@@ -16,6 +16,8 @@ from malaria_edge.edge_runtime.report import DISCLAIMER, SlidePage, fill, model_
 from malaria_edge.edge_runtime.slide import JSON_KEYS, SlideRule, assess_slide
 from malaria_edge.edge_runtime.version import __version__
 
+pytest.importorskip("cv2", reason="slides of whole fields need OpenCV (the [fields] extra)")
+
 REPO = Path(__file__).resolve().parent.parent
 FIELDS = sorted((REPO / "edge_runtime" / "sample_fields").glob("*.jpg"))
 CHROMIUM = Path("/usr/bin/chromium")

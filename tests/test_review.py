@@ -13,6 +13,8 @@ from malaria_edge.edge_runtime.classifier import Classifier
 from malaria_edge.edge_runtime.review import (INDEX_NAME, field_crops, read_index, read_review, write_review)
 from malaria_edge.edge_runtime.slide import FOUND, NONE_FOUND, SlideRule, assess_slide
 
+pytest.importorskip("cv2", reason="slides of whole fields need OpenCV (the [fields] extra)")
+
 REPO = Path(__file__).resolve().parent.parent
 FIELDS = sorted((REPO / "edge_runtime" / "sample_fields").glob("*.jpg"))
 

@@ -17,6 +17,8 @@ from malaria_edge.edge_runtime.overlay import SKY_BLUE, VERMILLION
 from malaria_edge.edge_runtime.slide import FOUND, JSON_KEYS, NONE_FOUND, REVIEW_NEEDED
 from test_report import CHROMIUM, Collect, _browser
 
+pytest.importorskip("cv2", reason="slides of whole fields need OpenCV (the [fields] extra)")
+
 REPO = Path(__file__).resolve().parent.parent
 FIELDS = REPO / "edge_runtime" / "sample_fields"
 IML = REPO.parent / "shared" / "data" / "fields" / "iml_vivax"

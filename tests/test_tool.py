@@ -90,6 +90,7 @@ def test_a_single_cell_row_is_its_columns(bundled_model, samples, tmp_path):
 
 def test_a_field_cell_row_is_its_columns(bundled_model, tmp_path):
     """FieldCell.to_row (through FieldResult.to_rows) gives exactly the rows edge-classify writes for a field."""
+    pytest.importorskip("cv2", reason="whole fields need OpenCV (the [fields] extra)")
     from malaria_edge.edge_runtime import Classifier
     from malaria_edge.edge_runtime.results_io import CELL_COLUMNS
     field = FIELDS / "nih_field_sparse.jpg"

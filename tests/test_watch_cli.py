@@ -107,6 +107,7 @@ def _check_summary(tmp_path: Path, rows, plan) -> None:
 
 
 def test_watch_classifies_each_arriving_image_once_and_stops_cleanly_on_sigterm(tmp_path):
+    pytest.importorskip("cv2", reason="the dropped images include whole fields (OpenCV: the [fields] extra)")
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     plan = _plan(inbox, SOURCES)
@@ -127,6 +128,7 @@ def test_watch_classifies_each_arriving_image_once_and_stops_cleanly_on_sigterm(
 
 
 def test_watch_killed_and_restarted_loses_nothing_and_repeats_nothing(tmp_path):
+    pytest.importorskip("cv2", reason="the dropped images include whole fields (OpenCV: the [fields] extra)")
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     plan = _plan(inbox, SOURCES)
@@ -147,6 +149,7 @@ def test_watch_killed_and_restarted_loses_nothing_and_repeats_nothing(tmp_path):
 @pytest.mark.skipif(not IML.is_dir(), reason="../shared/data/fields/iml_vivax is absent (IML fields live outside "
                                              "the repo)")
 def test_watch_on_iml_fields_matches_a_one_shot_run(tmp_path):
+    pytest.importorskip("cv2", reason="the dropped images include whole fields (OpenCV: the [fields] extra)")
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     plan = _plan(inbox, sorted(IML.glob("*.JPG"))[:6])
