@@ -116,3 +116,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if TRAIN_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.train)
+
+
+@pytest.fixture(scope="session")
+def sample_slide():
+    """The three bundled sample fields read by the bundled model as one slide: (classifier, fields, their cell rows,
+    the card's measured slide rule with min_cells lowered to 20 so 67 sample cells make a readable slide)."""
+    import json
+    from malaria_edge.edge_runtime import Classifier
+    from malaria_edge.edge_runtime.slide import SlideRule
+    clf = Classifier.load(threads=1)
+    fields = [clf.classify_field(p) for p in sorted((REPO / "edge_runtime" / "sample_fields").glob("*.jpg"))]
+    rows = [{"path": f.source, "cell": c.index, "box": list(c.box), "prob_parasitized": c.prob_parasitized,
+             "prediction": c.prediction} for f in fields for c in f.cells]
+    rule = SlideRule.from_dict({**json.loads((REPO / "docs" / "slide_rule.json").read_text()), "min_cells": 20})
+    return clf, fields, rows, rule

@@ -3,17 +3,15 @@ fetched from anywhere, and it really opens in a browser."""
 from __future__ import annotations
 
 import json
-import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from malaria_edge.edge_runtime.classifier import Classifier
 from malaria_edge.edge_runtime.overlay import SKY_BLUE, VERMILLION, draw_overlay, ranks_for_field
 from malaria_edge.edge_runtime.report import DISCLAIMER, SlidePage, fill, model_identity, render_report
-from malaria_edge.edge_runtime.slide import JSON_KEYS, SlideRule, assess_slide
+from malaria_edge.edge_runtime.slide import JSON_KEYS, assess_slide
 from malaria_edge.edge_runtime.version import __version__
 
 pytest.importorskip("cv2", reason="slides of whole fields need OpenCV (the [fields] extra)")
@@ -33,12 +31,8 @@ class Collect(HTMLParser):
 
 
 @pytest.fixture(scope="module")
-def report():
-    clf = Classifier.load(threads=1)
-    fields = [clf.classify_field(p) for p in FIELDS]
-    rows = [{"path": f.source, "cell": c.index, "box": list(c.box), "prob_parasitized": c.prob_parasitized,
-             "prediction": c.prediction} for f in fields for c in f.cells]
-    rule = SlideRule.from_dict({**json.loads((REPO / "docs" / "slide_rule.json").read_text()), "min_cells": 20})
+def report(sample_slide):
+    clf, fields, rows, rule = sample_slide
     result = assess_slide(rows, rule, name="sample slide", unfamiliar_limits=clf.unfamiliar_limits)
     name, sha = model_identity(clf)
     html = render_report([SlidePage(result, fields)], name, sha, date="2025-06-07")

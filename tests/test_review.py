@@ -3,30 +3,21 @@ edge-adapt reads."""
 from __future__ import annotations
 
 import csv
-import json
 import shutil
-from pathlib import Path
 
 import pytest
 
-from malaria_edge.edge_runtime.classifier import Classifier
 from malaria_edge.edge_runtime.review import (INDEX_NAME, field_crops, read_index, read_review, write_review)
-from malaria_edge.edge_runtime.slide import FOUND, NONE_FOUND, SlideRule, assess_slide
+from malaria_edge.edge_runtime.slide import FOUND, NONE_FOUND
 
 pytest.importorskip("cv2", reason="slides of whole fields need OpenCV (the [fields] extra)")
 
-REPO = Path(__file__).resolve().parent.parent
-FIELDS = sorted((REPO / "edge_runtime" / "sample_fields").glob("*.jpg"))
 
 
 @pytest.fixture(scope="module")
-def slide_cells():
+def slide_cells(sample_slide):
     """The three bundled sample fields read by the bundled model as one slide."""
-    clf = Classifier.load(threads=1)
-    fields = [clf.classify_field(p) for p in FIELDS]
-    rows = [{"path": f.source, "cell": c.index, "box": list(c.box), "prob_parasitized": c.prob_parasitized,
-             "prediction": c.prediction} for f in fields for c in f.cells]
-    rule = SlideRule.from_dict({**json.loads((REPO / "docs" / "slide_rule.json").read_text()), "min_cells": 20})
+    _, fields, rows, rule = sample_slide
     return fields, rows, rule
 
 
