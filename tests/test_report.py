@@ -16,8 +16,6 @@ from malaria_edge.edge_runtime.version import __version__
 
 pytest.importorskip("cv2", reason="slides of whole fields need OpenCV (the [fields] extra)")
 
-REPO = Path(__file__).resolve().parent.parent
-FIELDS = sorted((REPO / "edge_runtime" / "sample_fields").glob("*.jpg"))
 CHROMIUM = Path("/usr/bin/chromium")
 
 
