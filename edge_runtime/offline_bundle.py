@@ -120,13 +120,22 @@ def source_root() -> Optional[Path]:
     return None
 
 
+# Package data that is built, not tracked: the phone page's npm runtime (`make webapp`), so a Pi installed from the
+# bundle can serve the page (edge-serve).
+BUILT_PACKAGE_DATA = ("edge_runtime/webapp/vendor",)
+
+
 def _source_files(root: Path) -> List[str]:
-    """The files a wheel is built from: what git knows (tracked, or untracked and not ignored), so nothing of a
-    developer's venvs, runs or build folders leaks in; without git, the tree minus the usual generated folders."""
+    """The files a wheel is built from: what git knows (tracked, or untracked and not ignored) plus the built
+    package data (BUILT_PACKAGE_DATA), so nothing of a developer's venvs, runs or build folders leaks in; without
+    git, the tree minus the usual generated folders."""
     try:
         out = subprocess.run(["git", "-C", str(root), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
                              capture_output=True, check=True).stdout
-        return [n for n in out.decode("utf-8", "surrogateescape").split("\0") if n and (root / n).is_file()]
+        known = [n for n in out.decode("utf-8", "surrogateescape").split("\0") if n and (root / n).is_file()]
+        built = [p.relative_to(root).as_posix() for folder in BUILT_PACKAGE_DATA
+                 for p in sorted((root / folder).rglob("*")) if p.is_file()]
+        return known + [n for n in built if n not in set(known)]
     except (OSError, subprocess.CalledProcessError):
         skip = re.compile(r"(^|/)(\.git|\.venv[^/]*|venv|build|dist|runs|__pycache__|\.pytest_cache|[^/]*\.egg-info)(/|$)")
         names = []
