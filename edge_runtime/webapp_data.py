@@ -17,6 +17,8 @@ import json
 from pathlib import Path
 from typing import Any, Dict
 
+from .version import __version__
+
 WEBAPP_DIR = Path(__file__).resolve().parent / "webapp"
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 CONSTANTS_FILE = WEBAPP_DIR / "constants.json"
@@ -57,6 +59,7 @@ def constants() -> Dict[str, Any]:
                "unfamiliar": unfamiliar, "images": images, "fields": fields, "labels": labels,
                "overlay": overlay, "report": report}
     out: Dict[str, Any] = {name: _module_constants(module) for name, module in modules.items()}
+    out["version"] = __version__
     model = MODELS_DIR / PHONE_MODEL
     card = json.loads((MODELS_DIR / CARD).read_text())
     out["model"] = {"file": PHONE_MODEL, "card": CARD,

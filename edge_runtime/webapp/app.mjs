@@ -257,7 +257,8 @@ async function buildReport(name) {
     overlays.push({ field: f.name, name: f.name, caption: `${f.cells.length} cells; candidates ${sorted.map((v) => `#${v}`).join(', ') || 'none'}`,
       src: await blobToDataUri(await canvas.convertToBlob({ type: 'image/jpeg', quality: 0.82 })) });
   }
-  const data = reportData([slideData(result, 0, { overlays, crops })], { modelName: state.card.name, modelSha256: C.model.sha256, version: 'phone' });
+  const data = reportData([slideData(result, 0, { overlays, crops })], { modelName: state.card.name, modelSha256: C.model.sha256, version: `${C.version} (phone)`,
+    provenance: state.card.provenance });
   return renderReport(data);
 }
 

@@ -124,10 +124,12 @@ export function slideData(result, index, { overlays = [], crops = new Map(), gal
 }
 
 /** report.report_data */
-export function reportData(slides, { modelName, modelSha256, date = null, title = 'Malaria screening report', version = '' }) {
+export function reportData(slides, { modelName, modelSha256, date = null, title = 'Malaria screening report', version = '',
+  provenance = {} }) {
   return {
     title, disclaimer: C.report.DISCLAIMER, version, date: date ?? new Date().toISOString().slice(0, 16).replace('T', ' '),
-    model: { name: modelName, sha256: (modelSha256 || '').slice(0, 12) }, slides,
+    model: { name: modelName, sha256: (modelSha256 || '').slice(0, 12) },
+    provenance: Object.entries(provenance || {}).map(([source, terms]) => ({ source, ...terms })), slides,
   };
 }
 
