@@ -26,7 +26,7 @@ from .images import open_image
 from .overlay import ranks_for_field
 from .report import SlidePage, model_identity, render_report
 from .results_io import atomic_write_text
-from .review import field_crops, safe_name, write_review
+from .review import safe_name, write_review
 from .slide import DEFAULT_RBC_PER_UL, SlideResult, assess_slide, cell_key
 
 
@@ -106,12 +106,17 @@ def fields_of(slide: RunSlide, fields: Sequence) -> List:
 
 
 def crop_source(fields: Sequence) -> Callable[[Mapping], np.ndarray]:
-    """The crop of a row: a field cell as the model saw it (``segment.cut_cell``), a single-cell image as it is."""
-    crops = field_crops(fields)
+    """The crop of a row: a field cell as the model saw it (``segment.cut_cell``), a single-cell image as it is.
+    Cut when asked: a review needs its candidates and a sample of negatives, a report only its single-cell crops."""
+    from .segment import cut_cell
+    cells = {(str(f.source), int(c.index)): (f, c) for f in fields for c in f.cells}
 
     def crop(row: Mapping) -> np.ndarray:
-        key = cell_key(row)
-        return crops[key] if key in crops else np.asarray(open_image(row["path"]), dtype=np.uint8)
+        found = cells.get(cell_key(row))
+        if found is not None:
+            field, cell = found
+            return cut_cell(field.image, cell.region)
+        return np.asarray(open_image(row["path"]), dtype=np.uint8)
     return crop
 
 
@@ -126,17 +131,17 @@ def write_slide_outputs(slides: Mapping[str, RunSlide], fields: Sequence, classi
     name, sha = model_identity(classifier)
     for slide in slides.values():
         result, slide_fields = slide.result, fields_of(slide, fields)
+        crop = crop_source(slide_fields)
         if overlays_dir is not None:
             written += [save_overlay(f, overlays_dir, ranks_for_field(f, result.candidate_list), names)
                         for f in slide_fields]
             drawn.update(str(f.source) for f in slide_fields)
         if review_dir is not None:
-            written.append(write_review(review_dir, result.name, slide.rows, crop_source(slide_fields),
+            written.append(write_review(review_dir, result.name, slide.rows, crop,
                                         classifier.slide_rule, source=result.source, rbc_per_ul=result.rbc_per_ul,
                                         unfamiliar_limits=classifier.unfamiliar_limits,
                                         model={"name": name, "sha256": sha}))
         if report is not None:
-            crop = crop_source(slide_fields)
             cell_crops = {cell_key(r): crop(r) for r in result.candidate_list if r.get("cell") in (None, "")}
             pages.append(SlidePage(result, slide_fields, crops=cell_crops))
     if overlays_dir is not None:

@@ -12,11 +12,11 @@ module constants: the JS port repeats them next to a comment naming the Python l
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Dict
 
+from .bundle import sha256_file
 from .version import __version__
 
 WEBAPP_DIR = Path(__file__).resolve().parent / "webapp"
@@ -63,8 +63,7 @@ def constants() -> Dict[str, Any]:
     model = MODELS_DIR / PHONE_MODEL
     card = json.loads((MODELS_DIR / CARD).read_text())
     out["model"] = {"file": PHONE_MODEL, "card": CARD,
-                    "sha256": hashlib.sha256(model.read_bytes()).hexdigest(),
-                    "card_sha256": hashlib.sha256((MODELS_DIR / CARD).read_bytes()).hexdigest(),
+                    "sha256": sha256_file(model), "card_sha256": sha256_file(MODELS_DIR / CARD),
                     "size": int(card["input"]["size"]), "head": card["head"], "threshold": float(card["threshold"]),
                     "output": output_quantization(model)}
     return out
