@@ -66,3 +66,45 @@ def test_mirrored_strategy_on_two_logical_cpus(sample_manifest, tmp_path):
                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert "REPLICAS_OK 1" in done.stdout
+
+
+def _two_lab_manifest(sample_manifest, tmp_path):
+    """The samples as two labs: NIH split by patient, and the same images again as a second source, LAB2, whose
+    patients are its groups (a stand-in for another lab: every cell real, the source label is what matters here)."""
+    from dataclasses import replace
+
+    from malaria_edge.edge_runtime.manifest import read_manifest, write_manifest
+    cells = read_manifest(sample_manifest)
+    second = [replace(c, source="LAB2", patient=f"F{c.patient}") for c in cells]
+    path = tmp_path / "two_labs" / "manifest.csv"
+    path.parent.mkdir()
+    write_manifest(cells + second, path)
+    return path, len(second), len({c.patient for c in second})
+
+
+def test_leave_one_lab_out_reports_the_lab_never_trained_on(sample_manifest, tmp_path):
+    """--hold-out trains on the other lab only and reports every cell of the held-out one, in both directions."""
+    from malaria_edge.train.train import train
+    manifest, lab2_cells, lab2_groups = _two_lab_manifest(sample_manifest, tmp_path)
+    report = train(manifest, tmp_path / "without_lab2", "tiny", epochs=2, hold_out="lab2", log=lambda m: None)
+    held = report["held_out"]
+    assert report["sources"] == ["NIH"] and held["source"] == "LAB2" and held["unit"] == "fields"
+    assert held["cells"] == lab2_cells and held["groups"] == lab2_groups
+    assert report["patient_rule"] is not None and report["test"]["source"] == "NIH"
+    assert json.loads((tmp_path / "without_lab2" / "config.json").read_text())["hold_out"] == "lab2"
+    assert "LAB2 all (lab never trained on) split" in (tmp_path / "without_lab2" / "report.txt").read_text()
+
+    report = train(manifest, tmp_path / "without_nih", "tiny", epochs=2, hold_out="NIH", log=lambda m: None)
+    assert report["sources"] == ["LAB2"] and report["held_out"]["source"] == "NIH"
+    assert report["held_out"]["unit"] == "patients" and report["held_out"]["cells"] == lab2_cells
+    assert report["test"]["source"] == "LAB2" and report["patient_rule"] is None
+
+
+def test_holding_out_an_unknown_or_the_only_lab_is_refused(sample_manifest):
+    from malaria_edge.edge_runtime.manifest import read_manifest
+    from malaria_edge.train.train import split_off_source
+    cells = read_manifest(sample_manifest)
+    with pytest.raises(ValueError, match="no cells of source 'IML' to hold out; its sources: NIH"):
+        split_off_source(cells, "IML", sample_manifest)
+    with pytest.raises(ValueError, match="NIH is its only source"):
+        split_off_source(cells, "nih", sample_manifest)

@@ -71,7 +71,13 @@ def prepare_main(data, out, seed, test_fraction, val_fraction, download, fields,
 @click.option("--batch-size", type=int, help="Override the preset's batch size.")
 @click.option("--input-size", type=int, help="Override the preset's input size (pixels a side).")
 @click.option("--learning-rate", type=float, help="Override the preset's peak learning rate.")
+@click.option("--augment", type=click.Choice(["tutorial", "dihedral_color", "multilab", "anylab"]),
+              help="Override the preset's augmentation (for experiments): multilab is the edge preset's, anylab "
+                   "adds stain density, grey, gamma, blur, JPEG and cell-size jitter.")
 @click.option("--no-stain-norm", is_flag=True, help="Turn off stain normalisation (for experiments).")
+@click.option("--hold-out", "hold_out", metavar="SOURCE",
+              help="Leave one lab out: train without any cell of SOURCE (e.g. IML or NIH) and report on all of them "
+                   "as a lab never seen.")
 @click.option("--seed", default=42, show_default=True)
 @click.option("--resume", type=click.Path(path_type=Path), help="Continue an interrupted run in this folder.")
 @click.option("--strategy", type=click.Choice(["none", "mirrored", "multiworker"]), default="none",
@@ -79,14 +85,15 @@ def prepare_main(data, out, seed, test_fraction, val_fraction, download, fields,
 @click.option("--cache", type=click.Path(path_type=Path), help="Where decoded cells are cached "
               "(default: <manifest folder>/cache).")
 @common_options
-def train_main(manifest, out, preset, epochs, batch_size, input_size, learning_rate, no_stain_norm, seed, resume,
-               strategy, cache, verbosity):
+def train_main(manifest, out, preset, epochs, batch_size, input_size, learning_rate, augment, no_stain_norm, hold_out,
+               seed, resume, strategy, cache, verbosity):
     """Train a ResNet on the training patients of a manifest; report on the test patients.
 
     \b
     Examples:
       edge-train --manifest runs/data/manifest.csv --out runs/edge
       edge-train --manifest runs/data/manifest.csv --out runs/seed --preset seed --epochs 5
+      edge-train --manifest runs/data/manifest.csv --out runs/lolo_iml --hold-out IML
       edge-train --resume runs/edge
     """
     console = Console("edge-train", verbosity)
@@ -100,7 +107,8 @@ def train_main(manifest, out, preset, epochs, batch_size, input_size, learning_r
         raise click.UsageError("give --manifest and --out (or --resume DIR)")
     from malaria_edge.train.train import TrainOptions, train
     options = TrainOptions(preset=preset, epochs=epochs, batch_size=batch_size, input_size=input_size,
-                           learning_rate=learning_rate, no_stain=no_stain_norm, seed=seed, resume=bool(resume),
+                           learning_rate=learning_rate, augment=augment, no_stain=no_stain_norm,
+                           hold_out=hold_out, seed=seed, resume=bool(resume),
                            strategy=strategy, cache_dir=cache)
     with console.exit_on_error(FileNotFoundError, ValueError):
         report = train(manifest, out, options, command=command_line("edge-train"), log=console.info)

@@ -7,7 +7,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
@@ -43,24 +43,50 @@ class TrainOptions:
     batch_size: Optional[int] = None
     input_size: Optional[int] = None
     learning_rate: Optional[float] = None
+    augment: Optional[str] = None         # see train.pipeline.AUGMENTATIONS
     no_stain: bool = False
     seed: int = 42
     resume: bool = False
     strategy: Optional[str] = None        # tf.distribute: None/"none", "mirrored" or "multiworker"
     cache_dir: Optional[Path] = None      # decoded cells; default <manifest folder>/cache
+    hold_out: Optional[str] = None        # a source (lab) never trained on: all its cells test the unseen-lab case
 
 
 @dataclass
 class Splits:
-    """The manifest's cells by split, decoded (pixels, labels) at the preset's size."""
+    """The manifest's cells by split, decoded (pixels, labels) at the preset's size. With a held-out source, its
+    cells are in none of the splits but under ``held_out`` (every split of that source: the model never sees it)."""
     cells: List[Cell]
     by_split: Dict[str, List[Cell]]
     arrays: Dict[str, Tuple[np.ndarray, np.ndarray]]
     data_info: Dict
+    held_out: List[Cell] = field(default_factory=list)
 
     @property
     def sources(self) -> List[str]:
         return sorted({c.source for c in self.cells})
+
+    @property
+    def primary(self) -> str:
+        """The source the threshold and patient rule are judged on: NIH (patients) when trained on, else the first."""
+        return NIH if NIH in self.sources else self.sources[0]
+
+
+def unit_of(source: str) -> str:
+    """What a group of cells is in ``source``: NIH groups are patients, field sources' groups are fields."""
+    return "patients" if source == NIH else "fields"
+
+
+def split_off_source(cells: List[Cell], source: str, manifest: Path) -> Tuple[List[Cell], List[Cell]]:
+    """(cells of ``source``, the rest): leave one lab out of training to measure how the recipe does on a lab it
+    never saw. The source is matched without regard to case; an unknown one, or the only one, is refused."""
+    sources = sorted({c.source for c in cells})
+    match = [s for s in sources if s.lower() == source.lower()]
+    if not match:
+        raise ValueError(f"{manifest}: no cells of source {source!r} to hold out; its sources: {', '.join(sources)}")
+    if len(sources) == 1:
+        raise ValueError(f"{manifest}: {match[0]} is its only source; holding it out leaves nothing to train on")
+    return [c for c in cells if c.source == match[0]], [c for c in cells if c.source != match[0]]
 
 
 @dataclass
@@ -170,17 +196,22 @@ def resolve_preset(out: Path, options: TrainOptions) -> Tuple[Preset, int]:
         preset = Preset(**{**saved["preset"], "stages": tuple(saved["preset"]["stages"]),
                            "filters": tuple(saved["preset"]["filters"])})
         return preset, saved["seed"]
-    overrides = {k: getattr(options, k) for k in ("epochs", "batch_size", "input_size", "learning_rate")
+    overrides = {k: getattr(options, k) for k in ("epochs", "batch_size", "input_size", "learning_rate", "augment")
                  if getattr(options, k) is not None}
     if options.no_stain:
         overrides["stain"] = None
     return replace(PRESETS[options.preset], **overrides), options.seed
 
 
-def load_splits(manifest: Path, preset: Preset, cache_dir: Optional[Path], log: Log) -> Splits:
-    """Every split of the manifest decoded at the preset's size; an empty split is refused."""
+def load_splits(manifest: Path, preset: Preset, cache_dir: Optional[Path], log: Log,
+                hold_out: Optional[str] = None) -> Splits:
+    """Every split of the manifest decoded at the preset's size; an empty split is refused. ``hold_out`` names a
+    source whose cells are kept out of every split and decoded apart, to be tested on as an unseen lab."""
     cells = read_manifest(manifest)
     data_info = load_prepare_report(manifest)
+    held: List[Cell] = []
+    if hold_out:
+        held, cells = split_off_source(cells, hold_out, manifest)
     by_split = {s: [c for c in cells if c.split == s] for s in SPLITS}
     for split, group in by_split.items():
         if not group:
@@ -188,8 +219,13 @@ def load_splits(manifest: Path, preset: Preset, cache_dir: Optional[Path], log: 
     cache_dir = Path(cache_dir) if cache_dir else Path(manifest).parent / "cache"
     t0 = time.time()
     arrays = {s: load_arrays(group, preset.input_size, preset.stain, cache_dir) for s, group in by_split.items()}
-    log(f"decoded {len(cells)} cells at {preset.input_size}px in {time.time() - t0:.0f}s (cached in {cache_dir})")
-    return Splits(cells, by_split, arrays, data_info)
+    if held:
+        arrays["held_out"] = load_arrays(held, preset.input_size, preset.stain, cache_dir)
+        log(f"held out: {held[0].source}, {len(held)} cells of {len({c.patient for c in held})} "
+            f"{unit_of(held[0].source)} (every split), never trained on")
+    log(f"decoded {len(cells) + len(held)} cells at {preset.input_size}px in {time.time() - t0:.0f}s "
+        f"(cached in {cache_dir})")
+    return Splits(cells, by_split, arrays, data_info, held)
 
 
 def project_relative(path: Path) -> str:
@@ -207,6 +243,7 @@ def write_config(out: Path, preset: Preset, seed: int, manifest: Path, splits: S
     """config.json: what --resume and edge-quantize read back, with the commands that built the run."""
     config = {"preset": preset.to_dict(), "seed": seed, "manifest": project_relative(manifest),
               "manifest_sha256": splits.data_info["manifest_sha256"], "strategy": options.strategy or "none",
+              "hold_out": options.hold_out,
               "commands": [splits.data_info.get("command", ""), command]}
     if options.resume:
         config["commands"] = json.loads((out / "config.json").read_text()).get("commands", []) + [command]
@@ -286,25 +323,41 @@ def fit(out: Path, preset: Preset, seed: int, splits: Splits, options: TrainOpti
     return Fitted(history, interrupted, wall, cpu)
 
 
-def evaluate_best(best, preset: Preset, splits: Splits) -> Tuple[Dict, Dict, Dict, Dict]:
-    """The best checkpoint on val and test, per source: the patient rule chosen on NIH val at threshold 0.5.
-    Returns (val evaluation, rule, NIH test evaluation, other sources' test evaluations)."""
+def _predict(best, preset: Preset, x: np.ndarray) -> np.ndarray:
+    return parasitized_probability(best.predict(x.astype(np.float32), batch_size=256, verbose=0), preset.head)
+
+
+def evaluate_held_out(best, preset: Preset, splits: Splits, threshold: float) -> Optional[Dict]:
+    """The held-out lab's every cell, grouped by its patients or fields: how the recipe does on a lab it never saw."""
+    if not splits.held_out:
+        return None
+    source = splits.held_out[0].source
+    x, y = splits.arrays["held_out"]
+    return evaluate("all (lab never trained on)", y, _predict(best, preset, x), [c.patient for c in splits.held_out],
+                    threshold, unit=unit_of(source), source=source)
+
+
+def evaluate_best(best, preset: Preset, splits: Splits) -> Tuple[Dict, Optional[Dict], Dict, Dict]:
+    """The best checkpoint on val and test, per source: the patient rule chosen on NIH val at threshold 0.5 (no
+    rule when NIH is not trained on). Returns (val evaluation, rule, primary source's test evaluation, other
+    sources' test evaluations)."""
     evaluations = {}
     for split in ("val", "test"):
         x, y = splits.arrays[split]
-        prob = parasitized_probability(best.predict(x.astype(np.float32), batch_size=256, verbose=0), preset.head)
+        prob = _predict(best, preset, x)
         for source in splits.sources:
             keep = np.array([c.source == source for c in splits.by_split[split]])
             if keep.any():
                 groups = [c.patient for c in splits.by_split[split] if c.source == source]
                 evaluations[(split, source)] = (y[keep], prob[keep], groups)
-    threshold = 0.5
-    val_eval = evaluate("val", *evaluations[("val", NIH)], threshold)
-    rule = choose_rule(val_eval["patient_counts"])
-    test_eval = evaluate("test", *evaluations[("test", NIH)], threshold, rule=rule)
-    other_sources = {source: evaluate("test", *evaluations[("test", source)], threshold, unit="fields",
+    threshold, primary = 0.5, splits.primary
+    val_eval = evaluate("val", *evaluations[("val", primary)], threshold, unit=unit_of(primary), source=primary)
+    rule = choose_rule(val_eval["patient_counts"]) if primary == NIH else None
+    test_eval = evaluate("test", *evaluations[("test", primary)], threshold, rule=rule, unit=unit_of(primary),
+                         source=primary)
+    other_sources = {source: evaluate("test", *evaluations[("test", source)], threshold, unit=unit_of(source),
                                       source=source)
-                     for source in splits.sources if source != NIH and ("test", source) in evaluations}
+                     for source in splits.sources if source != primary and ("test", source) in evaluations}
     return val_eval, rule, test_eval, other_sources
 
 
@@ -315,6 +368,7 @@ def write_report(out: Path, preset: Preset, seed: int, splits: Splits, fitted: F
 
     best = keras.models.load_model(out / BEST)
     val_eval, rule, test_eval, other_sources = evaluate_best(best, preset, splits)
+    held_out = evaluate_held_out(best, preset, splits, 0.5)
     history, data_info = fitted.history, splits.data_info
     report = {
         "model": BEST,
@@ -338,9 +392,11 @@ def write_report(out: Path, preset: Preset, seed: int, splits: Splits, fitted: F
         "test": test_eval,
         "test_other_sources": other_sources,
         "sources": splits.sources,
+        "held_out": held_out,
     }
     write_json(out / "report.json", report)
-    text = ("\n\n".join(format_evaluation(ev) for ev in [test_eval, *other_sources.values()]) + "\n\n" +
+    blocks = [test_eval, *other_sources.values()] + ([held_out] if held_out else [])
+    text = ("\n\n".join(format_evaluation(ev) for ev in blocks) + "\n\n" +
             f"trained {report['epochs_run']} epochs in {fitted.wall / 60:.1f} min wall, {fitted.cpu / 60:.1f} min "
             f"CPU on {report['machine']['cpu']} ({report['machine']['cores']} cores); best epoch "
             f"{report['best_epoch']}; {report['parameters']:,} parameters\n")
@@ -363,8 +419,10 @@ def train(manifest: Path, out: Path, options: Union[TrainOptions, str, None] = N
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     preset, seed = resolve_preset(out, options)
+    if options.resume:
+        options = replace(options, hold_out=json.loads((out / "config.json").read_text()).get("hold_out"))
     keras.utils.set_random_seed(seed)
-    splits = load_splits(manifest, preset, options.cache_dir, log)
+    splits = load_splits(manifest, preset, options.cache_dir, log, options.hold_out)
     write_config(out, preset, seed, manifest, splits, options, command)
     fitted = fit(out, preset, seed, splits, options, log)
     return write_report(out, preset, seed, splits, fitted, log)
