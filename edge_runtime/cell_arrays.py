@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -56,7 +58,9 @@ def load_arrays(cells: List[Cell], size: int, stain: Optional[Dict] = None, cach
     y = np.array([1 if c.label == PARASITIZED else 0 for c in cells], dtype=np.int64)
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp.npz")
+        # A name of its own per writer: two trainings decoding the same cells at once each finish their file and
+        # the last rename wins (both files hold the same cells), instead of one renaming the other's away.
+        tmp = cache_file.with_name(f"{cache_file.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.npz")
         np.savez(tmp, x=x, y=y)
         tmp.replace(cache_file)
     return x, y
