@@ -13,6 +13,11 @@ threshold, 95% CI by bootstrap over the test fields). Cells are cut by the field
 
     python docs/adapt_iml.py cells --out /tmp/iml
     python docs/adapt_iml.py evaluate --cells /tmp/iml/test_cells --bundle /tmp/nih_bundle/malaria_int8.tflite
+
+The other way round (a model trained without NIH, `edge-train --hold-out NIH`, adapted to NIH as the new lab):
+`nih-cells` draws the N + N adaptation cells from the NIH training patients and lays out the test patients' cells.
+
+    python docs/adapt_iml.py nih-cells --manifest runs/data/manifest.csv --out /tmp/nih_lab
 """
 from __future__ import annotations
 
@@ -25,7 +30,8 @@ import click
 import numpy as np
 
 from malaria_edge.edge_runtime.bundle import ModelBundle
-from malaria_edge.edge_runtime.images import ImageError, prepare_cell
+from malaria_edge.edge_runtime.images import ImageError, is_image_path, prepare_cell
+from malaria_edge.edge_runtime.labels import patient_id
 from malaria_edge.edge_runtime.metrics import binary_metrics, bootstrap_by_patient, pct
 from malaria_edge.edge_runtime.outputs import parasitized_probability
 
@@ -79,12 +85,36 @@ def cells(out, field_dir, per_class, seed):
     print(json.dumps({k: v for k, v in stats.items() if k != "bad_fields"}))
 
 
+@main.command("nih-cells")
+@click.option("--manifest", required=True, type=click.Path(exists=True, path_type=Path),
+              help="An edge-prepare manifest with NIH cells (its split is the team's patient split).")
+@click.option("--out", required=True, type=click.Path(path_type=Path))
+@click.option("--per-class", default=100, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+def nih_cells(manifest, out, per_class, seed):
+    """NIH as the new lab, for a model trained without NIH (edge-train --hold-out NIH): N + N adaptation cells drawn
+    from the training patients, and the test patients' cells, laid out for edge-adapt and `evaluate`."""
+    from malaria_edge.edge_runtime.manifest import NIH, read_manifest
+    cells = [c for c in read_manifest(manifest) if c.source == NIH]
+    rng = random.Random(seed)
+    groups = {"test_cells": [c for c in cells if c.split == "test"], "adapt_cells": []}
+    for label in ("parasitized", "uninfected"):
+        pool = sorted((c for c in cells if c.split == "train" and c.label == label), key=lambda c: c.path)
+        groups["adapt_cells"] += rng.sample(pool, per_class)
+    for group, members in groups.items():
+        for c in members:
+            link = out / group / ("Parasitized" if c.label == "parasitized" else "Uninfected") / Path(c.path).name
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(Path(c.path).resolve())
+        print(f"{out / group}: {len(members)} cells of {len({c.patient for c in members})} patients")
+
+
 @main.command()
 @click.option("--cells", "cells_dir", required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--bundle", required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--json-out", type=click.Path(path_type=Path))
 def evaluate(cells_dir, bundle, json_out):
-    """AUC, sensitivity and specificity of a bundle on IML test-field cells, CI over fields."""
+    """AUC, sensitivity and specificity of a bundle on test cells, CI over fields (IML) or patients (NIH)."""
     result = evaluate_bundle(cells_dir, bundle)
     if json_out:
         json_out.write_text(json.dumps(result, indent=2))
@@ -125,14 +155,14 @@ def score_cells(cells_dir: Path, bundle: Path):
     model = ModelBundle(bundle)
     pixels, labels, fields, refused = [], [], [], 0
     for label, value in (("Parasitized", 1), ("Uninfected", 0)):
-        for p in sorted((cells_dir / label).glob("*.png")):
+        for p in sorted(p for p in (cells_dir / label).iterdir() if is_image_path(p)):
             try:
                 pixels.append(prepare_cell(p, model.size, model.stain))
             except ImageError:
                 refused += 1
                 continue
             labels.append(value)
-            fields.append(p.name.split("_")[0])
+            fields.append(patient_id(p) or p.name.split("_")[0])   # NIH: the patient; IML: the field
     if refused:
         print(f"{cells_dir}: {refused} crops refused by prepare_cell (no cell found), left out", file=sys.stderr)
     x = np.stack(pixels)
