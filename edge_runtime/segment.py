@@ -54,6 +54,14 @@ CLUMP_AREA = 1.9
 CLUMP_MAX_CELLS = 6
 NUCLEUS_DENSITY_RATIO = 2.0
 
+# A mature P. vivax parasite (trophozoite, schizont, gametocyte) fills its cell with stain as dense as a nucleus,
+# but holds brown pigment (hemozoin): a dense blob with at least PIGMENT_FRACTION of its pixels brown (blue
+# absorbed more than red by PIGMENT_OD) is an infected red cell, not a white cell. On the IML train and val
+# fields the white cells hold at most 0.09 (one, maybe an eosinophil's granules, 0.18), the infected cells the
+# nucleus test dropped at least 0.13.
+PIGMENT_OD = 0.1
+PIGMENT_FRACTION = 0.11
+
 # The local stain threshold is measured in tiles about this many (working-scale) cells across.
 LOCAL_TILE_CELLS = 5
 
@@ -138,17 +146,29 @@ def glass_level(channel: np.ndarray) -> np.ndarray:
     return cv2.resize(background, (w, h), interpolation=cv2.INTER_LINEAR)
 
 
-def stain_density(rgb: np.ndarray) -> np.ndarray:
-    """Optical density of the stain, float32 >= 0: -log(pixel / glass) per channel, the largest of the three.
-    Dividing by the glass level removes uneven illumination before any threshold; taking the channel that absorbs
-    most keeps pink, magenta and blue-grey cells alike (Giemsa batches and cameras differ)."""
-    density = None
+def channel_densities(rgb: np.ndarray) -> List[np.ndarray]:
+    """Optical density of each channel (red, green, blue), float32 >= 0: -log(pixel / glass), the glass level
+    (:func:`glass_level`) taken per channel, which removes uneven illumination and the camera's white balance."""
+    out = []
     for c in range(3):
         channel = rgb[:, :, c].astype(np.float32) + 1.0
         background = glass_level(channel)
-        od = np.log(np.maximum(background, channel) / channel)
-        density = od if density is None else np.maximum(density, od)
-    return density.astype(np.float32)
+        out.append(np.log(np.maximum(background, channel) / channel).astype(np.float32))
+    return out
+
+
+def stain_density(rgb: np.ndarray, channels: Optional[List[np.ndarray]] = None) -> np.ndarray:
+    """Optical density of the stain, float32 >= 0: the largest of the three :func:`channel_densities`
+    (``channels`` when the caller has them). Taking the channel that absorbs most keeps pink, magenta and
+    blue-grey cells alike (Giemsa batches and cameras differ)."""
+    channels = channel_densities(rgb) if channels is None else channels
+    return np.maximum(np.maximum(channels[0], channels[1]), channels[2])
+
+
+def pigment_mask(channels: List[np.ndarray]) -> np.ndarray:
+    """Brown pixels, as of malaria pigment (hemozoin): blue absorbed more than red by PIGMENT_OD. Giemsa's purple
+    absorbs red at least as much as blue, so a white cell's nucleus holds almost none."""
+    return channels[2] - channels[0] > PIGMENT_OD
 
 
 def _otsu_level(density: np.ndarray) -> float:
@@ -417,10 +437,11 @@ def nucleus_mask(density: np.ndarray, foreground: np.ndarray) -> np.ndarray:
     return density > max(NUCLEUS_DENSITY_RATIO * typical, 4 * MIN_DENSITY)
 
 
-def keep_cell(blob: _Blob, labels: np.ndarray, nucleus: np.ndarray, diameter: float,
+def keep_cell(blob: _Blob, labels: np.ndarray, nucleus: np.ndarray, pigment: np.ndarray, diameter: float,
               drop_border: bool) -> bool:
     """Is this blob a whole red cell? Size between a third and 2.2 cell areas (platelets, debris and merged clumps
-    go); reasonably round and solid; not a white cell (a nucleus bigger than a large parasite); not cut by the
+    go); reasonably round and solid; not a white cell (a nucleus bigger than a large parasite, unless it holds
+    malaria pigment: a mature parasite filling its cell, see PIGMENT_FRACTION); not cut by the
     image border, nor within BORDER_MARGIN of a diameter of it (half a cell seen is not a cell to classify or
     count)."""
     cell_area = math.pi * diameter * diameter / 4.0
@@ -438,7 +459,8 @@ def keep_cell(blob: _Blob, labels: np.ndarray, nucleus: np.ndarray, diameter: fl
         return False
     dark = int(np.count_nonzero(nucleus[blob.y:blob.y + blob.h, blob.x:blob.x + blob.w] & window))
     if dark > NUCLEUS_FRACTION * blob.area:
-        return False
+        brown = int(np.count_nonzero(pigment[blob.y:blob.y + blob.h, blob.x:blob.x + blob.w] & window))
+        return brown >= PIGMENT_FRACTION * blob.area
     return True
 
 
@@ -484,11 +506,11 @@ def field_diameter(rgb: np.ndarray) -> Optional[float]:
     return measure_cell_diameter(rgb)
 
 
-def label_cells(rgb: np.ndarray, diameter: float, drop_border: bool = True,
-                debug_dir=None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def label_cells(rgb: np.ndarray, diameter: float, drop_border: bool = True, debug_dir=None,
+                density: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The watershed labels of ``rgb`` (already at working scale) for cells of ``diameter`` pixels, the stain
-    density, and the circles that seeded cells."""
-    density = stain_density(rgb)
+    density (``density`` when the caller has it), and the circles that seeded cells."""
+    density = stain_density(rgb) if density is None else density
     mask = foreground_mask(density, rgb)
     _write_debug(debug_dir, "1_foreground", mask)
     mask = clean(mask, diameter / 14.0)
@@ -564,14 +586,17 @@ def segment_field(rgb: np.ndarray, diameter: Optional[float] = None, drop_border
     scale = work_scale(rgb, diameter)
     small = _resize(rgb, scale)
     d_small = diameter * scale
-    labels, density, cell_circles = label_cells(small, d_small, drop_border, debug_dir)
+    channels = channel_densities(small)
+    labels, density, cell_circles = label_cells(small, d_small, drop_border, debug_dir,
+                                                stain_density(small, channels))
     labels = split_clumps(labels, d_small)
     nucleus = nucleus_mask(density, labels > 0)
+    pigment = pigment_mask(channels)
     circle_of = circle_of_region(labels, cell_circles)
     full_h, full_w = rgb.shape[:2]
     cells = []
     for blob in regions_of(labels):
-        if not keep_cell(blob, labels, nucleus, d_small, drop_border):
+        if not keep_cell(blob, labels, nucleus, pigment, d_small, drop_border):
             continue
         x0, y0, window = overlap_completed(blob, labels, circle_of.get(blob.label))
         cells.append(_to_full_scale(x0, y0, window, scale, full_w, full_h))

@@ -347,8 +347,6 @@ def test_a_2x2_mosaic_finds_the_four_fields_cells_within_5_percent(mosaic_counts
         assert abs(found / cells - 1) <= 0.05, (found, cells)
 
 
-@pytest.mark.xfail(strict=True, reason="open: 19 parasitized in the mosaic vs 22 in the four fields alone (target "
-                   "+-2); segmentation's calls move with sub-pixel resampling (docs/experiments.md, defect 13)")
 def test_a_2x2_mosaic_calls_the_four_fields_parasites_within_2(mosaic_counts):
     _, parasitized, mosaics = mosaic_counts
     for _, found in mosaics:

@@ -91,22 +91,41 @@ function glassLevel(channel, w, h) {
   });
 }
 
-/** segment.stain_density: float32 optical density, the largest of the three channels. */
-export function stainDensity(img) {
+/** segment.channel_densities: float32 optical density of each channel (red, green, blue) over its glass level. */
+export function channelDensities(img) {
   const { width: w, height: h, data } = img;
   const n = w * h;
-  const density = new Float32Array(n);
+  const out = [];
   const channel = new Float32Array(n);
   for (let ch = 0; ch < 3; ch++) {
     for (let i = 0; i < n; i++) channel[i] = data[3 * i + ch] + 1;
     const bg = glassLevel(channel, w, h);
+    const od = new Float32Array(n);
     for (let i = 0; i < n; i++) {
       const v = channel[i];
-      const od = f32(Math.log(f32(Math.max(bg[i], v) / v)));
-      if (ch === 0 || od > density[i]) density[i] = od;
+      od[i] = f32(Math.log(f32(Math.max(bg[i], v) / v)));
     }
+    out.push(od);
   }
+  return out;
+}
+
+/** segment.stain_density: float32 optical density, the largest of the three channels (``channels`` when the
+ * caller has them). */
+export function stainDensity(img, channels = null) {
+  const [r, g, b] = channels ?? channelDensities(img);
+  const density = new Float32Array(r.length);
+  for (let i = 0; i < r.length; i++) density[i] = Math.max(r[i], g[i], b[i]);
   return density;
+}
+
+/** segment.pigment_mask: Uint8Array 0/1, brown (hemozoin) pixels: blue absorbed more than red by PIGMENT_OD. */
+export function pigmentMask(channels) {
+  const [r, , b] = channels;
+  const level = f32(S.PIGMENT_OD);
+  const out = new Uint8Array(r.length);
+  for (let i = 0; i < r.length; i++) out[i] = f32(b[i] - r[i]) > level ? 1 : 0;
+  return out;
 }
 
 function otsuLevel(values, rows, cols) {
@@ -468,7 +487,7 @@ function nucleusMask(density, labels) {
   return out;
 }
 
-function keepCell(blob, labels, nucleus, w, h, diameter, dropBorder) {
+function keepCell(blob, labels, nucleus, pigment, w, h, diameter, dropBorder) {
   const cellArea = Math.PI * diameter * diameter / 4.0;
   if (!(S.MIN_CELL_AREA * cellArea <= blob.area && blob.area <= 2.2 * cellArea)) return false;
   if (Math.max(blob.w, blob.h) > 2.2 * diameter || Math.min(blob.w, blob.h) < 0.4 * diameter) return false;
@@ -476,12 +495,16 @@ function keepCell(blob, labels, nucleus, w, h, diameter, dropBorder) {
   if (dropBorder && (blob.x <= margin || blob.y <= margin || blob.x + blob.w >= w - margin
     || blob.y + blob.h >= h - margin)) return false;
   if (blob.area / (blob.w * blob.h) < 0.45) return false;
-  let dark = 0;
+  let dark = 0; let brown = 0;
   for (let yy = blob.y; yy < blob.y + blob.h; yy++) for (let xx = blob.x; xx < blob.x + blob.w; xx++) {
     const i = yy * w + xx;
-    if (labels[i] === blob.label && nucleus[i]) dark++;
+    if (labels[i] !== blob.label) continue;
+    if (nucleus[i]) dark++;
+    if (pigment[i]) brown++;
   }
-  return !(dark > S.NUCLEUS_FRACTION * blob.area);
+  // A dense blob is a white cell unless it holds malaria pigment (a mature parasite filling its cell).
+  if (dark > S.NUCLEUS_FRACTION * blob.area) return brown >= S.PIGMENT_FRACTION * blob.area;
+  return true;
 }
 
 /** segment.circle_of_region: Map label -> [x, y, r], the first circle whose centre lies on it. */
@@ -596,9 +619,9 @@ function toFullScale(x0, y0, bw0, bh0, window, scale, fullW, fullH) {
 export function workScale(diameter) { return Math.min(1.0, S.WORK_DIAMETER / diameter); }
 
 /** segment.label_cells */
-function labelCells(img, diameter, dropBorder) {
+function labelCells(img, diameter, dropBorder, density = null) {
   const { width: w, height: h } = img;
-  const density = stainDensity(img);
+  density = density ?? stainDensity(img);
   let mask = foregroundMask(density, img);
   mask = clean(mask, w, h, diameter / 14.0);
   mask = fillHoles(mask, w, h, 0.6 * Math.PI * diameter ** 2 / 4.0);
@@ -618,13 +641,15 @@ export function segmentField(img, diameter, dropBorder = true) {
   const small = resizeRgb(img, scale);
   const d = diameter * scale;
   const { width: w, height: h } = small;
-  let { labels, density, circles: cellCircles } = labelCells(small, d, dropBorder);
+  const channels = channelDensities(small);
+  let { labels, density, circles: cellCircles } = labelCells(small, d, dropBorder, stainDensity(small, channels));
   labels = splitClumps(labels, w, d);
   const nucleus = nucleusMask(density, labels);
+  const pigment = pigmentMask(channels);
   const circleOf = circleOfRegion(labels, w, h, cellCircles);
   const cells = [];
   for (const blob of regionsOf(labels, w)) {
-    if (!keepCell(blob, labels, nucleus, w, h, d, dropBorder)) continue;
+    if (!keepCell(blob, labels, nucleus, pigment, w, h, d, dropBorder)) continue;
     const [x0, y0, ww, wh, win] = overlapCompleted(blob, labels, w, h, circleOf.get(blob.label));
     cells.push(toFullScale(x0, y0, ww, wh, win, scale, img.width, img.height));
   }
