@@ -77,6 +77,7 @@ class Scores:
     labels: Dict[str, np.ndarray] = field(default_factory=dict)
     patients: Dict[str, List[str]] = field(default_factory=dict)
     pixels: Dict = field(default_factory=dict)
+    nih_trained_on: bool = True
 
 
 def load_trained(model_path: Path) -> TrainedModel:
@@ -152,9 +153,21 @@ def convert_to_bundle(trained: TrainedModel, cells: List[Cell], manifest: Path, 
     return card
 
 
+def require_nih_patients(all_cells: List[Cell], manifest: Path) -> None:
+    """The card's test block and patient rule are measured on NIH val and test patients, whether or not the model
+    was trained on NIH (a model trained without it is then measured on a lab it never saw): refuse, in one line and
+    before converting anything, a manifest that holds none."""
+    missing = [split for split in ("val", "test") if not any(c.source == NIH and c.split == split for c in all_cells)]
+    if missing:
+        raise ValueError(f"{manifest}: no NIH {' or '.join(missing)} patients; edge-quantize measures the card's "
+                         "test figures and patient rule on them, even for a model trained without NIH: give a "
+                         "manifest from edge-prepare --data <NIH cell_images> (with --fields for the IML cells)")
+
+
 def score_splits(trained: TrainedModel, cells: List[Cell], bundles: Dict, cache: Path) -> Scores:
-    """Every file and the Keras model on the NIH val and test cells."""
-    scores = Scores()
+    """Every file and the Keras model on the NIH val and test cells (of every cell in the manifest: a model
+    trained without NIH is scored on NIH as a lab it never saw)."""
+    scores = Scores(nih_trained_on=NIH in trained.trained_on)
     for split in ("val", "test"):
         group = [c for c in cells if c.split == split and c.source == NIH]
         x, y = load_arrays(group, trained.size, trained.stain, cache)
@@ -172,7 +185,8 @@ def measure_test(card: Dict, scores: Scores) -> Dict:
     card["patient_rule"] = rule = choose_rule(per_patient_counts(
         scores.probs["val"]["int8"], scores.labels["val"], scores.patients["val"], threshold))
     y, patients, probs = scores.labels["test"], scores.patients["test"], scores.probs["test"]
-    test = {"split": "test", "patients": len(set(patients)), "cells": int(len(y)),
+    test = {"split": "test", "trained_on": scores.nih_trained_on, "patients": len(set(patients)),
+            "cells": int(len(y)),
             "cells_parasitized": int(y.sum()), "cells_uninfected": int(len(y) - y.sum())}
     for kind in ("int8", "fp32", "keras"):
         test[kind] = evaluate("test", y, probs[kind], patients, threshold, rule)
@@ -230,12 +244,13 @@ def quantize(model_path: Path, manifest: Path, out: Path, name: str = "malaria",
     ``log`` takes the progress lines, ``warn`` the warnings (default: ``log``)."""
     trained = load_trained(model_path)
     all_cells = read_manifest(manifest)
+    require_nih_patients(all_cells, manifest)
     cells = [c for c in all_cells if c.source in trained.trained_on]
     paths = BundlePaths(Path(out), name)
     card = convert_to_bundle(trained, cells, manifest, paths, calibration_size, command, log, warn or log)
     bundles = load_written(paths, card, threads)
     cache = Path(manifest).parent / "cache"
-    scores = score_splits(trained, cells, bundles, cache)
+    scores = score_splits(trained, all_cells, bundles, cache)
     card["test"] = measure_test(card, scores)
     card["test_sources"] = measure_other_sources(card, trained, all_cells, bundles, scores, cache)
     card["unfamiliar"] = fit_unfamiliar(trained, cells, scores.pixels, cache, log)
@@ -304,8 +319,9 @@ def _num(v: Optional[float]) -> str:
 
 def format_card_summary(card: Dict) -> str:
     t = card["test"]
-    lines = [f"test split: {t['patients']} patients, {t['cells']} cells ({t['cells_parasitized']} parasitized, "
-             f"{t['cells_uninfected']} uninfected); runtime code path, threshold {card['threshold']}",
+    unseen = "" if t.get("trained_on", True) else " (a lab never seen in training)"
+    lines = [f"NIH test split{unseen}: {t['patients']} patients, {t['cells']} cells ({t['cells_parasitized']} "
+             f"parasitized, {t['cells_uninfected']} uninfected); runtime code path, threshold {card['threshold']}",
              f"{'model':<8}{'accuracy':>10}{'sensitiv.':>10}{'specific.':>10}{'F1':>8}{'MCC':>8}{'AUC':>8}"
              f"{'size':>11}  patients (call rule)"]
     sizes = {"int8": card["sizes"]["int8_bytes"], "fp32": card["sizes"]["fp32_bytes"],

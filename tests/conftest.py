@@ -131,3 +131,18 @@ def sample_slide():
              "prediction": c.prediction} for f in fields for c in f.cells]
     rule = SlideRule.from_dict({**json.loads((REPO / "docs" / "slide_rule.json").read_text()), "min_cells": 20})
     return clf, fields, rows, rule
+
+
+def two_lab_manifest(sample_manifest: Path, tmp_path: Path, sources=("NIH", "LAB2")):
+    """The samples as two labs: NIH split by patient, and the same images again as a second source, LAB2, whose
+    patients are its groups (a stand-in for another lab: every cell real, the source label is what matters here).
+    ``sources`` picks which of the two the manifest holds. Returns (manifest, LAB2 cells, LAB2 groups)."""
+    from dataclasses import replace
+
+    from malaria_edge.edge_runtime.manifest import read_manifest, write_manifest
+    cells = read_manifest(sample_manifest)
+    second = [replace(c, source="LAB2", patient=f"F{c.patient}") for c in cells]
+    path = tmp_path / "_".join(sources) / "manifest.csv"
+    path.parent.mkdir()
+    write_manifest((cells if "NIH" in sources else []) + (second if "LAB2" in sources else []), path)
+    return path, len(second), len({c.patient for c in second})

@@ -6,7 +6,7 @@ import pytest
 
 from malaria_edge.edge_runtime.backend import find_interpreter
 from malaria_edge.edge_runtime.bundle import sha256_file
-from conftest import cli
+from conftest import cli, two_lab_manifest
 
 pytestmark = pytest.mark.train
 
@@ -77,3 +77,30 @@ def test_collapsed_int8_model_fails_loudly(tiny_run, sample_manifest, tmp_path):
 def test_quantize_refuses_a_missing_model(tmp_path, sample_manifest):
     done = cli("edge-quantize", "--model", tmp_path / "nope.keras", "--manifest", sample_manifest, "--out", tmp_path)
     assert done.returncode == 2 and "does not exist" in done.stderr
+
+
+def test_a_model_trained_without_nih_is_measured_on_nih_as_a_lab_never_seen(sample_manifest, tmp_path):
+    """edge-train --hold-out NIH, then edge-quantize: the card's NIH test block and unfamiliar figures say the model
+    never saw NIH (this crashed inside Keras on an empty NIH split before)."""
+    from malaria_edge.edge_runtime.manifest import read_manifest
+    from malaria_edge.quantize.job import quantize
+    from malaria_edge.train.train import train
+    manifest, _, _ = two_lab_manifest(sample_manifest, tmp_path)
+    train(manifest, tmp_path / "without_nih", "tiny", epochs=2, hold_out="NIH", log=lambda m: None)
+    card = quantize(tmp_path / "without_nih" / "model.keras", manifest, tmp_path / "bundle", name="lab2",
+                    calibration_size=20, log=lambda m: None)
+    nih_test = sum(1 for c in read_manifest(sample_manifest) if c.split == "test")
+    assert card["test"]["trained_on"] is False and card["test"]["cells"] == nih_test
+    assert card["test_sources"]["LAB2"]["trained_on"] is True
+    flagged = card["unfamiliar"]["test_flagged"]
+    assert flagged["NIH"]["trained_on"] is False and flagged["LAB2"]["trained_on"] is True
+    assert card["unfamiliar"]["fitted_on"]["sources"] == ["LAB2"]
+
+
+def test_quantize_refuses_a_manifest_without_nih_patients_before_writing(tiny_run, sample_manifest, tmp_path):
+    manifest, _, _ = two_lab_manifest(sample_manifest, tmp_path, sources=("LAB2",))
+    done = cli("edge-quantize", "--model", tiny_run / "model.keras", "--manifest", manifest, "--out",
+               tmp_path / "b", "--calibration-size", 20)
+    assert done.returncode == 1, done.stderr
+    assert "no NIH val or test patients" in done.stderr and "edge-prepare --data" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "b").exists()

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from conftest import BIN, REPO, interrupt_when
+from conftest import BIN, REPO, interrupt_when, two_lab_manifest
 
 pytestmark = pytest.mark.train
 
@@ -68,24 +68,10 @@ def test_mirrored_strategy_on_two_logical_cpus(sample_manifest, tmp_path):
     assert "REPLICAS_OK 1" in done.stdout
 
 
-def _two_lab_manifest(sample_manifest, tmp_path):
-    """The samples as two labs: NIH split by patient, and the same images again as a second source, LAB2, whose
-    patients are its groups (a stand-in for another lab: every cell real, the source label is what matters here)."""
-    from dataclasses import replace
-
-    from malaria_edge.edge_runtime.manifest import read_manifest, write_manifest
-    cells = read_manifest(sample_manifest)
-    second = [replace(c, source="LAB2", patient=f"F{c.patient}") for c in cells]
-    path = tmp_path / "two_labs" / "manifest.csv"
-    path.parent.mkdir()
-    write_manifest(cells + second, path)
-    return path, len(second), len({c.patient for c in second})
-
-
 def test_leave_one_lab_out_reports_the_lab_never_trained_on(sample_manifest, tmp_path):
     """--hold-out trains on the other lab only and reports every cell of the held-out one, in both directions."""
     from malaria_edge.train.train import train
-    manifest, lab2_cells, lab2_groups = _two_lab_manifest(sample_manifest, tmp_path)
+    manifest, lab2_cells, lab2_groups = two_lab_manifest(sample_manifest, tmp_path)
     report = train(manifest, tmp_path / "without_lab2", "tiny", epochs=2, hold_out="lab2", log=lambda m: None)
     held = report["held_out"]
     assert report["sources"] == ["NIH"] and held["source"] == "LAB2" and held["unit"] == "fields"
