@@ -125,7 +125,8 @@ def evaluate_bundle(cells_dir: Path, bundle: Path) -> dict:
     y, prob, fields = score_cells(cells_dir, bundle)
     m = binary_metrics(y, prob, model.threshold)
     ci = bootstrap_by_patient(y, prob, fields, model.threshold)
-    print(f"{bundle.name}: {len(set(fields))} fields, {len(y)} cells ({y.sum()} parasitized); threshold "
+    unit = "fields" if all(f.startswith("PA") for f in fields) else "patients"
+    print(f"{bundle.name}: {len(set(fields))} {unit}, {len(y)} cells ({y.sum()} parasitized); threshold "
           f"{model.threshold}: AUC {m['roc_auc']:.4f} ({ci['roc_auc'][0]:.4f}-{ci['roc_auc'][1]:.4f}), sensitivity "
           f"{pct(m['sensitivity'])} ({pct(ci['sensitivity'][0])}-{pct(ci['sensitivity'][1])}), specificity "
           f"{pct(m['specificity'])} ({pct(ci['specificity'][0])}-{pct(ci['specificity'][1])})")
