@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from malaria_edge.edge_runtime.bundle import sha256_file
-from conftest import cli, interrupt_when
+from conftest import cli, interrupt_when, two_lab_manifest
 
 pytestmark = pytest.mark.train
 
@@ -80,6 +80,7 @@ def test_card_records_the_adaptation(adapted, tiny_bundle, samples):
         assert set(held[key]["ci95"]) >= {"sensitivity", "specificity"} and held[key]["unit"] == "patients"
     assert 0 < card["threshold"] < 1 and card["patient_rule"]["min_fraction"] > 0
     assert a["old_lab_test"]["cells"] > 0 and 0 < a["replay"]["cells"] <= 40
+    assert a["old_lab_test"]["unit"] == "patients" and a["old_lab_test"]["after"]["unit"] == "patients"
     assert card["keras_model"]["sha256"] == sha256_file(result.keras_path)
     for name, info in card["files"].items():
         assert info["sha256"] == sha256_file(result.out / name)
@@ -359,3 +360,14 @@ def test_a_threshold_chosen_on_saturated_scores_stays_inside_zero_and_one():
     for prob in (np.full(60, 1e-9), np.full(60, 1 - 1e-9), np.r_[np.full(30, 1e-7), np.full(30, 1e-9)]):
         for minimum in (None, 0.95):
             assert 0 < choose_decision_threshold(y, prob, minimum) < 1
+
+
+def test_an_old_lab_of_fields_is_counted_in_fields(sample_manifest, tmp_path):
+    """The old lab's test split is bootstrapped over what it is made of: an IML-style lab's fields, not
+    "patients" (an IML-only base adapted to NIH printed "40 patients" for 40 fields)."""
+    from malaria_edge.train.adapt import _replay_and_old_test
+    for sources, unit in ((("LAB2",), "fields"), (("NIH",), "patients"), (("NIH", "LAB2"), "patients and fields")):
+        manifest, _, _ = two_lab_manifest(sample_manifest, tmp_path, sources=sources)
+        _, test, _ = _replay_and_old_test(manifest, 32, None, 0, 0)
+        assert test[3] == unit, sources
+

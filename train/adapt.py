@@ -35,7 +35,8 @@ from malaria_edge.edge_runtime.evaluation import evaluate
 from malaria_edge.edge_runtime.images import ImageError, is_image_path, prepare_cell
 from malaria_edge.edge_runtime.labels import PARASITIZED, UNINFECTED, patient_id
 from malaria_edge.edge_runtime.machine import machine_info
-from malaria_edge.edge_runtime.manifest import DatasetError, calibration_cells, load_prepare_report, read_manifest
+from malaria_edge.edge_runtime.manifest import (NIH, DatasetError, calibration_cells, load_prepare_report,
+                                                read_manifest)
 from malaria_edge.edge_runtime.metrics import pct, wilson_interval
 from malaria_edge.edge_runtime.outputs import parasitized_probability
 from malaria_edge.edge_runtime.patients import DEFAULT_RULE, choose_rule, per_patient_counts
@@ -550,18 +551,20 @@ def _replay_and_old_test(manifest: Optional[Path], size: int, stain: Optional[Di
     test = None
     if test_cells:
         x, y = load_arrays(test_cells, size, stain, cache)
-        test = (x, y, [c.patient for c in test_cells])
+        sources = {c.source for c in test_cells}
+        unit = "patients" if sources == {NIH} else "fields" if NIH not in sources else "patients and fields"
+        test = (x, y, [c.patient for c in test_cells], unit)
     meta = {"manifest_sha256": info["manifest_sha256"], "cells": len(replay_cells), "split": "train",
             "patients": len({c.patient for c in replay_cells})}
     return replay, test, meta
 
 
 def _old_lab_block(before: ModelBundle, after: ModelBundle, test, base_threshold: float, threshold: float) -> Dict:
-    x, y, patients = test
-    out = {"split": "test", "patients": len(set(patients)), "cells": int(len(y)),
+    x, y, patients, unit = test
+    out = {"split": "test", "patients": len(set(patients)), "unit": unit, "cells": int(len(y)),
            "cells_parasitized": int(y.sum()), "cells_uninfected": int(len(y) - y.sum())}
     for key, bundle, t in (("before", before, base_threshold), ("after", after, threshold)):
-        out[key] = evaluate_on("test", "old lab", y, bundle_probabilities(bundle, x), t, patients, "patients")
+        out[key] = evaluate_on("test", "old lab", y, bundle_probabilities(bundle, x), t, patients, unit)
         out[key]["model"] = bundle.path.name
     return out
 
@@ -772,7 +775,7 @@ def measure_old_lab_and_unfamiliar(card: Dict, base_bundle: ModelBundle, adapted
                if old_test is not None else None)
     if old_lab:
         b, a = old_lab["before"]["metrics"], old_lab["after"]["metrics"]
-        log(f"old lab test split ({old_lab['patients']} patients, {old_lab['cells']} cells): AUC "
+        log(f"old lab test split ({old_lab['patients']} {old_lab['unit']}, {old_lab['cells']} cells): AUC "
             f"{b['roc_auc']:.4f} -> {a['roc_auc']:.4f}, accuracy {pct(b['accuracy'])} -> {pct(a['accuracy'])}")
     unfamiliar = refit_unfamiliar(card, clinic.pixels[cells.keep], cells.pixels)
     if cells.cross_validated:
@@ -978,8 +981,9 @@ def format_adaptation(card: Dict) -> str:
                  "optimistic)"]
     old = a.get("old_lab_test")
     if old:
-        lines.append(f"old lab, test split: {old['patients']} patients, {old['cells']} cells (95% CI: bootstrap over "
-                     "patients)")
+        unit = old.get("unit", "patients")
+        lines.append(f"old lab, test split: {old['patients']} {unit}, {old['cells']} cells (95% CI: bootstrap over "
+                     f"{unit})")
         lines.append(row("before (base int8)", old["before"]))
         lines.append(row("after (adapted int8)", old["after"]))
     rule = card["patient_rule"]
