@@ -248,13 +248,19 @@ def quantize(model_path: Path, manifest: Path, out: Path, name: str = "malaria",
     cells = [c for c in all_cells if c.source in trained.trained_on]
     paths = BundlePaths(Path(out), name)
     card = convert_to_bundle(trained, cells, manifest, paths, calibration_size, command, log, warn or log)
-    bundles = load_written(paths, card, threads)
-    cache = Path(manifest).parent / "cache"
-    scores = score_splits(trained, all_cells, bundles, cache)
-    card["test"] = measure_test(card, scores)
-    card["test_sources"] = measure_other_sources(card, trained, all_cells, bundles, scores, cache)
-    card["unfamiliar"] = fit_unfamiliar(trained, cells, scores.pixels, cache, log)
-    finish_card(card, paths, trained.path.stat().st_size, max_drop_points)
+    try:
+        bundles = load_written(paths, card, threads)
+        cache = Path(manifest).parent / "cache"
+        scores = score_splits(trained, all_cells, bundles, cache)
+        card["test"] = measure_test(card, scores)
+        card["test_sources"] = measure_other_sources(card, trained, all_cells, bundles, scores, cache)
+        card["unfamiliar"] = fit_unfamiliar(trained, cells, scores.pixels, cache, log)
+        finish_card(card, paths, trained.path.stat().st_size, max_drop_points)
+    except BaseException:
+        # The first card (written so the runtime can load the files) has no test figures, patient rule or
+        # unfamiliar statistics: without it the folder is not a bundle anyone can run unmeasured.
+        paths.card.unlink(missing_ok=True)
+        raise
     write_card(paths.card, card)
     return card
 

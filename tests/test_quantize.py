@@ -104,3 +104,21 @@ def test_quantize_refuses_a_manifest_without_nih_patients_before_writing(tiny_ru
     assert done.returncode == 1, done.stderr
     assert "no NIH val or test patients" in done.stderr and "edge-prepare --data" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "b").exists()
+
+
+def test_a_quantize_that_fails_after_converting_leaves_no_card(tiny_run, sample_manifest, tmp_path):
+    """A test cell that cannot be read fails the run after the files were written: the first card (no test figures,
+    no patient rule, no unfamiliar statistics) goes too, so nothing loads that bundle unmeasured."""
+    from dataclasses import replace
+
+    from malaria_edge.edge_runtime.manifest import read_manifest, write_manifest
+    cells = read_manifest(sample_manifest)
+    first_test = next(i for i, c in enumerate(cells) if c.split == "test")
+    cells[first_test] = replace(cells[first_test], path=str(tmp_path / "gone.png"))
+    manifest = tmp_path / "data" / "manifest.csv"
+    manifest.parent.mkdir()
+    write_manifest(cells, manifest)
+    done = cli("edge-quantize", "--model", tiny_run / "model.keras", "--manifest", manifest, "--out", tmp_path / "b",
+               "--calibration-size", 20)
+    assert done.returncode == 1 and "gone.png" in done.stderr and "Traceback" not in done.stderr, done.stderr[-1500:]
+    assert (tmp_path / "b" / "malaria_int8.tflite").exists() and not (tmp_path / "b" / "malaria.json").exists()
