@@ -76,14 +76,20 @@ def cells(out, field_dir, per_class, seed):
             drawn.append(c)
         groups["adapt_cells"] += drawn
     for group, members in groups.items():
-        for c in members:
-            link = out / group / ("Parasitized" if c.label == "parasitized" else "Uninfected") / Path(c.path).name
-            link.parent.mkdir(parents=True, exist_ok=True)
-            if not link.is_symlink():
-                link.symlink_to(Path(c.path).resolve())
+        link_cells(out / group, members)
         counts = {lab: len(list((out / group / lab).glob("*.png"))) for lab in ("Parasitized", "Uninfected")}
         print(f"{out / group}: {counts} from {len({Path(c.path).name.split('_')[0] for c in members})} fields")
     print(json.dumps({k: v for k, v in stats.items() if k != "bad_fields"}))
+
+
+def link_cells(folder: Path, members) -> None:
+    """Lay cells out as edge-adapt reads them: FOLDER/{Parasitized,Uninfected}/<name>, each a link to its file (a
+    rerun keeps the links already there)."""
+    for c in members:
+        link = folder / ("Parasitized" if c.label == "parasitized" else "Uninfected") / Path(c.path).name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.is_symlink():
+            link.symlink_to(Path(c.path).resolve())
 
 
 @main.command("nih-cells")
@@ -105,11 +111,7 @@ def nih_cells(manifest, out, per_class, seed):
         pool = sorted((c for c in cells if c.split == "train" and c.label == label), key=lambda c: c.path)
         groups["adapt_cells"] += rng.sample(pool, per_class)
     for group, members in groups.items():
-        for c in members:
-            link = out / group / ("Parasitized" if c.label == "parasitized" else "Uninfected") / Path(c.path).name
-            link.parent.mkdir(parents=True, exist_ok=True)
-            if not link.is_symlink():
-                link.symlink_to(Path(c.path).resolve())
+        link_cells(out / group, members)
         print(f"{out / group}: {len(members)} cells of {len({c.patient for c in members})} patients")
 
 
