@@ -180,9 +180,9 @@ export function thresholdMap(density, w, h) {
   return out;
 }
 
-/** segment.foreground_mask: Uint8Array 0/1. */
-export function foregroundMask(density, img) {
-  const tmap = thresholdMap(density, img.width, img.height);
+/** segment.foreground_mask: Uint8Array 0/1 (``tmap``: the threshold map when the caller has it). */
+export function foregroundMask(density, img, tmap = null) {
+  tmap = tmap ?? thresholdMap(density, img.width, img.height);
   const { data } = img;
   const mask = new Uint8Array(density.length);
   for (let i = 0; i < mask.length; i++) {
@@ -520,6 +520,73 @@ function circleOfRegion(labels, w, h, cellCircles) {
   return out;
 }
 
+/** segment.add_pale_cells (labels changed in place). */
+function addPaleCells(labels, channels, density, tmap, img, diameter) {
+  const c = cv();
+  const { width: w, height: h, data } = img;
+  let pale = new Uint8Array(labels.length);
+  for (let i = 0; i < pale.length; i++) {
+    const top = Math.max(data[3 * i], data[3 * i + 1], data[3 * i + 2]);
+    const low = Math.max(f32(f32(S.PALE_LEVEL) * tmap[i]), f32(S.PALE_FLOOR));
+    const pink = f32(f32(S.PALE_PINK) * channels[0][i]) <= channels[1][i];
+    pale[i] = density[i] > low && density[i] <= tmap[i] && pink && top > S.BLACK_LEVEL ? 1 : 0;
+  }
+  pale = withMats((k) => {
+    const m = k(toMat(pale, h, w, c.CV_8U));
+    const out = k(new c.Mat());
+    c.morphologyEx(m, out, c.MORPH_CLOSE, k(disk(diameter / 10.0)));
+    return out.data.slice();
+  });
+  pale = fillHoles(pale, w, h, 0.6 * Math.PI * diameter ** 2 / 4.0);
+  for (let i = 0; i < pale.length; i++) if (labels[i] !== 0) pale[i] = 0;
+  pale = clean(pale, w, h, S.PALE_OPEN * diameter);
+  const { count, labels: parts, stats } = components(pale, w, h, 4);
+  const cellArea = Math.PI * diameter ** 2 / 4.0;
+  const growRadius = Math.max(1, pyRound(S.PALE_GROW * diameter));
+  const pad = growRadius + 1;
+  let next = maxOf(labels) + 1;
+  for (let part = 1; part < count; part++) {
+    const [x, y, bw, bh, area] = stats.subarray(5 * part, 5 * part + 5);
+    if (area < S.PALE_AREA[0] * cellArea || area > S.PALE_AREA[1] * cellArea) continue;
+    const x0 = Math.max(0, x - pad); const y0 = Math.max(0, y - pad);
+    const x1 = Math.min(w, x + bw + pad); const y1 = Math.min(h, y + bh + pad);
+    const grown = withMats((k) => {
+      const own = new Uint8Array(bw * bh);
+      for (let yy = 0; yy < bh; yy++) for (let xx = 0; xx < bw; xx++) own[yy * bw + xx] = parts[(y + yy) * w + x + xx] === part ? 1 : 0;
+      const m = k(toMat(own, bh, bw, c.CV_8U));
+      const contours = k(new c.MatVector()); const hier = k(new c.Mat());
+      c.findContours(m, contours, hier, c.RETR_EXTERNAL, c.CHAIN_APPROX_SIMPLE);
+      let best = -1; let bestArea = -1;
+      for (let i = 0; i < contours.size(); i++) {
+        const contour = contours.get(i);
+        const a = c.contourArea(contour);
+        contour.delete();
+        if (a > bestArea) { bestArea = a; best = i; }
+      }
+      const contour = k(contours.get(best));
+      const hull = k(new c.Mat());
+      c.convexHull(contour, hull, false, true);
+      const hullArea = c.contourArea(hull);
+      if (hullArea <= 0 || area / hullArea < S.PALE_SOLIDITY) return null;
+      const shifted = k(new c.Mat(hull.rows, 1, c.CV_32SC2));
+      const src = hull.data32S; const dst = shifted.data32S;
+      for (let i = 0; i < hull.rows; i++) { dst[2 * i] = src[2 * i] + x - x0; dst[2 * i + 1] = src[2 * i + 1] + y - y0; }
+      const polys = k(new c.MatVector());
+      polys.push_back(shifted);
+      const win = k(c.Mat.zeros(y1 - y0, x1 - x0, c.CV_8U));
+      c.fillPoly(win, polys, new c.Scalar(1));
+      const out = k(new c.Mat());
+      c.dilate(win, out, k(disk(S.PALE_GROW * diameter)));
+      return out.data.slice();
+    });
+    if (grown === null) continue;
+    const ww = x1 - x0;
+    for (let yy = 0; yy < y1 - y0; yy++) for (let xx = 0; xx < ww; xx++) if (grown[yy * ww + xx]) labels[(yy + y0) * w + xx + x0] = next;
+    next++;
+  }
+  return labels;
+}
+
 /** segment.detach_beyond_circles (labels changed in place). */
 function detachBeyondCircles(labels, w, h, cellCircles, diameter, dropBorder) {
   let next = maxOf(labels) + 1;
@@ -618,11 +685,13 @@ function toFullScale(x0, y0, bw0, bh0, window, scale, fullW, fullH) {
 
 export function workScale(diameter) { return Math.min(1.0, S.WORK_DIAMETER / diameter); }
 
-/** segment.label_cells */
-function labelCells(img, diameter, dropBorder, density = null) {
+/** segment.label_cells (``channels``: the channel densities when the caller has them) */
+function labelCells(img, diameter, dropBorder, channels = null) {
   const { width: w, height: h } = img;
-  density = density ?? stainDensity(img);
-  let mask = foregroundMask(density, img);
+  channels = channels ?? channelDensities(img);
+  const density = stainDensity(img, channels);
+  const tmap = thresholdMap(density, w, h);
+  let mask = foregroundMask(density, img, tmap);
   mask = clean(mask, w, h, diameter / 14.0);
   mask = fillHoles(mask, w, h, 0.6 * Math.PI * diameter ** 2 / 4.0);
   const distance = distanceMap(mask, w, h);
@@ -630,6 +699,7 @@ function labelCells(img, diameter, dropBorder, density = null) {
   const seeds = cellSeeds(distance, seeded.circles, seeded.mask, w, h, diameter);
   let labels = splitTouching(seeded.mask, seeds, w, h);
   labels = detachBeyondCircles(labels, w, h, seeded.circles, diameter, dropBorder);
+  labels = addPaleCells(labels, channels, density, tmap, img, diameter);
   return { labels, density, circles: seeded.circles };
 }
 
@@ -642,7 +712,7 @@ export function segmentField(img, diameter, dropBorder = true) {
   const d = diameter * scale;
   const { width: w, height: h } = small;
   const channels = channelDensities(small);
-  let { labels, density, circles: cellCircles } = labelCells(small, d, dropBorder, stainDensity(small, channels));
+  let { labels, density, circles: cellCircles } = labelCells(small, d, dropBorder, channels);
   labels = splitClumps(labels, w, d);
   const nucleus = nucleusMask(density, labels);
   const pigment = pigmentMask(channels);

@@ -81,7 +81,7 @@ test('OpenCV.js has the calls the segmentation port needs', async () => {
   const require = createRequire(import.meta.url);
   let cv = require('@techstark/opencv-js');
   if (typeof cv.then === 'function' && !cv.Mat) cv = await cv;
-  for (const name of ['HoughCircles', 'distanceTransform', 'distanceTransformWithLabels', 'connectedComponentsWithStats', 'kmeans', 'setRNGSeed', 'findContours', 'convexHull']) {
+  for (const name of ['HoughCircles', 'distanceTransform', 'distanceTransformWithLabels', 'connectedComponentsWithStats', 'kmeans', 'setRNGSeed', 'findContours', 'convexHull', 'fillPoly', 'dilate', 'morphologyEx']) {
     assert.equal(typeof cv[name], 'function', name);
   }
   assert.equal(typeof cv.HOUGH_GRADIENT_ALT, 'number');
