@@ -41,10 +41,16 @@ def data_root() -> Path:
 
 # ---------------------------------------------------------------------------------------------------- caching runs
 def _cache_file(classifier: Classifier, name: str) -> Path:
+    """Keyed by the model's SHA-256 and the source of the modules that find and cut cells: a cache written before
+    a segmentation or quality-gate change is never read after it."""
+    import hashlib
+    from malaria_edge.edge_runtime import classifier as classifier_mod, images, quality, segment
     digest = classifier.bundle.card.files[Path(classifier.bundle.path).name]["sha256"][:12] \
         if hasattr(classifier.bundle, "path") else "model"
+    code = hashlib.sha256(b"".join(Path(m.__file__).read_bytes()
+                                   for m in (segment, quality, images, classifier_mod))).hexdigest()[:8]
     CACHE.mkdir(parents=True, exist_ok=True)
-    return CACHE / f"{name}_{digest}.json"
+    return CACHE / f"{name}_{digest}_{code}.json"
 
 
 def iml_fields(classifier: Classifier, split: str) -> List[Dict]:
