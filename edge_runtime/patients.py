@@ -139,9 +139,11 @@ def per_patient_counts(probs: Sequence[float], labels: Sequence[int], patients: 
 
 
 def choose_rule(val_patients: List[Dict], min_cells: int = DEFAULT_RULE["min_cells"],
-                max_review_fraction: float = DEFAULT_RULE["max_review_fraction"]) -> Dict:
-    """Pick the fraction threshold that best separates infected from healthy validation patients (Youden's J),
-    taking the middle of the best range so the margin to either side is as wide as the validation data allow."""
+                max_review_fraction: float = DEFAULT_RULE["max_review_fraction"],
+                chosen_on: str = "validation split") -> Dict:
+    """Pick the fraction threshold that best separates infected from healthy patients (Youden's J), taking the
+    middle of the best range so the margin to either side is as wide as the data allow. The patients are the
+    validation split's, or (``chosen_on`` says so) those plus out-of-fold predictions of the training patients."""
     candidates = [i / 200 for i in range(1, 101)]  # 0.5% .. 50%
 
     def youden(threshold: float) -> float:
@@ -157,7 +159,7 @@ def choose_rule(val_patients: List[Dict], min_cells: int = DEFAULT_RULE["min_cel
     fraction = float(best_range[len(best_range) // 2])
     return {"min_cells": min_cells, "min_parasitized": 3, "min_fraction": round(fraction, 4),
             "max_review_fraction": max_review_fraction,
-            "chosen_on": f"validation split, {len(val_patients)} patients (Youden's J = {best - 1:.3f})"}
+            "chosen_on": f"{chosen_on}, {len(val_patients)} patients (Youden's J = {best - 1:.3f})"}
 
 
 def evaluate_rule(patient_counts: List[Dict], rule: Mapping) -> Dict:

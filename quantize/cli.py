@@ -26,8 +26,11 @@ PROG = "edge-quantize"
 @click.option("--max-drop", default=1.0, show_default=True,
               help="Fail when int8 accuracy is this many points below fp32.")
 @click.option("--threads", type=int, help="Interpreter threads for the evaluation.")
+@click.option("--patient-counts", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Out-of-fold per-patient counts of the training patients (tools/patient_rule_cv.py): the "
+                   "patient rule is chosen on them and the validation patients together.")
 @common_options
-def main(model_path, manifest, out, name, calibration_size, max_drop, threads, verbosity):
+def main(model_path, manifest, out, name, calibration_size, max_drop, threads, patient_counts, verbosity):
     """Convert a Keras model to a float32 TFLite "full model" and a full-integer int8 TFLite model, with a model card,
     and measure what int8 loses on the test patients.
 
@@ -40,7 +43,7 @@ def main(model_path, manifest, out, name, calibration_size, max_drop, threads, v
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     with console.exit_on_error(OSError, ValueError):
         card = quantize(model_path, manifest, out, name, calibration_size, max_drop, threads, command_line(PROG),
-                        log=console.info, warn=console.warn)
+                        log=console.info, warn=console.warn, patient_counts=patient_counts)
     if not console.quiet:
         click.echo(format_card_summary(card))
         click.echo(f"bundle: {out / (name + '_int8.tflite')}, {out / (name + '_fp32.tflite')}, "

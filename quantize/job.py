@@ -12,7 +12,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -178,12 +178,36 @@ def score_splits(trained: TrainedModel, cells: List[Cell], bundles: Dict, cache:
     return scores
 
 
-def measure_test(card: Dict, scores: Scores) -> Dict:
-    """The patient rule chosen on the int8 val scores, and the test block: every model's evaluation and how far
-    int8, fp32 and Keras agree."""
+def read_patient_counts(path: Path, val_patients: Sequence[str], test_patients: Sequence[str]) -> Dict:
+    """Out-of-fold per-patient counts (tools/patient_rule_cv.py counts): checked so that no validation or test
+    patient is among them and every entry has what the rule needs; the message names the file and what to do."""
+    try:
+        data = json.loads(Path(path).read_text())
+        patients = data["patients"]
+        counts = [{"patient": str(p["patient"]), "cells": int(p["cells"]), "parasitized": int(p["parasitized"]),
+                   "infected": bool(p["infected"])} for p in patients]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: not a patient-counts file ({exc}); make it with tools/patient_rule_cv.py counts")
+    overlap = sorted({p["patient"] for p in counts} & (set(val_patients) | set(test_patients)), key=len)
+    if overlap:
+        raise ValueError(f"{path}: holds validation or test patients of this manifest ({', '.join(overlap[:5])}); "
+                         "out-of-fold counts must come from its training patients only")
+    if not counts or any(p["cells"] <= 0 or not 0 <= p["parasitized"] <= p["cells"] for p in counts):
+        raise ValueError(f"{path}: empty, or a patient with no cells or more flagged cells than cells")
+    return {"how": str(data.get("how", "out-of-fold predictions")), "counts": counts}
+
+
+def measure_test(card: Dict, scores: Scores, out_of_fold: Optional[Dict] = None) -> Dict:
+    """The patient rule chosen on the int8 val scores (and, when given, out-of-fold counts of the training
+    patients), and the test block: every model's evaluation and how far int8, fp32 and Keras agree."""
     threshold = card["threshold"]
-    card["patient_rule"] = rule = choose_rule(per_patient_counts(
-        scores.probs["val"]["int8"], scores.labels["val"], scores.patients["val"], threshold))
+    counts = per_patient_counts(scores.probs["val"]["int8"], scores.labels["val"], scores.patients["val"], threshold)
+    chosen_on = "validation split"
+    if out_of_fold:
+        chosen_on = (f"{len(counts)} validation patients (this model, int8) and {len(out_of_fold['counts'])} "
+                     f"training patients out of fold ({out_of_fold['how']})")
+        counts = counts + out_of_fold["counts"]
+    card["patient_rule"] = rule = choose_rule(counts, chosen_on=chosen_on)
     y, patients, probs = scores.labels["test"], scores.patients["test"], scores.probs["test"]
     test = {"split": "test", "trained_on": scores.nih_trained_on, "patients": len(set(patients)),
             "cells": int(len(y)),
@@ -238,13 +262,18 @@ def finish_card(card: Dict, paths: BundlePaths, keras_bytes: int, max_drop_point
 
 def quantize(model_path: Path, manifest: Path, out: Path, name: str = "malaria", calibration_size: int = 400,
              max_drop_points: float = 1.0, threads: Optional[int] = None, command: str = "", log: Log = _stderr,
-             warn: Optional[Log] = None) -> Dict:
+             warn: Optional[Log] = None, patient_counts: Optional[Path] = None) -> Dict:
     """Convert, write the card, evaluate both files on the test split, and return the card.
 
-    ``log`` takes the progress lines, ``warn`` the warnings (default: ``log``)."""
-    trained = load_trained(model_path)
+    ``log`` takes the progress lines, ``warn`` the warnings (default: ``log``); ``patient_counts``: out-of-fold
+    per-patient counts of the training patients that join the validation patients in choosing the patient rule."""
     all_cells = read_manifest(manifest)
     require_nih_patients(all_cells, manifest)
+    out_of_fold = None
+    if patient_counts is not None:
+        out_of_fold = read_patient_counts(patient_counts, *(
+            [c.patient for c in all_cells if c.source == NIH and c.split == split] for split in ("val", "test")))
+    trained = load_trained(model_path)
     cells = [c for c in all_cells if c.source in trained.trained_on]
     paths = BundlePaths(Path(out), name)
     card = convert_to_bundle(trained, cells, manifest, paths, calibration_size, command, log, warn or log)
@@ -252,7 +281,7 @@ def quantize(model_path: Path, manifest: Path, out: Path, name: str = "malaria",
         bundles = load_written(paths, card, threads)
         cache = Path(manifest).parent / "cache"
         scores = score_splits(trained, all_cells, bundles, cache)
-        card["test"] = measure_test(card, scores)
+        card["test"] = measure_test(card, scores, out_of_fold)
         card["test_sources"] = measure_other_sources(card, trained, all_cells, bundles, scores, cache)
         card["unfamiliar"] = fit_unfamiliar(trained, cells, scores.pixels, cache, log)
         finish_card(card, paths, trained.path.stat().st_size, max_drop_points)

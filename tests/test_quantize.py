@@ -122,3 +122,42 @@ def test_a_quantize_that_fails_after_converting_leaves_no_card(tiny_run, sample_
                "--calibration-size", 20)
     assert done.returncode == 1 and "gone.png" in done.stderr and "Traceback" not in done.stderr, done.stderr[-1500:]
     assert (tmp_path / "b" / "malaria_int8.tflite").exists() and not (tmp_path / "b" / "malaria.json").exists()
+
+
+def _counts_file(path, patients):
+    path.write_text(json.dumps({"how": "constructed for the test", "patients": patients}))
+    return path
+
+
+def test_patient_counts_refuse_validation_or_test_patients(tiny_run, sample_manifest, tmp_path):
+    """Out-of-fold counts that hold a validation or test patient would choose the rule on the patients it is then
+    judged on: refused in one line before anything is converted."""
+    from malaria_edge.edge_runtime.manifest import read_manifest
+    val = next(c.patient for c in read_manifest(sample_manifest) if c.split == "val")
+    counts = _counts_file(tmp_path / "oof.json", [{"patient": val, "cells": 50, "parasitized": 1, "infected": False}])
+    done = cli("edge-quantize", "--model", tiny_run / "model.keras", "--manifest", sample_manifest,
+               "--out", tmp_path / "bundle", "--patient-counts", counts)
+    assert done.returncode == 1 and "validation or test patients" in done.stderr and val in done.stderr
+    assert not (tmp_path / "bundle").exists()
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    done = cli("edge-quantize", "--model", tiny_run / "model.keras", "--manifest", sample_manifest,
+               "--out", tmp_path / "bundle", "--patient-counts", broken)
+    assert done.returncode == 1 and "not a patient-counts file" in done.stderr
+
+
+def test_patient_rule_chosen_with_out_of_fold_counts(tiny_run, sample_manifest, tmp_path):
+    """Training patients' out-of-fold counts join the validation patients: the rule separates the healthy ones
+    (flagged fraction <= 4%) from the infected ones (>= 10%) and the card says what it was chosen on."""
+    from malaria_edge.quantize.job import quantize
+    healthy = [{"patient": f"H{i}", "cells": 100, "parasitized": i, "infected": False} for i in range(5)]
+    infected = [{"patient": f"I{i}", "cells": 100, "parasitized": 10 + 5 * i, "infected": True} for i in range(5)]
+    counts = _counts_file(tmp_path / "oof.json", healthy + infected)
+    card = quantize(tiny_run / "model.keras", sample_manifest, tmp_path / "bundle", name="tiny",
+                    calibration_size=40, log=lambda m: None, patient_counts=counts)
+    rule = card["patient_rule"]
+    assert "10 training patients out of fold (constructed for the test)" in rule["chosen_on"]
+    val_patients = card["data"]["counts"]["val"]["patients"]
+    assert f"{val_patients} validation patients" in rule["chosen_on"]
+    assert f", {val_patients + 10} patients" in rule["chosen_on"]
+    assert 0.04 < rule["min_fraction"] <= 0.10
