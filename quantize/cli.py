@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 
 from malaria_edge.edge_runtime.console import Console, command_line, common_options, require_tensorflow
-from malaria_edge.edge_runtime.errors import EXIT_FAILED
-from malaria_edge.quantize.job import check_card, format_card_summary, quantize
+from malaria_edge.edge_runtime.errors import EXIT_FAILED, EXIT_USAGE
+from malaria_edge.quantize.job import check_card, format_card_summary, quantize, rechoose_patient_rule
 
 PROG = "edge-quantize"
 
@@ -29,8 +29,11 @@ PROG = "edge-quantize"
 @click.option("--patient-counts", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Out-of-fold per-patient counts of the training patients (tools/patient_rule_cv.py): the "
                    "patient rule is chosen on them and the validation patients together.")
+@click.option("--rule-only", is_flag=True,
+              help="Keep the bundle already in --out (files, slide rule) and only choose its patient rule again "
+                   "with --patient-counts; the test figures are measured again with the same files.")
 @common_options
-def main(model_path, manifest, out, name, calibration_size, max_drop, threads, patient_counts, verbosity):
+def main(model_path, manifest, out, name, calibration_size, max_drop, threads, patient_counts, rule_only, verbosity):
     """Convert a Keras model to a float32 TFLite "full model" and a full-integer int8 TFLite model, with a model card,
     and measure what int8 loses on the test patients.
 
@@ -41,9 +44,16 @@ def main(model_path, manifest, out, name, calibration_size, max_drop, threads, p
     console = Console(PROG, verbosity)
     require_tensorflow(PROG)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if rule_only and patient_counts is None:
+        console.error("--rule-only needs --patient-counts (the out-of-fold counts to choose the rule on)")
+        sys.exit(EXIT_USAGE)
     with console.exit_on_error(OSError, ValueError):
-        card = quantize(model_path, manifest, out, name, calibration_size, max_drop, threads, command_line(PROG),
-                        log=console.info, warn=console.warn, patient_counts=patient_counts)
+        if rule_only:
+            card = rechoose_patient_rule(model_path, manifest, out, patient_counts, name, max_drop, threads,
+                                         command_line(PROG), log=console.info)
+        else:
+            card = quantize(model_path, manifest, out, name, calibration_size, max_drop, threads, command_line(PROG),
+                            log=console.info, warn=console.warn, patient_counts=patient_counts)
     if not console.quiet:
         click.echo(format_card_summary(card))
         click.echo(f"bundle: {out / (name + '_int8.tflite')}, {out / (name + '_fp32.tflite')}, "

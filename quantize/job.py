@@ -294,6 +294,35 @@ def quantize(model_path: Path, manifest: Path, out: Path, name: str = "malaria",
     return card
 
 
+def rechoose_patient_rule(model_path: Path, manifest: Path, out: Path, patient_counts: Path, name: str = "malaria",
+                          max_drop_points: float = 1.0, threads: Optional[int] = None, command: str = "",
+                          log: Log = _stderr) -> Dict:
+    """Keep a bundle in ``out`` as it is (its files, calibration, slide rule, unfamiliar statistics) and choose its
+    patient rule again with out-of-fold counts (``patient_counts``) and its validation patients. The test block is
+    measured again with the same files, so only the rule and the patient-level figures can change; a converter
+    run would not give the same bytes, and every figure measured on the shipped files would be stale."""
+    all_cells = read_manifest(manifest)
+    require_nih_patients(all_cells, manifest)
+    out_of_fold = read_patient_counts(patient_counts, *(
+        [c.patient for c in all_cells if c.source == NIH and c.split == split] for split in ("val", "test")))
+    paths = BundlePaths(Path(out), name)
+    if not paths.card.is_file():
+        raise ValueError(f"{paths.card}: no bundle card there; --rule-only re-chooses the rule of a bundle "
+                         "edge-quantize wrote (give its folder as --out and its stem as --name)")
+    card = json.loads(paths.card.read_text())
+    trained = load_trained(model_path)
+    bundles = load_written(paths, card, threads)
+    scores = score_splits(trained, all_cells, bundles, Path(manifest).parent / "cache")
+    before = card.get("patient_rule")
+    card["test"] = measure_test(card, scores, out_of_fold)
+    finish_card(card, paths, trained.path.stat().st_size, max_drop_points)
+    card["commands"] = list(card.get("commands") or []) + ([command] if command else [])
+    write_card(paths.card, card)
+    log(f"patient rule: {before and before.get('min_fraction')} -> {card['patient_rule']['min_fraction']} "
+        f"(chosen on {card['patient_rule']['chosen_on']})")
+    return card
+
+
 UNFAMILIAR_FIT_CELLS = 4000       # training cells per source the colour statistics are fitted on
 UNFAMILIAR_WARN_FRACTION = 0.10   # about 10x the share of familiar cells flagged by construction (1%)
 

@@ -161,3 +161,30 @@ def test_patient_rule_chosen_with_out_of_fold_counts(tiny_run, sample_manifest, 
     assert f"{val_patients} validation patients" in rule["chosen_on"]
     assert f", {val_patients + 10} patients" in rule["chosen_on"]
     assert 0.04 < rule["min_fraction"] <= 0.10
+
+
+def test_rule_only_keeps_the_files_and_their_figures_and_changes_the_rule(tiny_run, tiny_bundle, sample_manifest,
+                                                                         tmp_path):
+    """--rule-only on a copy of a bundle: the same files (bytes), the same cell-level test figures, a new patient
+    rule chosen with the out-of-fold counts; without --patient-counts it is a usage error."""
+    import shutil
+    folder = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle.parent, folder)
+    before = json.loads((folder / "tiny.json").read_text())
+    int8_sha = sha256_file(folder / "tiny_int8.tflite")
+    done = cli("edge-quantize", "--model", tiny_run / "model.keras", "--manifest", sample_manifest,
+               "--out", folder, "--name", "tiny", "--rule-only")
+    assert done.returncode == 2 and "--rule-only needs --patient-counts" in done.stderr
+    healthy = [{"patient": f"H{i}", "cells": 100, "parasitized": i, "infected": False} for i in range(5)]
+    infected = [{"patient": f"I{i}", "cells": 100, "parasitized": 10 + 5 * i, "infected": True} for i in range(5)]
+    counts = _counts_file(tmp_path / "oof.json", healthy + infected)
+    done = cli("edge-quantize", "--model", tiny_run / "model.keras", "--manifest", sample_manifest, "--out", folder,
+               "--name", "tiny", "--rule-only", "--patient-counts", counts)
+    assert done.returncode in (0, 1), done.stderr  # 1 only when the tiny model fails the card check
+    after = json.loads((folder / "tiny.json").read_text())
+    assert sha256_file(folder / "tiny_int8.tflite") == int8_sha
+    assert after["files"]["tiny_int8.tflite"]["sha256"] == int8_sha
+    assert "training patients out of fold" in after["patient_rule"]["chosen_on"]
+    for kind in ("int8", "fp32", "keras"):
+        assert after["test"][kind]["metrics"] == before["test"][kind]["metrics"]
+    assert after["commands"][-1].startswith("edge-quantize") and "--rule-only" in after["commands"][-1]
