@@ -140,26 +140,37 @@ def per_patient_counts(probs: Sequence[float], labels: Sequence[int], patients: 
 
 def choose_rule(val_patients: List[Dict], min_cells: int = DEFAULT_RULE["min_cells"],
                 max_review_fraction: float = DEFAULT_RULE["max_review_fraction"],
-                chosen_on: str = "validation split") -> Dict:
-    """Pick the fraction threshold that best separates infected from healthy patients (Youden's J), taking the
-    middle of the best range so the margin to either side is as wide as the data allow. The patients are the
-    validation split's, or (``chosen_on`` says so) those plus out-of-fold predictions of the training patients."""
+                chosen_on: str = "validation split", min_specificity: Optional[float] = None) -> Dict:
+    """Pick the fraction threshold that best separates infected from healthy patients, taking the middle of the
+    best range so the margin to either side is as wide as the data allow. Best: Youden's J (sensitivity +
+    specificity), or with ``min_specificity`` the most sensitive threshold whose specificity is at least that (then
+    the most specific among those): an operating point fixed in advance, so a handful of healthy patients does not
+    outweigh many infected ones. The patients are the validation split's, or (``chosen_on`` says so) those plus
+    out-of-fold predictions of the training patients."""
     candidates = [i / 200 for i in range(1, 101)]  # 0.5% .. 50%
+    infected = [p["parasitized"] / p["cells"] for p in val_patients if p["infected"]]
+    healthy = [p["parasitized"] / p["cells"] for p in val_patients if not p["infected"]]
 
-    def youden(threshold: float) -> float:
-        infected = [p for p in val_patients if p["infected"]]
-        healthy = [p for p in val_patients if not p["infected"]]
-        sens = np.mean([p["parasitized"] / p["cells"] >= threshold for p in infected]) if infected else 0.0
-        spec = np.mean([p["parasitized"] / p["cells"] < threshold for p in healthy]) if healthy else 0.0
-        return float(sens + spec)
+    def rates(threshold: float) -> Tuple[float, float]:
+        sens = float(np.mean([f >= threshold for f in infected])) if infected else 0.0
+        spec = float(np.mean([f < threshold for f in healthy])) if healthy else 0.0
+        return sens, spec
 
-    scores = [youden(t) for t in candidates]
-    best = max(scores)
-    best_range = [t for t, s in zip(candidates, scores) if s == best]
+    scored = [(t, *rates(t)) for t in candidates]
+    if min_specificity is None:
+        keys = {t: (round(sens + spec, 12),) for t, sens, spec in scored}
+    else:
+        keys = {t: ((sens, spec) if spec >= min_specificity else (-1.0, spec)) for t, sens, spec in scored}
+    best = max(keys.values())
+    best_range = [t for t in candidates if keys[t] == best]
     fraction = float(best_range[len(best_range) // 2])
+    sens, spec = rates(fraction)
+    how = (f"Youden's J = {sens + spec - 1:.3f}" if min_specificity is None else
+           f"the most sensitive with specificity >= {min_specificity:.0%}: sensitivity {sens:.1%}, "
+           f"specificity {spec:.1%}")
     return {"min_cells": min_cells, "min_parasitized": 3, "min_fraction": round(fraction, 4),
             "max_review_fraction": max_review_fraction,
-            "chosen_on": f"{chosen_on}, {len(val_patients)} patients (Youden's J = {best - 1:.3f})"}
+            "chosen_on": f"{chosen_on}, {len(val_patients)} patients ({how})"}
 
 
 def evaluate_rule(patient_counts: List[Dict], rule: Mapping) -> Dict:

@@ -29,11 +29,15 @@ PROG = "edge-quantize"
 @click.option("--patient-counts", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Out-of-fold per-patient counts of the training patients (tools/patient_rule_cv.py): the "
                    "patient rule is chosen on them and the validation patients together.")
+@click.option("--patient-specificity", type=click.FloatRange(0.5, 1.0),
+              help="Choose the patient rule as the most sensitive one whose specificity on the rule's patients is at "
+                   "least this (e.g. 0.93); default: Youden's J.")
 @click.option("--rule-only", is_flag=True,
               help="Keep the bundle already in --out (files, slide rule) and only choose its patient rule again "
                    "with --patient-counts; the test figures are measured again with the same files.")
 @common_options
-def main(model_path, manifest, out, name, calibration_size, max_drop, threads, patient_counts, rule_only, verbosity):
+def main(model_path, manifest, out, name, calibration_size, max_drop, threads, patient_counts, patient_specificity,
+         rule_only, verbosity):
     """Convert a Keras model to a float32 TFLite "full model" and a full-integer int8 TFLite model, with a model card,
     and measure what int8 loses on the test patients.
 
@@ -50,10 +54,11 @@ def main(model_path, manifest, out, name, calibration_size, max_drop, threads, p
     with console.exit_on_error(OSError, ValueError):
         if rule_only:
             card = rechoose_patient_rule(model_path, manifest, out, patient_counts, name, max_drop, threads,
-                                         command_line(PROG), log=console.info)
+                                         command_line(PROG), log=console.info, min_specificity=patient_specificity)
         else:
             card = quantize(model_path, manifest, out, name, calibration_size, max_drop, threads, command_line(PROG),
-                            log=console.info, warn=console.warn, patient_counts=patient_counts)
+                            log=console.info, warn=console.warn, patient_counts=patient_counts,
+                            min_specificity=patient_specificity)
     if not console.quiet:
         click.echo(format_card_summary(card))
         click.echo(f"bundle: {out / (name + '_int8.tflite')}, {out / (name + '_fp32.tflite')}, "

@@ -197,7 +197,8 @@ def read_patient_counts(path: Path, val_patients: Sequence[str], test_patients: 
     return {"how": str(data.get("how", "out-of-fold predictions")), "counts": counts}
 
 
-def measure_test(card: Dict, scores: Scores, out_of_fold: Optional[Dict] = None) -> Dict:
+def measure_test(card: Dict, scores: Scores, out_of_fold: Optional[Dict] = None,
+                 min_specificity: Optional[float] = None) -> Dict:
     """The patient rule chosen on the int8 val scores (and, when given, out-of-fold counts of the training
     patients), and the test block: every model's evaluation and how far int8, fp32 and Keras agree."""
     threshold = card["threshold"]
@@ -207,7 +208,7 @@ def measure_test(card: Dict, scores: Scores, out_of_fold: Optional[Dict] = None)
         chosen_on = (f"{len(counts)} validation patients (this model, int8) and {len(out_of_fold['counts'])} "
                      f"training patients out of fold ({out_of_fold['how']})")
         counts = counts + out_of_fold["counts"]
-    card["patient_rule"] = rule = choose_rule(counts, chosen_on=chosen_on)
+    card["patient_rule"] = rule = choose_rule(counts, chosen_on=chosen_on, min_specificity=min_specificity)
     y, patients, probs = scores.labels["test"], scores.patients["test"], scores.probs["test"]
     test = {"split": "test", "trained_on": scores.nih_trained_on, "patients": len(set(patients)),
             "cells": int(len(y)),
@@ -262,11 +263,13 @@ def finish_card(card: Dict, paths: BundlePaths, keras_bytes: int, max_drop_point
 
 def quantize(model_path: Path, manifest: Path, out: Path, name: str = "malaria", calibration_size: int = 400,
              max_drop_points: float = 1.0, threads: Optional[int] = None, command: str = "", log: Log = _stderr,
-             warn: Optional[Log] = None, patient_counts: Optional[Path] = None) -> Dict:
+             warn: Optional[Log] = None, patient_counts: Optional[Path] = None,
+             min_specificity: Optional[float] = None) -> Dict:
     """Convert, write the card, evaluate both files on the test split, and return the card.
 
     ``log`` takes the progress lines, ``warn`` the warnings (default: ``log``); ``patient_counts``: out-of-fold
-    per-patient counts of the training patients that join the validation patients in choosing the patient rule."""
+    per-patient counts of the training patients that join the validation patients in choosing the patient rule;
+    ``min_specificity``: choose it as the most sensitive rule with at least that specificity (default: Youden's J)."""
     all_cells = read_manifest(manifest)
     require_nih_patients(all_cells, manifest)
     out_of_fold = None
@@ -281,7 +284,7 @@ def quantize(model_path: Path, manifest: Path, out: Path, name: str = "malaria",
         bundles = load_written(paths, card, threads)
         cache = Path(manifest).parent / "cache"
         scores = score_splits(trained, all_cells, bundles, cache)
-        card["test"] = measure_test(card, scores, out_of_fold)
+        card["test"] = measure_test(card, scores, out_of_fold, min_specificity)
         card["test_sources"] = measure_other_sources(card, trained, all_cells, bundles, scores, cache)
         card["unfamiliar"] = fit_unfamiliar(trained, cells, scores.pixels, cache, log)
         finish_card(card, paths, trained.path.stat().st_size, max_drop_points)
@@ -296,7 +299,7 @@ def quantize(model_path: Path, manifest: Path, out: Path, name: str = "malaria",
 
 def rechoose_patient_rule(model_path: Path, manifest: Path, out: Path, patient_counts: Path, name: str = "malaria",
                           max_drop_points: float = 1.0, threads: Optional[int] = None, command: str = "",
-                          log: Log = _stderr) -> Dict:
+                          log: Log = _stderr, min_specificity: Optional[float] = None) -> Dict:
     """Keep a bundle in ``out`` as it is (its files, calibration, slide rule, unfamiliar statistics) and choose its
     patient rule again with out-of-fold counts (``patient_counts``) and its validation patients. The test block is
     measured again with the same files, so only the rule and the patient-level figures can change; a converter
@@ -314,7 +317,7 @@ def rechoose_patient_rule(model_path: Path, manifest: Path, out: Path, patient_c
     bundles = load_written(paths, card, threads)
     scores = score_splits(trained, all_cells, bundles, Path(manifest).parent / "cache")
     before = card.get("patient_rule")
-    card["test"] = measure_test(card, scores, out_of_fold)
+    card["test"] = measure_test(card, scores, out_of_fold, min_specificity)
     finish_card(card, paths, trained.path.stat().st_size, max_drop_points)
     card["commands"] = list(card.get("commands") or []) + ([command] if command else [])
     write_card(paths.card, card)

@@ -53,6 +53,21 @@ def test_rule_is_chosen_between_healthy_and_infected_patients():
     assert result["text"] == "2/2 infected patients called positive, 2/2 healthy patients called negative"
 
 
+def test_rule_at_a_fixed_specificity_gives_up_one_healthy_patient_not_three_infected_ones():
+    """Eighty infected patients, three of them at 4-6%, and twenty healthy ones, one at 7% (NIH's mix: few healthy
+    patients): Youden's J keeps every healthy patient negative (threshold above 7%, three infected missed); at
+    specificity >= 93% the rule may call that one healthy patient and keeps the three infected ones."""
+    infected = [{"patient": f"I{i}", "cells": 100, "parasitized": 4 + i if i < 3 else 20 + i % 50, "infected": True}
+                for i in range(80)]
+    healthy = [{"patient": f"H{i}", "cells": 100, "parasitized": 7 if i == 0 else i % 3, "infected": False}
+               for i in range(20)]
+    youden = choose_rule(infected + healthy)
+    assert youden["min_fraction"] > 0.07 and "Youden" in youden["chosen_on"]
+    fixed = choose_rule(infected + healthy, min_specificity=0.93)
+    assert 0.02 < fixed["min_fraction"] <= 0.04
+    assert "specificity >= 93%: sensitivity 100.0%, specificity 95.0%" in fixed["chosen_on"]
+
+
 def test_failed_only_group_is_indeterminate_not_a_crash():
     groups = summarize_groups([{"group": "slide1", "error": "corrupt"}], RULE)
     assert groups["slide1"]["call"] == "indeterminate"
