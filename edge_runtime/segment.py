@@ -524,10 +524,11 @@ def field_diameter(rgb: np.ndarray) -> Optional[float]:
 
 
 def label_cells(rgb: np.ndarray, diameter: float, drop_border: bool = True, debug_dir=None,
-                channels: Optional[List[np.ndarray]] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+                channels: Optional[List[np.ndarray]] = None,
+                pale_cells: bool = True) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The watershed labels of ``rgb`` (already at working scale) for cells of ``diameter`` pixels, the stain
     density, and the circles that seeded cells. ``channels``: the :func:`channel_densities` when the caller has
-    them."""
+    them; ``pale_cells``: look for pale cells among their neighbours (:func:`add_pale_cells`; a field's step)."""
     channels = channel_densities(rgb) if channels is None else channels
     density = stain_density(rgb, channels)
     threshold = threshold_map(density)
@@ -544,7 +545,8 @@ def label_cells(rgb: np.ndarray, diameter: float, drop_border: bool = True, debu
     _write_debug(debug_dir, "5_markers", seeds > 0)
     labels = split_touching(mask, seeds)
     labels = detach_beyond_circles(labels, cell_circles, diameter, drop_border)
-    labels = add_pale_cells(labels, channels, density, threshold, rgb, diameter)
+    if pale_cells:
+        labels = add_pale_cells(labels, channels, density, threshold, rgb, diameter)
     if debug_dir is not None:
         rng = np.random.default_rng(0)
         palette = rng.integers(60, 255, size=(int(labels.max()) + 1, 3), dtype=np.uint8)
@@ -628,10 +630,11 @@ def _parts_beyond(window: np.ndarray, label: int, reach2: np.ndarray, radius: fl
 
 
 def segment_field(rgb: np.ndarray, diameter: Optional[float] = None, drop_border: bool = True,
-                  debug_dir=None) -> List[CellRegion]:
+                  debug_dir=None, pale_cells: bool = True) -> List[CellRegion]:
     """Every whole red cell of a brightfield field image (HxWx3 uint8 RGB), in reading order (top to bottom, left
     to right). ``diameter``: the red-cell diameter in pixels when known; measured on the field otherwise.
-    ``debug_dir``: write each step's picture there."""
+    ``debug_dir``: write each step's picture there. ``pale_cells``: False for a single-cell crop, which has no
+    neighbours for a pale cell to be told from (noise would pass for one)."""
     _require_cv2()
     rgb = np.ascontiguousarray(rgb[:, :, :3], dtype=np.uint8)
     if diameter is None:
@@ -642,7 +645,7 @@ def segment_field(rgb: np.ndarray, diameter: Optional[float] = None, drop_border
     small = _resize(rgb, scale)
     d_small = diameter * scale
     channels = channel_densities(small)
-    labels, density, cell_circles = label_cells(small, d_small, drop_border, debug_dir, channels)
+    labels, density, cell_circles = label_cells(small, d_small, drop_border, debug_dir, channels, pale_cells)
     labels = split_clumps(labels, d_small)
     nucleus = nucleus_mask(density, labels > 0)
     pigment = pigment_mask(channels)
@@ -815,7 +818,7 @@ def central_cell(rgb: np.ndarray, nonblack: Optional[np.ndarray] = None) -> Opti
         return on_black_cell(rgb, nonblack)
     # A single-cell crop is about one to one and a half cells across; its own blobs mostly touch its edges, so
     # the field estimate does not apply.
-    cells = segment_field(rgb, diameter=0.75 * min(h, w), drop_border=False)
+    cells = segment_field(rgb, diameter=0.75 * min(h, w), drop_border=False, pale_cells=False)
     if not cells:
         return None
     centre = np.array([w / 2.0, h / 2.0])
