@@ -98,11 +98,12 @@ REACH_TRIM = 1.3
 # deep-stained smear its density falls below the cell/glass threshold, so it comes out as glass (a hole too big to
 # fill) and its rim goes to the neighbours. Pixels above PALE_LEVEL of the local threshold (never below PALE_FLOOR,
 # where glass halos and pale smears' cell centres lie) and pink (green absorbed PALE_PINK times as much as red or
-# more: glass of another brightness, as where the fields of a mosaic meet, is grey) that no region claims, opened by PALE_OPEN
-# diameters, form a pale cell when they cover PALE_AREA cell areas and are solid (PALE_SOLIDITY of their convex hull); the cell is
-# that hull grown by PALE_GROW diameters (the part its neighbours took). Chosen on the train fields (parasites in a
-# found cell 161 -> 167 of 178), checked on val (no change, no region added on its pale smears) and on a 2x2 mosaic
-# of pale-smear fields (2 regions of glass at the seams without PALE_PINK, none with it).
+# more: glass of another brightness, as where the fields of a mosaic meet, is grey) that no region claims, opened
+# by PALE_OPEN diameters, form a pale cell when they cover PALE_AREA cell areas and are solid (PALE_SOLIDITY of
+# their convex hull); the cell is that hull grown by PALE_GROW diameters (the part its neighbours took). Chosen on
+# the train fields (parasites in a found cell 161 -> 167 of 178), checked on val (no change, no region added on its
+# pale smears) and on a 2x2 mosaic of pale-smear fields (2 regions of glass at the seams without PALE_PINK, none
+# with it).
 PALE_LEVEL = 0.45
 PALE_FLOOR = 0.15
 PALE_PINK = 1.25
@@ -562,10 +563,10 @@ def add_pale_cells(labels: np.ndarray, channels: List[np.ndarray], density: np.n
     pale = (density > np.maximum(PALE_LEVEL * threshold, PALE_FLOOR)) & (density <= threshold)
     pale &= (PALE_PINK * channels[0] <= channels[1]) & (rgb.max(axis=2) > BLACK_LEVEL)
     pale = cv2.morphologyEx(pale.astype(np.uint8), cv2.MORPH_CLOSE, disk(diameter / 10.0))
-    pale = fill_holes(pale.astype(bool), max_area=0.6 * math.pi * diameter ** 2 / 4.0) & (labels == 0)
+    cell_area = math.pi * diameter ** 2 / 4.0
+    pale = fill_holes(pale.astype(bool), max_area=0.6 * cell_area) & (labels == 0)
     pale = cv2.morphologyEx(pale.astype(np.uint8), cv2.MORPH_OPEN, disk(PALE_OPEN * diameter))
     count, parts, stats, _ = cv2.connectedComponentsWithStats(pale, connectivity=4)
-    cell_area = math.pi * diameter ** 2 / 4.0
     h, w = labels.shape
     grow = disk(PALE_GROW * diameter)
     pad = grow.shape[0] // 2 + 1

@@ -12,7 +12,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
@@ -178,9 +178,10 @@ def score_splits(trained: TrainedModel, cells: List[Cell], bundles: Dict, cache:
     return scores
 
 
-def read_patient_counts(path: Path, val_patients: Sequence[str], test_patients: Sequence[str]) -> Dict:
-    """Out-of-fold per-patient counts (tools/patient_rule_cv.py counts): checked so that no validation or test
-    patient is among them and every entry has what the rule needs; the message names the file and what to do."""
+def read_patient_counts(path: Path, all_cells: List[Cell]) -> Dict:
+    """Out-of-fold per-patient counts (tools/patient_rule_cv.py counts): checked so that no NIH validation or test
+    patient of the manifest (``all_cells``) is among them and every entry has what the rule needs; the message
+    names the file and what to do."""
     try:
         data = json.loads(Path(path).read_text())
         patients = data["patients"]
@@ -188,7 +189,8 @@ def read_patient_counts(path: Path, val_patients: Sequence[str], test_patients: 
                    "infected": bool(p["infected"])} for p in patients]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{path}: not a patient-counts file ({exc}); make it with tools/patient_rule_cv.py counts")
-    overlap = sorted({p["patient"] for p in counts} & (set(val_patients) | set(test_patients)), key=len)
+    held_apart = {c.patient for c in all_cells if c.source == NIH and c.split in ("val", "test")}
+    overlap = sorted({p["patient"] for p in counts} & held_apart, key=len)
     if overlap:
         raise ValueError(f"{path}: holds validation or test patients of this manifest ({', '.join(overlap[:5])}); "
                          "out-of-fold counts must come from its training patients only")
@@ -274,8 +276,7 @@ def quantize(model_path: Path, manifest: Path, out: Path, name: str = "malaria",
     require_nih_patients(all_cells, manifest)
     out_of_fold = None
     if patient_counts is not None:
-        out_of_fold = read_patient_counts(patient_counts, *(
-            [c.patient for c in all_cells if c.source == NIH and c.split == split] for split in ("val", "test")))
+        out_of_fold = read_patient_counts(patient_counts, all_cells)
     trained = load_trained(model_path)
     cells = [c for c in all_cells if c.source in trained.trained_on]
     paths = BundlePaths(Path(out), name)
@@ -306,8 +307,7 @@ def rechoose_patient_rule(model_path: Path, manifest: Path, out: Path, patient_c
     run would not give the same bytes, and every figure measured on the shipped files would be stale."""
     all_cells = read_manifest(manifest)
     require_nih_patients(all_cells, manifest)
-    out_of_fold = read_patient_counts(patient_counts, *(
-        [c.patient for c in all_cells if c.source == NIH and c.split == split] for split in ("val", "test")))
+    out_of_fold = read_patient_counts(patient_counts, all_cells)
     paths = BundlePaths(Path(out), name)
     if not paths.card.is_file():
         raise ValueError(f"{paths.card}: no bundle card there; --rule-only re-chooses the rule of a bundle "

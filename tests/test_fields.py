@@ -249,28 +249,27 @@ def test_cells_beside_the_edge_s_cut_cells_and_pale_overlapping_cells_are_found(
     assert total > 300 and found >= 0.84 * total
 
 
-def test_enlarged_pale_infected_cells_the_threshold_leaves_as_glass_are_found(monkeypatch):
+def test_enlarged_pale_infected_cells_the_threshold_leaves_as_glass_are_found():
     """Train fields PA171854, PA171859, PA171862, PA171866: an enlarged P. vivax cell paler than its deep-magenta
     neighbours falls below the cell/glass threshold (a hole too big to fill); the pale-cell step finds it, and
-    without that step (no region is of a pale cell's size) none of the four is found."""
+    without that step none of the four is found."""
     if not (IML / "annotations.json").is_file():
         pytest.skip("../shared/data/fields/iml_vivax is absent (IML fields live outside the repo)")
-    from malaria_edge.edge_runtime import segment
     names = ("PA171854.JPG", "PA171859.JPG", "PA171862.JPG", "PA171866.JPG")
     fields = [t for t in load_annotations(IML / "annotations.json", "train") if t.name in names]
     assert len(fields) == 4
 
-    def parasites_found() -> int:
+    def parasites_found(pale_cells: bool) -> int:
         found = 0
         for truth in fields:
-            matched = match([c.box for c in segment_field(rgb_of(IML / "images" / truth.name))], truth.cells)
+            cells = segment_field(rgb_of(IML / "images" / truth.name), pale_cells=pale_cells)
+            matched = match([c.box for c in cells], truth.cells)
             found += sum(truth.cells[j] in truth.parasites for j in matched.values())
         return found
 
     total = sum(len(t.parasites) for t in fields)
-    with_step = parasites_found()
-    monkeypatch.setattr(segment, "PALE_AREA", (1e9, 1e9))
-    without_step = parasites_found()
+    with_step = parasites_found(pale_cells=True)
+    without_step = parasites_found(pale_cells=False)
     assert with_step - without_step >= 4 and with_step == total
 
 

@@ -129,6 +129,13 @@ def _counts_file(path, patients):
     return path
 
 
+def _separable_counts(path):
+    """Ten training patients' counts: healthy ones at 0-4% flagged, infected ones at 10-30%."""
+    healthy = [{"patient": f"H{i}", "cells": 100, "parasitized": i, "infected": False} for i in range(5)]
+    infected = [{"patient": f"I{i}", "cells": 100, "parasitized": 10 + 5 * i, "infected": True} for i in range(5)]
+    return _counts_file(path, healthy + infected)
+
+
 def test_patient_counts_refuse_validation_or_test_patients(tiny_run, sample_manifest, tmp_path):
     """Out-of-fold counts that hold a validation or test patient would choose the rule on the patients it is then
     judged on: refused in one line before anything is converted."""
@@ -150,9 +157,7 @@ def test_patient_rule_chosen_with_out_of_fold_counts(tiny_run, sample_manifest, 
     """Training patients' out-of-fold counts join the validation patients: the rule separates the healthy ones
     (flagged fraction <= 4%) from the infected ones (>= 10%) and the card says what it was chosen on."""
     from malaria_edge.quantize.job import quantize
-    healthy = [{"patient": f"H{i}", "cells": 100, "parasitized": i, "infected": False} for i in range(5)]
-    infected = [{"patient": f"I{i}", "cells": 100, "parasitized": 10 + 5 * i, "infected": True} for i in range(5)]
-    counts = _counts_file(tmp_path / "oof.json", healthy + infected)
+    counts = _separable_counts(tmp_path / "oof.json")
     card = quantize(tiny_run / "model.keras", sample_manifest, tmp_path / "bundle", name="tiny",
                     calibration_size=40, log=lambda m: None, patient_counts=counts)
     rule = card["patient_rule"]
@@ -175,9 +180,7 @@ def test_rule_only_keeps_the_files_and_their_figures_and_changes_the_rule(tiny_r
     done = cli("edge-quantize", "--model", tiny_run / "model.keras", "--manifest", sample_manifest,
                "--out", folder, "--name", "tiny", "--rule-only")
     assert done.returncode == 2 and "--rule-only needs --patient-counts" in done.stderr
-    healthy = [{"patient": f"H{i}", "cells": 100, "parasitized": i, "infected": False} for i in range(5)]
-    infected = [{"patient": f"I{i}", "cells": 100, "parasitized": 10 + 5 * i, "infected": True} for i in range(5)]
-    counts = _counts_file(tmp_path / "oof.json", healthy + infected)
+    counts = _separable_counts(tmp_path / "oof.json")
     done = cli("edge-quantize", "--model", tiny_run / "model.keras", "--manifest", sample_manifest, "--out", folder,
                "--name", "tiny", "--rule-only", "--patient-counts", counts)
     assert done.returncode in (0, 1), done.stderr  # 1 only when the tiny model fails the card check

@@ -537,11 +537,11 @@ function addPaleCells(labels, channels, density, tmap, img, diameter) {
     c.morphologyEx(m, out, c.MORPH_CLOSE, k(disk(diameter / 10.0)));
     return out.data.slice();
   });
-  pale = fillHoles(pale, w, h, 0.6 * Math.PI * diameter ** 2 / 4.0);
+  const cellArea = Math.PI * diameter ** 2 / 4.0;
+  pale = fillHoles(pale, w, h, 0.6 * cellArea);
   for (let i = 0; i < pale.length; i++) if (labels[i] !== 0) pale[i] = 0;
   pale = clean(pale, w, h, S.PALE_OPEN * diameter);
   const { count, labels: parts, stats } = components(pale, w, h, 4);
-  const cellArea = Math.PI * diameter ** 2 / 4.0;
   const growRadius = Math.max(1, pyRound(S.PALE_GROW * diameter));
   const pad = growRadius + 1;
   let next = maxOf(labels) + 1;
