@@ -9,6 +9,10 @@ boxes (numbers or strings holding numbers). ``type`` is ``red blood cell`` (unin
 parasitized, or ``difficult`` (unsure: neither counted nor held against a detection). Any other type is refused,
 not guessed.
 
+One cell boxed twice is read as one cell (``merge_double_boxes``): IML boxes a few infected cells both as a stage and
+as a ``red blood cell`` (11 pairs in 184 fields), and one parasite twice. Read as two, the field path's one detection
+matches either box: the infected cell is trained as uninfected, or counted as a missed parasite.
+
 Pure standard library: no TensorFlow, no OpenCV, no image decoding.
 """
 from __future__ import annotations
@@ -28,6 +32,7 @@ UNINFECTED_TYPES = ("red blood cell",)
 PARASITE_TYPES = ("ring", "trophozoite", "schizont", "gametocyte", "parasitized")
 LEFT_OUT_TYPES = ("difficult",)
 MATCH_IOU = 0.5           # a found cell is an annotated cell when their boxes overlap at least this much
+SAME_CELL_INSIDE = 0.9    # ... or when this share of the parasite's box lies inside a red-cell box
 BLOCK = 8                 # consecutive captures per split block (neighbouring shots are likely one slide)
 SPLITS = ("train", "val", "test")
 
@@ -79,8 +84,44 @@ def read_objects(path: Path) -> Dict[str, List[Annotation]]:
             if obj["type"] not in known:
                 raise AnnotationError(f"{path}: unknown object type {obj['type']!r} in {entry['image_name']}")
             objects.append(Annotation(obj["type"], _box(obj["bbox"])))
-        out[entry["image_name"]] = objects
+        out[entry["image_name"]] = merge_double_boxes(objects)
     return out
+
+
+def _inside_share(inner: Box, outer: Box) -> float:
+    """The share of ``inner``'s area that lies inside ``outer``."""
+    ix = max(0, min(inner[0] + inner[2], outer[0] + outer[2]) - max(inner[0], outer[0]))
+    iy = max(0, min(inner[1] + inner[3], outer[1] + outer[3]) - max(inner[1], outer[1]))
+    area = inner[2] * inner[3]
+    return ix * iy / area if area else 0.0
+
+
+def _same_cell(parasite: Box, other: Box) -> bool:
+    return iou(parasite, other) >= MATCH_IOU or _inside_share(parasite, other) >= SAME_CELL_INSIDE
+
+
+def merge_double_boxes(objects: List[Annotation]) -> List[Annotation]:
+    """One annotation per cell: a parasite box that overlaps an earlier parasite box at IoU >= MATCH_IOU is dropped;
+    a parasite box and a ``red blood cell`` box of one cell (IoU >= MATCH_IOU, or the parasite's box at least 90%
+    inside) become one object with the red-cell box's outline (on the IML fields it follows the cell; the stage's
+    box is often smaller or shifted) and the parasite's stage. Other objects keep their order."""
+    kept: List[Annotation] = []
+    for obj in objects:
+        if obj.label == PARASITIZED and any(k.label == PARASITIZED and iou(k.box, obj.box) >= MATCH_IOU
+                                            for k in kept):
+            continue
+        kept.append(obj)
+    merged: List[Optional[Annotation]] = list(kept)
+    for i, obj in enumerate(kept):
+        if obj.label != PARASITIZED:
+            continue
+        hosts = [(iou(obj.box, o.box), j) for j, o in enumerate(merged)
+                 if o is not None and o.label == UNINFECTED and _same_cell(obj.box, o.box)]
+        if hosts:
+            _, j = max(hosts)
+            merged[i] = Annotation(obj.kind, merged[j].box)
+            merged[j] = None
+    return [o for o in merged if o is not None]
 
 
 def capture_number(name: str) -> int:

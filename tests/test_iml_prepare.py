@@ -2,6 +2,7 @@
 they match, split by blocks of consecutive captures so no block sits on two sides. Needs ../shared's IML fields
 and OpenCV (the segmentation)."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -59,3 +60,19 @@ def test_prepare_adds_field_cells_as_a_second_source(small_field_set, samples, t
     assert report["sources"]["IML"]["unit"] == "fields"
     nih = [c for c in cells if c.source == "NIH"]
     assert len(nih) == len(list(samples.rglob("*.webp")))
+
+
+def test_unboxed_detections_of_training_fields_can_be_kept_as_uninfected(small_field_set, samples, tmp_path):
+    root, chosen = small_field_set
+    plain = prepare(samples, tmp_path / "plain", seed=42, test_fraction=0.34, val_fraction=0.34,
+                    log=lambda m: None, fields=root)
+    report = prepare(samples, tmp_path / "kept", seed=42, test_fraction=0.34, val_fraction=0.34,
+                     log=lambda m: None, fields=root, unboxed_negatives=True)
+    stats = report["sources"]["IML"]["segmentation"]
+    assert plain["sources"]["IML"]["segmentation"]["unboxed_negatives"] == 0
+    assert 0 < stats["unboxed_negatives"] <= stats["unmatched"]
+    unboxed = [c for c in read_manifest(tmp_path / "kept" / "manifest.csv") if "_unboxed" in Path(c.path).name]
+    assert len(unboxed) == stats["unboxed_negatives"]
+    assert {(c.split, c.label) for c in unboxed} == {("train", "uninfected")}, "evaluation fields stay as cut"
+    before = read_manifest(tmp_path / "plain" / "manifest.csv")
+    assert len(read_manifest(tmp_path / "kept" / "manifest.csv")) == len(before) + len(unboxed)

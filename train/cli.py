@@ -28,8 +28,11 @@ TERMINATED = 143   # 128 + SIGTERM, as a shell reports a process the signal ende
 @click.option("--fields", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Annotated whole fields (images/ + annotations.json, IML-Malaria layout) to add as a second "
                    "source: their red cells are cut by the runtime's segmentation, split by blocks of fields.")
+@click.option("--unboxed-negatives/--no-unboxed-negatives", default=False, show_default=True,
+              help="Keep the training fields' detections that match no annotated box and touch no parasite "
+                   "(unboxed cells, white cells, debris, the scale bar) as uninfected cells.")
 @common_options
-def prepare_main(data, out, seed, test_fraction, val_fraction, download, fields, verbosity):
+def prepare_main(data, out, seed, test_fraction, val_fraction, download, fields, unboxed_negatives, verbosity):
     """Split the NIH malaria cells by patient into train/val/test and write a manifest (no images are copied).
 
     \b
@@ -46,7 +49,7 @@ def prepare_main(data, out, seed, test_fraction, val_fraction, download, fields,
         if download:
             data = download_zip(out / "cell_images.zip")
         report = prepare(data, out, seed, test_fraction, val_fraction, command_line("edge-prepare"), fields=fields,
-                         log=console.info)
+                         log=console.info, unboxed_negatives=unboxed_negatives)
     if report["bad_files"]:
         click.echo(describe_bad(report["bad_files"]), err=True, nl=False)
         click.echo(f"{len(report['bad_files'])} files skipped (listed in {out / 'prepare.json'})", err=True)

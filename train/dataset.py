@@ -258,11 +258,13 @@ def download_zip(dest: Path, url: str = NIH_ZIP_URL, expected_bytes: int = NIH_Z
 
 
 def prepare(data: Path, out: Path, seed: int = 42, test_fraction: float = 0.2, val_fraction: float = 0.1,
-            command: str = "", log=lambda msg: print(msg, file=sys.stderr), fields: Optional[Path] = None) -> Dict:
+            command: str = "", log=lambda msg: print(msg, file=sys.stderr), fields: Optional[Path] = None,
+            unboxed_negatives: bool = False) -> Dict:
     """Scan ``data`` (folder or zip), split by patient, write ``manifest.csv`` and ``prepare.json`` to ``out``.
 
     ``fields``: a folder of annotated whole fields (IML-Malaria layout); their red cells are cut by the runtime's
-    segmentation into ``out/field_cells`` and added as a second source, split by blocks of fields."""
+    segmentation into ``out/field_cells`` and added as a second source, split by blocks of fields;
+    ``unboxed_negatives``: see ``train.iml.cut_field_cells``."""
     data = Path(data)
     if not data.exists():
         raise DatasetError(f"{data}: no such file or folder")
@@ -279,7 +281,8 @@ def prepare(data: Path, out: Path, seed: int = 42, test_fraction: float = 0.2, v
     if fields is not None:
         from malaria_edge.train.iml import SOURCE, cut_field_cells
         log(f"cutting the red cells of {fields} with the runtime's segmentation")
-        field_cells, field_stats = cut_field_cells(Path(fields), out / "field_cells", log)
+        field_cells, field_stats = cut_field_cells(Path(fields), out / "field_cells", log,
+                                                    unboxed_negatives=unboxed_negatives)
         cells += field_cells
     manifest = out / "manifest.csv"
     write_manifest(cells, manifest)

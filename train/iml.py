@@ -19,10 +19,11 @@ from malaria_edge.edge_runtime.annotations import (MATCH_IOU, Annotation, Annota
                                                    capture_number, field_split, field_splits, iou, match)
 from malaria_edge.edge_runtime.annotations import read_objects
 from malaria_edge.edge_runtime.images import ImageError, open_image
-from malaria_edge.edge_runtime.labels import PARASITIZED
+from malaria_edge.edge_runtime.labels import PARASITIZED, UNINFECTED
 from malaria_edge.train.dataset import Cell, DatasetError
 
 BOX_MARGIN = 0.15         # context around an annotated box when a parasite the segmentation missed is cut by box
+OVERLAP_SHARE = 0.1       # an unboxed detection this much covered by a parasite box may be a piece of that parasite
 SOURCE = "IML"
 
 
@@ -65,11 +66,30 @@ def _save(pixels: np.ndarray, path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def cut_field_cells(field_dir: Path, out_dir: Path, log=print) -> Tuple[List[Cell], Dict]:
+def _clear_of_parasites(box: Box, annotations: Sequence[Annotation]) -> bool:
+    """Whether no parasite or ``difficult`` box covers more than OVERLAP_SHARE of ``box``."""
+    x, y, w, h = box
+    for ann in annotations:
+        if ann.label == UNINFECTED:
+            continue
+        ax, ay, aw, ah = ann.box
+        ix = max(0, min(x + w, ax + aw) - max(x, ax))
+        iy = max(0, min(y + h, ay + ah) - max(y, ay))
+        if ix * iy > OVERLAP_SHARE * w * h:
+            return False
+    return True
+
+
+def cut_field_cells(field_dir: Path, out_dir: Path, log=print,
+                    unboxed_negatives: bool = False) -> Tuple[List[Cell], Dict]:
     """Segment every annotated field with the runtime's segmentation, label each cut cell by the annotated box it
     matches, and save the crops (PNG, lossless) under ``out_dir``. Parasites the segmentation missed are cut by
     their box through the same central-cell masking, in training fields only (more of the rare class to learn
-    from); evaluation fields keep exactly what the field path produces."""
+    from); evaluation fields keep exactly what the field path produces.
+
+    ``unboxed_negatives``: training fields' detections that match no box and overlap no parasite or ``difficult``
+    box (unboxed red cells, merged pairs, white cells, platelets, debris, the scale bar) are kept as uninfected: the
+    field path feeds them to the model, so it should have seen them."""
     from malaria_edge.edge_runtime.segment import central_cell, cut_cell, segment_field
 
     field_dir, out_dir = Path(field_dir), Path(out_dir)
@@ -80,7 +100,8 @@ def cut_field_cells(field_dir: Path, out_dir: Path, log=print) -> Tuple[List[Cel
     splits = _splits(annotations)
     cells: List[Cell] = []
     stats = {"fields": 0, "segmented": 0, "matched": 0, "unmatched": 0, "difficult": 0,
-             "parasites_annotated": 0, "parasites_segmented": 0, "parasites_by_box": 0, "bad_fields": []}
+             "parasites_annotated": 0, "parasites_segmented": 0, "parasites_by_box": 0, "unboxed_negatives": 0,
+             "bad_fields": []}
     for done, path in enumerate(images, 1):
         try:
             rgb = np.asarray(open_image(path))
@@ -96,6 +117,11 @@ def cut_field_cells(field_dir: Path, out_dir: Path, log=print) -> Tuple[List[Cel
         for index, (region, ann) in enumerate(zip(regions, matches)):
             if ann is None:
                 stats["unmatched"] += 1
+                if unboxed_negatives and split == "train" and _clear_of_parasites(region.box, anns):
+                    crop = out_dir / split / "Uninfected" / f"{path.stem}_unboxed{index}.png"
+                    digest = _save(cut_cell(rgb, region), crop)
+                    cells.append(Cell(str(crop.resolve()), UNINFECTED, path.stem, split, digest, SOURCE))
+                    stats["unboxed_negatives"] += 1
                 continue
             if ann.label is None:
                 stats["difficult"] += 1
