@@ -41,14 +41,14 @@ def data_root() -> Path:
 
 # ---------------------------------------------------------------------------------------------------- caching runs
 def _cache_file(classifier: Classifier, name: str) -> Path:
-    """Keyed by the model's SHA-256 and the source of the modules that find and cut cells: a cache written before
-    a segmentation or quality-gate change is never read after it."""
+    """Keyed by the model's SHA-256 and the source of the modules that find and cut cells and read the boxes: a
+    cache written before a segmentation, quality-gate or annotation-reading change is never read after it."""
     import hashlib
-    from malaria_edge.edge_runtime import classifier as classifier_mod, images, quality, segment
+    from malaria_edge.edge_runtime import annotations, classifier as classifier_mod, images, quality, segment
     digest = classifier.bundle.card.files[Path(classifier.bundle.path).name]["sha256"][:12] \
         if hasattr(classifier.bundle, "path") else "model"
     code = hashlib.sha256(b"".join(Path(m.__file__).read_bytes()
-                                   for m in (segment, quality, images, classifier_mod))).hexdigest()[:8]
+                                   for m in (segment, quality, images, classifier_mod, annotations))).hexdigest()[:8]
     CACHE.mkdir(parents=True, exist_ok=True)
     return CACHE / f"{name}_{digest}_{code}.json"
 
@@ -168,7 +168,7 @@ def choose_band(fields: List[Dict], nih: List[Dict], threshold: float, max_share
 
 
 def measure(args) -> Dict:
-    classifier = Classifier.load()
+    classifier = Classifier.load(args.model)
     fields = iml_fields(classifier, "val")
     nih = nih_cells(classifier, "val")
     t = classifier.threshold
@@ -199,7 +199,7 @@ def measure(args) -> Dict:
                    f"cells in every source ({band['false_flag_load']:.2%}); IML val slides' candidate shares "
                    f"{', '.join(f'{v:.2%}' for v in band['iml_val_slide_shares'])}; model "
                    f"{classifier.bundle.card.name} sha256 {_sha(classifier)[:12]}"))
-    out = ROOT / "docs" / "slide_rule.json"
+    out = args.out or ROOT / "docs" / "slide_rule.json"
     out.write_text(json.dumps(rule.as_dict(), indent=2) + "\n")
     print(json.dumps(rule.as_dict(), indent=2))
     return rule.as_dict()
@@ -306,6 +306,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-share", type=float, default=0.03, help="review load: candidates per cell, at most")
     parser.add_argument("--min-cells", type=int, default=slide_mod.DEFAULT_MIN_CELLS)
     parser.add_argument("--alpha", type=float, default=slide_mod.DEFAULT_ALPHA)
+    parser.add_argument("--model", type=Path, help="bundle to measure (default: the shipped model); measure only")
+    parser.add_argument("--out", type=Path, help="where measure writes the rule (default: docs/slide_rule.json)")
     args = parser.parse_args(argv)
     if args.step == "cache":
         classifier = Classifier.load(threads=1)

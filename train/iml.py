@@ -80,6 +80,35 @@ def _clear_of_parasites(box: Box, annotations: Sequence[Annotation]) -> bool:
     return True
 
 
+def _keep(pixels: np.ndarray, path: Path, label: str, field: str, split: str) -> Cell:
+    """Save one cut cell and return its manifest row."""
+    return Cell(str(path.resolve()), label, field, split, _save(pixels, path), SOURCE)
+
+
+def _missed_parasites(rgb: np.ndarray, anns: Sequence[Annotation], matches: Sequence[Optional[Annotation]],
+                      folder: Path, stem: str, split: str, stats: Dict) -> List[Cell]:
+    """Count the field's annotated parasites; in training fields, cut the ones no segmented cell matched by their
+    box, through the same central-cell masking."""
+    from malaria_edge.edge_runtime.segment import central_cell, cut_cell
+
+    matched_ids = {id(a) for a in matches if a is not None}
+    cells = []
+    for j, ann in enumerate(anns):
+        if ann.label != PARASITIZED:
+            continue
+        stats["parasites_annotated"] += 1
+        if id(ann) in matched_ids or split != "train":
+            continue
+        crop_rgb = _box_crop(rgb, ann.box)
+        region = central_cell(crop_rgb)
+        if region is None:
+            continue
+        cells.append(_keep(cut_cell(crop_rgb, region), folder / "Parasitized" / f"{stem}_box{j}.png", PARASITIZED,
+                           stem, split))
+        stats["parasites_by_box"] += 1
+    return cells
+
+
 def cut_field_cells(field_dir: Path, out_dir: Path, log=print,
                     unboxed_negatives: bool = False) -> Tuple[List[Cell], Dict]:
     """Segment every annotated field with the runtime's segmentation, label each cut cell by the annotated box it
@@ -90,7 +119,7 @@ def cut_field_cells(field_dir: Path, out_dir: Path, log=print,
     ``unboxed_negatives``: training fields' detections that match no box and overlap no parasite or ``difficult``
     box (unboxed red cells, merged pairs, white cells, platelets, debris, the scale bar) are kept as uninfected: the
     field path feeds them to the model, so it should have seen them."""
-    from malaria_edge.edge_runtime.segment import central_cell, cut_cell, segment_field
+    from malaria_edge.edge_runtime.segment import cut_cell, segment_field
 
     field_dir, out_dir = Path(field_dir), Path(out_dir)
     annotations = read_annotations(field_dir / "annotations.json")
@@ -119,8 +148,7 @@ def cut_field_cells(field_dir: Path, out_dir: Path, log=print,
                 stats["unmatched"] += 1
                 if unboxed_negatives and split == "train" and _clear_of_parasites(region.box, anns):
                     crop = out_dir / split / "Uninfected" / f"{path.stem}_unboxed{index}.png"
-                    digest = _save(cut_cell(rgb, region), crop)
-                    cells.append(Cell(str(crop.resolve()), UNINFECTED, path.stem, split, digest, SOURCE))
+                    cells.append(_keep(cut_cell(rgb, region), crop, UNINFECTED, path.stem, split))
                     stats["unboxed_negatives"] += 1
                 continue
             if ann.label is None:
@@ -130,23 +158,8 @@ def cut_field_cells(field_dir: Path, out_dir: Path, log=print,
             stats["parasites_segmented"] += ann.label == PARASITIZED
             folder = "Parasitized" if ann.label == PARASITIZED else "Uninfected"
             crop = out_dir / split / folder / f"{path.stem}_cell{index}.png"
-            digest = _save(cut_cell(rgb, region), crop)
-            cells.append(Cell(str(crop.resolve()), ann.label, path.stem, split, digest, SOURCE))
-        matched_ids = {id(a) for a in matches if a is not None}
-        for j, ann in enumerate(anns):
-            if ann.label != PARASITIZED:
-                continue
-            stats["parasites_annotated"] += 1
-            if id(ann) in matched_ids or split != "train":
-                continue
-            crop_rgb = _box_crop(rgb, ann.box)
-            region = central_cell(crop_rgb)
-            if region is None:
-                continue
-            crop = out_dir / split / "Parasitized" / f"{path.stem}_box{j}.png"
-            digest = _save(cut_cell(crop_rgb, region), crop)
-            cells.append(Cell(str(crop.resolve()), PARASITIZED, path.stem, split, digest, SOURCE))
-            stats["parasites_by_box"] += 1
+            cells.append(_keep(cut_cell(rgb, region), crop, ann.label, path.stem, split))
+        cells += _missed_parasites(rgb, anns, matches, out_dir / split, path.stem, split, stats)
         if done % 20 == 0:
             log(f"  cut {done}/{len(images)} fields: {len(cells)} labelled cells")
     return cells, stats
