@@ -22,11 +22,12 @@ def rule() -> SlideRule:
     return SlideRule.from_dict(json.loads((REPO / "docs" / "slide_rule.json").read_text()))
 
 
-def rows(n: int, flagged: int = 0, band: int = 0, field: str = "f.jpg", **extra):
-    """n cells of one field: ``flagged`` at p=0.9, ``band`` in the review band (p=0.4), the rest at p=0.01."""
+def rows(n: int, flagged: int = 0, band: int = 0, field: str = "f.jpg", band_p: float = 0.4, **extra):
+    """n cells of one field: ``flagged`` at p=0.9, ``band`` at ``band_p`` (in the review band when it lies between the
+    rule's candidate and call thresholds), the rest at p=0.01."""
     out = []
     for i in range(n):
-        p = 0.9 if i < flagged else (0.4 if i < flagged + band else 0.01)
+        p = 0.9 if i < flagged else (band_p if i < flagged + band else 0.01)
         out.append({"path": field, "cell": i + 1, "prob_parasitized": p,
                     "prediction": "parasitized" if p >= 0.5 else "uninfected", **extra})
     return out
@@ -62,7 +63,8 @@ def test_clear_positive(rule):
 
 
 def test_within_false_flag_noise_is_review_needed(rule):
-    r = assess_slide(rows(1000, 12, 3), rule)  # 1.2% flagged: what false flags alone give
+    band_p = (rule.candidate_threshold + rule.threshold) / 2
+    r = assess_slide(rows(1000, 12, 3, band_p=band_p), rule)  # 1.2% flagged: what false flags alone give
     assert r.call == REVIEW_NEEDED and r.candidates == 15
     assert r.parasitemia_ci[0] == 0.0
 
@@ -96,7 +98,7 @@ def test_fields_failing_the_quality_gate_are_left_out_and_the_rest_suffices(rule
 
 
 def test_review_counts_confirmed_cells_and_recalls(rule):
-    cells = rows(1000, 12, 3)
+    cells = rows(1000, 12, 3, band_p=(rule.candidate_threshold + rule.threshold) / 2)
     confirmed = {("f.jpg", 1), ("f.jpg", 2), ("f.jpg", 14)}
     r = assess_slide(cells, rule, reviewed=confirmed)
     assert r.reviewed and r.call == FOUND and r.confirmed == 3

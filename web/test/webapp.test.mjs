@@ -37,7 +37,7 @@ test('cells resized as Pillow does, byte for byte; colour features and unfamilia
 
 test('a slide gets the same call, estimate, p-value and detection limit as slide.assess_slide', () => {
   for (const s of fixtures.slides) {
-    const r = assessSlide(s.rows, card.slide_rule, { name: s.name });
+    const r = assessSlide(s.rows, card.slide_rule, { name: s.name, draws: s.draws });
     assert.equal(r.call, s.result.call, s.name);
     assert.equal(r.reason, s.result.reason, s.name);
     assert.equal(r.cells, s.result.cells);
@@ -50,7 +50,7 @@ test('a slide gets the same call, estimate, p-value and detection limit as slide
     }
     assert.ok(Math.abs(r.detection_limit - s.result.detection_limit) < 1e-12);
     const reviewed = new Set(s.reviewed_keys.map(([path, cell]) => cellKey({ path, cell })));
-    const rr = assessSlide(s.rows, card.slide_rule, { name: s.name, reviewed });
+    const rr = assessSlide(s.rows, card.slide_rule, { name: s.name, reviewed, draws: s.draws });
     assert.equal(rr.call, s.reviewed.call); assert.equal(rr.reason, s.reviewed.reason); assert.equal(rr.confirmed, s.reviewed.confirmed);
   }
 });
