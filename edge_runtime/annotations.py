@@ -10,7 +10,7 @@ parasitized, or ``difficult`` (unsure: neither counted nor held against a detect
 not guessed.
 
 One cell boxed twice is read as one cell (``merge_double_boxes``): IML boxes a few infected cells both as a stage and
-as a ``red blood cell`` (11 pairs in 184 fields), and one parasite twice. Read as two, the field path's one detection
+as a ``red blood cell`` (9 cells in 184 fields), and one parasite twice. Read as two, the field path's one detection
 matches either box: the infected cell is trained as uninfected, or counted as a missed parasite.
 
 Pure standard library: no TensorFlow, no OpenCV, no image decoding.

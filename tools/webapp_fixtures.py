@@ -50,8 +50,8 @@ def main() -> None:
         r = slide.assess_slide(rows, rule, name=n, draws=SLIDE_DRAWS)
         reviewed = {slide.cell_key(c) for c in r.candidate_list[:2]}
         rr = slide.assess_slide(rows, rule, name=n, reviewed=reviewed, draws=SLIDE_DRAWS)
-        slides.append({"name": n, "draws": SLIDE_DRAWS, "rows": rows, "result": {**r.to_json(), "reason": r.reason, "p_value": r.p_value,
-                                                           "flagged": r.flagged},
+        result = {**r.to_json(), "reason": r.reason, "p_value": r.p_value, "flagged": r.flagged}
+        slides.append({"name": n, "draws": SLIDE_DRAWS, "rows": rows, "result": result,
                        "reviewed_keys": [list(k) for k in sorted(reviewed)],
                        "reviewed": {**rr.to_json(), "reason": rr.reason, "confirmed": rr.confirmed}})
     data = {"title": "T <&>", "disclaimer": report.DISCLAIMER, "version": "v", "date": "d",
