@@ -57,11 +57,16 @@ class Annotation:
         return None
 
 
-def iou(a: Box, b: Box) -> float:
-    """Intersection over union of two ``(x, y, w, h)`` boxes (0 when they do not overlap)."""
+def overlap_area(a: Box, b: Box) -> int:
+    """The area two ``(x, y, w, h)`` boxes share (0 when they do not overlap)."""
     ix = max(0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
     iy = max(0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
-    inter = ix * iy
+    return ix * iy
+
+
+def iou(a: Box, b: Box) -> float:
+    """Intersection over union of two ``(x, y, w, h)`` boxes (0 when they do not overlap)."""
+    inter = overlap_area(a, b)
     union = a[2] * a[3] + b[2] * b[3] - inter
     return inter / union if union else 0.0
 
@@ -88,16 +93,14 @@ def read_objects(path: Path) -> Dict[str, List[Annotation]]:
     return out
 
 
-def _inside_share(inner: Box, outer: Box) -> float:
-    """The share of ``inner``'s area that lies inside ``outer``."""
-    ix = max(0, min(inner[0] + inner[2], outer[0] + outer[2]) - max(inner[0], outer[0]))
-    iy = max(0, min(inner[1] + inner[3], outer[1] + outer[3]) - max(inner[1], outer[1]))
+def inside_share(inner: Box, outer: Box) -> float:
+    """The share of ``inner``'s area that lies inside ``outer`` (0 for an empty box)."""
     area = inner[2] * inner[3]
-    return ix * iy / area if area else 0.0
+    return overlap_area(inner, outer) / area if area else 0.0
 
 
 def _same_cell(parasite: Box, other: Box) -> bool:
-    return iou(parasite, other) >= MATCH_IOU or _inside_share(parasite, other) >= SAME_CELL_INSIDE
+    return iou(parasite, other) >= MATCH_IOU or inside_share(parasite, other) >= SAME_CELL_INSIDE
 
 
 def merge_double_boxes(objects: List[Annotation]) -> List[Annotation]:

@@ -33,6 +33,11 @@ def rows(n: int, flagged: int = 0, band: int = 0, field: str = "f.jpg", band_p: 
     return out
 
 
+def review_band_p(rule: SlideRule) -> float:
+    """A probability in the review band: a candidate the rule does not call parasitized."""
+    return (rule.candidate_threshold + rule.threshold) / 2
+
+
 def test_json_has_exactly_the_keys_the_external_check_reads(rule):
     j = assess_slide(rows(1000, 5), rule).to_json()
     assert tuple(j) == JSON_KEYS
@@ -63,8 +68,7 @@ def test_clear_positive(rule):
 
 
 def test_within_false_flag_noise_is_review_needed(rule):
-    band_p = (rule.candidate_threshold + rule.threshold) / 2
-    r = assess_slide(rows(1000, 12, 3, band_p=band_p), rule)  # 1.2% flagged: what false flags alone give
+    r = assess_slide(rows(1000, 12, 3, band_p=review_band_p(rule)), rule)  # 1.2% flagged: what false flags alone give
     assert r.call == REVIEW_NEEDED and r.candidates == 15
     assert r.parasitemia_ci[0] == 0.0
 
@@ -98,7 +102,7 @@ def test_fields_failing_the_quality_gate_are_left_out_and_the_rest_suffices(rule
 
 
 def test_review_counts_confirmed_cells_and_recalls(rule):
-    cells = rows(1000, 12, 3, band_p=(rule.candidate_threshold + rule.threshold) / 2)
+    cells = rows(1000, 12, 3, band_p=review_band_p(rule))
     confirmed = {("f.jpg", 1), ("f.jpg", 2), ("f.jpg", 14)}
     r = assess_slide(cells, rule, reviewed=confirmed)
     assert r.reviewed and r.call == FOUND and r.confirmed == 3

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from malaria_edge.edge_runtime.annotations import iou
 from malaria_edge.edge_runtime.serve import missing_runtime
 
 REPO = Path(__file__).resolve().parent.parent
@@ -95,15 +96,6 @@ def classify_in_page(page, path: Path) -> dict:
         const blob = new File([new Uint8Array(bytes)], name, {type: 'image/jpeg'});
         return await window.malariaEdge.classifyField(blob);
     }""", [list(path.read_bytes()), path.name])
-
-
-def iou(a, b) -> float:
-    ax, ay, aw, ah = a
-    bx, by, bw, bh = b
-    ix = max(0, min(ax + aw, bx + bw) - max(ax, bx))
-    iy = max(0, min(ay + ah, by + bh) - max(ay, by))
-    inter = ix * iy
-    return inter / float(aw * ah + bw * bh - inter)
 
 
 def compare(reference_fields, page_fields) -> dict:

@@ -4,7 +4,7 @@
     for k in 0 1 2 3; do edge-train --manifest runs/cv/fold_$k/manifest.csv --out runs/cv/fold_$k/model \\
         --cache runs/data_ml4/cache --epochs 12; done
     python tools/patient_rule_cv.py counts --out runs/cv      # -> runs/cv/out_of_fold_patients.json
-    edge-quantize --model runs/multilab3/model.keras --manifest runs/data_ml4/manifest.csv --out runs/bundle_ml3 \
+    edge-quantize --model runs/multilab5n/model.keras --manifest runs/data_ml5n/manifest.csv --out runs/bundle_ml5n \
         --rule-only --patient-counts runs/cv/out_of_fold_patients.json --patient-specificity 0.93
 
 ``folds`` splits the NIH training patients into K folds stratified by status (infected: any parasitized cell;

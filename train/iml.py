@@ -16,7 +16,8 @@ import numpy as np
 from PIL import Image
 
 from malaria_edge.edge_runtime.annotations import (MATCH_IOU, Annotation, AnnotationError, Box,  # noqa: F401
-                                                   capture_number, field_split, field_splits, iou, match)
+                                                   capture_number, field_split, field_splits, inside_share, iou,
+                                                   match)
 from malaria_edge.edge_runtime.annotations import read_objects
 from malaria_edge.edge_runtime.images import ImageError, open_image
 from malaria_edge.edge_runtime.labels import PARASITIZED, UNINFECTED
@@ -68,16 +69,7 @@ def _save(pixels: np.ndarray, path: Path) -> str:
 
 def _clear_of_parasites(box: Box, annotations: Sequence[Annotation]) -> bool:
     """Whether no parasite or ``difficult`` box covers more than OVERLAP_SHARE of ``box``."""
-    x, y, w, h = box
-    for ann in annotations:
-        if ann.label == UNINFECTED:
-            continue
-        ax, ay, aw, ah = ann.box
-        ix = max(0, min(x + w, ax + aw) - max(x, ax))
-        iy = max(0, min(y + h, ay + ah) - max(y, ay))
-        if ix * iy > OVERLAP_SHARE * w * h:
-            return False
-    return True
+    return all(inside_share(box, ann.box) <= OVERLAP_SHARE for ann in annotations if ann.label != UNINFECTED)
 
 
 def _keep(pixels: np.ndarray, path: Path, label: str, field: str, split: str) -> Cell:
