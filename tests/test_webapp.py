@@ -4,8 +4,9 @@ the test hook and the file input give the same cells and calls as edge-classify.
 
 Skips when Chromium, Playwright or the page's runtime files (``make webapp``) are missing. The IML test fields
 (shared data) are compared when present: MALARIA_EDGE_WEBAPP_FIELDS=N fields (default 6, 0 = all 40 of the test
-split) to keep CI under ~90 s; two train fields with an enlarged pale infected cell that only segment.py's pale-cell
-step finds are always added, so that step's port is compared too.
+split) to keep CI under ~90 s; train fields with an enlarged infected cell that only segment.py's pale-cell step,
+its round-hole filling or its whole-cell test before splitting clumps finds are always added, so those steps' port is
+compared too.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
 MIN_MATCHED = 0.98
 MIN_SAME_CALL = 0.995
 MAX_MEDIAN_PROB_DIFF = 0.01
-PALE_CELL_FIELDS = ("PA171859.JPG", "PA171866.JPG")
+ENLARGED_CELL_FIELDS = ("PA171859.JPG", "PA171866.JPG", "PA171853.JPG", "PA171858.JPG", "PA171873.JPG")
 
 
 def _serve_command(port: int = 0) -> list:
@@ -132,7 +133,7 @@ def _iml_fields() -> list:
     splits = field_splits(names)
     test = [IML / n for n in names if splits[n] == "test"]
     limit = int(os.environ.get("MALARIA_EDGE_WEBAPP_FIELDS", "6"))
-    return (test if limit == 0 else test[:limit]) + [IML / n for n in PALE_CELL_FIELDS if (IML / n).is_file()]
+    return (test if limit == 0 else test[:limit]) + [IML / n for n in ENLARGED_CELL_FIELDS if (IML / n).is_file()]
 
 
 def test_the_page_finds_the_same_cells_and_calls_as_edge_classify_offline(offline_page, classifier, record_property):

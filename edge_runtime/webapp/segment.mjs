@@ -214,7 +214,53 @@ export function components(mask, w, h, connectivity) {
   });
 }
 
-export function fillHoles(mask, w, h, maxArea) {
+/** The bool window (Uint8Array, ww x wh) of ``label`` in a labels array of width w at (x, y). */
+function windowOf(labels, w, x, y, ww, wh, label) {
+  const out = new Uint8Array(ww * wh);
+  for (let yy = 0; yy < wh; yy++) for (let xx = 0; xx < ww; xx++) out[yy * ww + xx] = labels[(y + yy) * w + x + xx] === label ? 1 : 0;
+  return out;
+}
+
+function countOn(a) { let n = 0; for (const v of a) if (v) n++; return n; }
+
+/** The convex hull (a Mat kept by ``k``) of the largest outer contour of a 0/1 CV_8U Mat. */
+function largestHull(k, m, method) {
+  const c = cv();
+  const contours = k(new c.MatVector()); const hier = k(new c.Mat());
+  c.findContours(m, contours, hier, c.RETR_EXTERNAL, method);
+  let best = -1; let bestArea = -1;
+  for (let i = 0; i < contours.size(); i++) {
+    const contour = contours.get(i);
+    const a = c.contourArea(contour);
+    contour.delete();
+    if (a > bestArea) { bestArea = a; best = i; }
+  }
+  const hull = k(new c.Mat());
+  c.convexHull(k(contours.get(best)), hull, false, true);
+  return hull;
+}
+
+/** segment.solidity: the share of its convex hull that a region (0/1 window ww x wh) fills. */
+export function solidity(window, ww, wh) {
+  const c = cv();
+  return withMats((k) => {
+    const hull = largestHull(k, k(toMat(window, wh, ww, c.CV_8U)), c.CHAIN_APPROX_NONE);
+    return countOn(window) / Math.max(1.0, c.contourArea(hull));
+  });
+}
+
+/** segment.is_one_cell: a region too big for one normal cell is one enlarged cell (round, no waist). */
+export function isOneCell(window, ww, wh) {
+  const c = cv();
+  const padded = new Uint8Array((ww + 2) * (wh + 2));
+  for (let yy = 0; yy < wh; yy++) for (let xx = 0; xx < ww; xx++) padded[(yy + 1) * (ww + 2) + xx + 1] = window[yy * ww + xx];
+  const inner = maxOf(distanceMap(padded, ww + 2, wh + 2));
+  const fill = countOn(window) / Math.max(1.0, Math.PI * inner * inner);
+  return fill <= S.ONE_CELL_FILL && solidity(window, ww, wh) >= S.ONE_CELL_SOLIDITY;
+}
+
+/** segment.fill_holes (holes up to ``roundMaxArea`` filled when round). */
+export function fillHoles(mask, w, h, maxArea, roundMaxArea = 0.0) {
   const inverse = mask.map((v) => (v ? 0 : 1));
   const { count, labels, stats } = components(inverse, w, h, 4);
   const fill = new Uint8Array(count);
@@ -222,6 +268,9 @@ export function fillHoles(mask, w, h, maxArea) {
     const [x, y, bw, bh, area] = stats.subarray(5 * l, 5 * l + 5);
     const touches = x === 0 || y === 0 || x + bw === w || y + bh === h;
     fill[l] = !touches && area <= maxArea ? 1 : 0;
+    if (!touches && area > maxArea && area <= roundMaxArea) {
+      fill[l] = solidity(windowOf(labels, w, x, y, bw, bh, l), bw, bh) >= S.ROUND_HOLE_SOLIDITY ? 1 : 0;
+    }
   }
   const out = new Uint8Array(mask.length);
   for (let i = 0; i < out.length; i++) out[i] = mask[i] || fill[labels[i]] ? 1 : 0;
@@ -455,6 +504,8 @@ function splitClumps(labels, w, diameter) {
   for (const blob of regionsOf(labels, w)) {
     const k = pyRound(blob.area / cellArea);
     if (blob.area < S.CLUMP_AREA * cellArea || k < 2 || k > S.CLUMP_MAX_CELLS) continue;
+    if (blob.area <= S.ENLARGED_AREA * cellArea
+      && isOneCell(windowOf(labels, w, blob.x, blob.y, blob.w, blob.h, blob.label), blob.w, blob.h)) continue;
     const xs = []; const ys = [];
     for (let yy = blob.y; yy < blob.y + blob.h; yy++) for (let xx = blob.x; xx < blob.x + blob.w; xx++) {
       if (labels[yy * w + xx] === blob.label) { xs.push(xx); ys.push(yy); }
@@ -487,13 +538,23 @@ function nucleusMask(density, labels) {
   return out;
 }
 
+/** segment.mostly_visible: a cell at the image edge counts when it shows most of itself; never one in a corner. */
+function mostlyVisible(blob, w, h, margin) {
+  const cutX = blob.x <= margin || blob.x + blob.w >= w - margin;
+  const cutY = blob.y <= margin || blob.y + blob.h >= h - margin;
+  if (cutX && cutY) return false;
+  if (cutX) return blob.w >= S.BORDER_VISIBLE * blob.h;
+  if (cutY) return blob.h >= S.BORDER_VISIBLE * blob.w;
+  return true;
+}
+
 function keepCell(blob, labels, nucleus, pigment, w, h, diameter, dropBorder) {
   const cellArea = Math.PI * diameter * diameter / 4.0;
-  if (!(S.MIN_CELL_AREA * cellArea <= blob.area && blob.area <= 2.2 * cellArea)) return false;
+  if (!(S.MIN_CELL_AREA * cellArea <= blob.area && blob.area <= S.ENLARGED_AREA * cellArea)) return false;
+  if (blob.area > 2.2 * cellArea
+    && !isOneCell(windowOf(labels, w, blob.x, blob.y, blob.w, blob.h, blob.label), blob.w, blob.h)) return false;
   if (Math.max(blob.w, blob.h) > 2.2 * diameter || Math.min(blob.w, blob.h) < 0.4 * diameter) return false;
-  const margin = pyRound(S.BORDER_MARGIN * diameter);
-  if (dropBorder && (blob.x <= margin || blob.y <= margin || blob.x + blob.w >= w - margin
-    || blob.y + blob.h >= h - margin)) return false;
+  if (dropBorder && !mostlyVisible(blob, w, h, pyRound(S.BORDER_MARGIN * diameter))) return false;
   if (blob.area / (blob.w * blob.h) < 0.45) return false;
   let dark = 0; let brown = 0;
   for (let yy = blob.y; yy < blob.y + blob.h; yy++) for (let xx = blob.x; xx < blob.x + blob.w; xx++) {
@@ -538,7 +599,7 @@ function addPaleCells(labels, channels, density, tmap, img, diameter) {
     return out.data.slice();
   });
   const cellArea = Math.PI * diameter ** 2 / 4.0;
-  pale = fillHoles(pale, w, h, 0.6 * cellArea);
+  pale = fillHoles(pale, w, h, S.HOLE_AREA * cellArea);
   for (let i = 0; i < pale.length; i++) if (labels[i] !== 0) pale[i] = 0;
   pale = clean(pale, w, h, S.PALE_OPEN * diameter);
   const { count, labels: parts, stats } = components(pale, w, h, 4);
@@ -553,19 +614,7 @@ function addPaleCells(labels, channels, density, tmap, img, diameter) {
     const grown = withMats((k) => {
       const own = new Uint8Array(bw * bh);
       for (let yy = 0; yy < bh; yy++) for (let xx = 0; xx < bw; xx++) own[yy * bw + xx] = parts[(y + yy) * w + x + xx] === part ? 1 : 0;
-      const m = k(toMat(own, bh, bw, c.CV_8U));
-      const contours = k(new c.MatVector()); const hier = k(new c.Mat());
-      c.findContours(m, contours, hier, c.RETR_EXTERNAL, c.CHAIN_APPROX_SIMPLE);
-      let best = -1; let bestArea = -1;
-      for (let i = 0; i < contours.size(); i++) {
-        const contour = contours.get(i);
-        const a = c.contourArea(contour);
-        contour.delete();
-        if (a > bestArea) { bestArea = a; best = i; }
-      }
-      const contour = k(contours.get(best));
-      const hull = k(new c.Mat());
-      c.convexHull(contour, hull, false, true);
+      const hull = largestHull(k, k(toMat(own, bh, bw, c.CV_8U)), c.CHAIN_APPROX_SIMPLE);
       const hullArea = c.contourArea(hull);
       if (hullArea <= 0 || area / hullArea < S.PALE_SOLIDITY) return null;
       const shifted = k(new c.Mat(hull.rows, 1, c.CV_32SC2));
@@ -693,7 +742,8 @@ function labelCells(img, diameter, dropBorder, channels = null) {
   const tmap = thresholdMap(density, w, h);
   let mask = foregroundMask(density, img, tmap);
   mask = clean(mask, w, h, diameter / 14.0);
-  mask = fillHoles(mask, w, h, 0.6 * Math.PI * diameter ** 2 / 4.0);
+  const cellArea = Math.PI * diameter ** 2 / 4.0;
+  mask = fillHoles(mask, w, h, S.HOLE_AREA * cellArea, S.ROUND_HOLE_AREA * cellArea);
   const distance = distanceMap(mask, w, h);
   const seeded = seedingCircles(density, mask, w, h, diameter);
   const seeds = cellSeeds(distance, seeded.circles, seeded.mask, w, h, diameter);
