@@ -37,18 +37,14 @@ def count_errors(detections: Sequence[Box], truth: AnnotatedField, width: int, h
     """Signed relative count errors of one field against its annotated cells not touching the border: of every
     detection, and of the detections in the boxes' scope. The scope leaves out, on our side too, what the truth
     leaves out: a detection matched to an annotated cell that touches the border (the box is ~11 px looser than the
-    cell, so a whole cell a few pixels from the edge is boxed against it), a detection cut by the border that no
-    box matches (the segmentation counts cells mostly in view; the annotators boxed some cut cells, not all) and
-    one matching only a "difficult" box.
+    cell, so a whole cell a few pixels from the edge is boxed against it) and one matching only a "difficult" box.
     None when the field has no whole annotated cell."""
     whole = {j for j, b in enumerate(truth.cells) if not touches_border(b, width, height)}
     if not whole:
         return None, None
     matched = match(detections, truth.cells) if matched is None else matched
     left_out = left_out_detections(detections, truth, matched) if left_out is None else left_out
-    out_of_scope = sum(1 for j in matched.values() if j not in whole) + len(left_out) + sum(
-        1 for i, box in enumerate(detections) if i not in matched and i not in left_out
-        and touches_border(box, width, height))
+    out_of_scope = sum(1 for j in matched.values() if j not in whole) + len(left_out)
     every = (len(detections) - len(whole)) / len(whole)
     return every, (len(detections) - out_of_scope - len(whole)) / len(whole)
 

@@ -538,23 +538,15 @@ function nucleusMask(density, labels) {
   return out;
 }
 
-/** segment.mostly_visible: a cell at the image edge counts when it shows most of itself; never one in a corner. */
-function mostlyVisible(blob, w, h, margin) {
-  const cutX = blob.x <= margin || blob.x + blob.w >= w - margin;
-  const cutY = blob.y <= margin || blob.y + blob.h >= h - margin;
-  if (cutX && cutY) return false;
-  if (cutX) return blob.w >= S.BORDER_VISIBLE * blob.h;
-  if (cutY) return blob.h >= S.BORDER_VISIBLE * blob.w;
-  return true;
-}
-
 function keepCell(blob, labels, nucleus, pigment, w, h, diameter, dropBorder) {
   const cellArea = Math.PI * diameter * diameter / 4.0;
   if (!(S.MIN_CELL_AREA * cellArea <= blob.area && blob.area <= S.ENLARGED_AREA * cellArea)) return false;
   if (blob.area > 2.2 * cellArea
     && !isOneCell(windowOf(labels, w, blob.x, blob.y, blob.w, blob.h, blob.label), blob.w, blob.h)) return false;
   if (Math.max(blob.w, blob.h) > 2.2 * diameter || Math.min(blob.w, blob.h) < 0.4 * diameter) return false;
-  if (dropBorder && !mostlyVisible(blob, w, h, pyRound(S.BORDER_MARGIN * diameter))) return false;
+  const margin = pyRound(S.BORDER_MARGIN * diameter);
+  if (dropBorder && (blob.x <= margin || blob.y <= margin || blob.x + blob.w >= w - margin
+    || blob.y + blob.h >= h - margin)) return false;
   if (blob.area / (blob.w * blob.h) < 0.45) return false;
   let dark = 0; let brown = 0;
   for (let yy = blob.y; yy < blob.y + blob.h; yy++) for (let xx = blob.x; xx < blob.x + blob.w; xx++) {
