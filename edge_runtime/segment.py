@@ -500,10 +500,10 @@ def nucleus_mask(density: np.ndarray, foreground: np.ndarray) -> np.ndarray:
 def keep_cell(blob: _Blob, labels: np.ndarray, nucleus: np.ndarray, pigment: np.ndarray, diameter: float,
               drop_border: bool) -> bool:
     """Is this blob a whole red cell? Size between a third and 2.2 cell areas, or up to ENLARGED_AREA for one
-    enlarged infected cell (platelets, debris and merged clumps go); reasonably round and solid; not a white cell (a nucleus bigger than a large parasite, unless it holds
-    malaria pigment: a mature parasite filling its cell, see PIGMENT_FRACTION); not cut by the
-    image border, nor within BORDER_MARGIN of a diameter of it (half a cell seen is not a cell to classify or
-    count)."""
+    enlarged infected cell (platelets, debris and merged clumps go); reasonably round and solid; not a white cell (a
+    nucleus bigger than a large parasite, unless it holds malaria pigment: a mature parasite filling its cell, see
+    PIGMENT_FRACTION); not cut by the image border, nor within BORDER_MARGIN of a diameter of it (half a cell seen
+    is not a cell to classify or count)."""
     cell_area = math.pi * diameter * diameter / 4.0
     if not MIN_CELL_AREA * cell_area <= blob.area <= ENLARGED_AREA * cell_area:
         return False
