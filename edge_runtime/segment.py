@@ -507,15 +507,15 @@ def keep_cell(blob: _Blob, labels: np.ndarray, nucleus: np.ndarray, pigment: np.
     cell_area = math.pi * diameter * diameter / 4.0
     if not MIN_CELL_AREA * cell_area <= blob.area <= ENLARGED_AREA * cell_area:
         return False
-    window = labels[blob.y:blob.y + blob.h, blob.x:blob.x + blob.w] == blob.label
-    if blob.area > 2.2 * cell_area and not is_one_cell(window):
-        return False
     if max(blob.w, blob.h) > 2.2 * diameter or min(blob.w, blob.h) < 0.4 * diameter:
         return False
     h, w = labels.shape
     margin = int(round(BORDER_MARGIN * diameter))
     if drop_border and (blob.x <= margin or blob.y <= margin or blob.x + blob.w >= w - margin
                         or blob.y + blob.h >= h - margin):
+        return False
+    window = labels[blob.y:blob.y + blob.h, blob.x:blob.x + blob.w] == blob.label
+    if blob.area > 2.2 * cell_area and not is_one_cell(window):
         return False
     if blob.area / float(blob.w * blob.h) < 0.45:
         return False

@@ -541,12 +541,12 @@ function nucleusMask(density, labels) {
 function keepCell(blob, labels, nucleus, pigment, w, h, diameter, dropBorder) {
   const cellArea = Math.PI * diameter * diameter / 4.0;
   if (!(S.MIN_CELL_AREA * cellArea <= blob.area && blob.area <= S.ENLARGED_AREA * cellArea)) return false;
-  if (blob.area > 2.2 * cellArea
-    && !isOneCell(windowOf(labels, w, blob.x, blob.y, blob.w, blob.h, blob.label), blob.w, blob.h)) return false;
   if (Math.max(blob.w, blob.h) > 2.2 * diameter || Math.min(blob.w, blob.h) < 0.4 * diameter) return false;
   const margin = pyRound(S.BORDER_MARGIN * diameter);
   if (dropBorder && (blob.x <= margin || blob.y <= margin || blob.x + blob.w >= w - margin
     || blob.y + blob.h >= h - margin)) return false;
+  if (blob.area > 2.2 * cellArea
+    && !isOneCell(windowOf(labels, w, blob.x, blob.y, blob.w, blob.h, blob.label), blob.w, blob.h)) return false;
   if (blob.area / (blob.w * blob.h) < 0.45) return false;
   let dark = 0; let brown = 0;
   for (let yy = blob.y; yy < blob.y + blob.h; yy++) for (let xx = blob.x; xx < blob.x + blob.w; xx++) {
@@ -604,8 +604,7 @@ function addPaleCells(labels, channels, density, tmap, img, diameter) {
     const x0 = Math.max(0, x - pad); const y0 = Math.max(0, y - pad);
     const x1 = Math.min(w, x + bw + pad); const y1 = Math.min(h, y + bh + pad);
     const grown = withMats((k) => {
-      const own = new Uint8Array(bw * bh);
-      for (let yy = 0; yy < bh; yy++) for (let xx = 0; xx < bw; xx++) own[yy * bw + xx] = parts[(y + yy) * w + x + xx] === part ? 1 : 0;
+      const own = windowOf(parts, w, x, y, bw, bh, part);
       const hull = largestHull(k, k(toMat(own, bh, bw, c.CV_8U)), c.CHAIN_APPROX_SIMPLE);
       const hullArea = c.contourArea(hull);
       if (hullArea <= 0 || area / hullArea < S.PALE_SOLIDITY) return null;
