@@ -323,6 +323,46 @@ def test_enlarged_infected_cells_are_not_cut_in_two():
         assert found() == 0
 
 
+def test_a_broken_rim_of_one_enlarged_cell_is_filled_and_a_centre_ringed_by_other_cells_is_not():
+    import cv2
+    from malaria_edge.edge_runtime.segment import fill_broken_rims
+    raw = np.zeros((160, 400), np.uint8)
+    for x in (80, 280):
+        cv2.circle(raw, (x, 80), 22, 1, 3)  # an enlarged cell's thin rim, its centre below the stain threshold
+    cleaned = raw.copy()
+    for x in (80, 280):  # the opening broke each rim on both sides, so its centre opens onto the glass
+        cleaned[76:85, x - 26:x - 18] = 0
+        cleaned[76:85, x + 18:x + 26] = 0
+    for x in (237, 323):  # the second rim touches two whole cells: the hole may be glass ringed by cells
+        cv2.circle(raw, (x, 80), 20, 1, -1)
+        cv2.circle(cleaned, (x, 80), 20, 1, -1)
+    filled = fill_broken_rims(cleaned.astype(bool), raw.astype(bool), diameter=40.0)
+    yy, xx = np.ogrid[:160, :400]
+    assert filled[(xx - 80) ** 2 + (yy - 80) ** 2 <= 19 ** 2].all(), "one cell's centre is filled"
+    assert not filled[80, 280], "a centre whose stain includes other whole cells stays open"
+    assert np.array_equal(filled[:, 160:], cleaned[:, 160:].astype(bool))
+
+
+def test_a_pale_enlarged_cell_whose_rim_the_opening_broke_is_found():
+    """Train field PA171867: an enlarged P. vivax cell whose thin stained rim the speckle opening broke in two, its
+    pale centre then open onto the glass (two crescents were found instead of the cell)."""
+    if not (IML / "annotations.json").is_file():
+        pytest.skip("../shared/data/fields/iml_vivax is absent (IML fields live outside the repo)")
+    from malaria_edge.edge_runtime import segment
+    name, box = "PA171867.JPG", (466, 874, 104, 83)
+    truth = next(t for t in load_annotations(IML / "annotations.json", "train") if t.name == name)
+    assert box in truth.parasites
+    rgb = rgb_of(IML / "images" / name)
+
+    def found() -> bool:
+        return truth.cells.index(box) in match([c.box for c in segment_field(rgb)], truth.cells).values()
+
+    assert found()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(segment, "RIM_HOLE_AREA", 10.0)
+        assert not found()
+
+
 def test_a_cut_neighbour_shared_out_to_a_whole_cell_is_given_back_to_the_edge():
     import cv2
     from malaria_edge.edge_runtime.segment import detach_beyond_circles

@@ -37,7 +37,11 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
 MIN_MATCHED = 0.98
 MIN_SAME_CALL = 0.995
 MAX_MEDIAN_PROB_DIFF = 0.01
-ENLARGED_CELL_FIELDS = ("PA171859.JPG", "PA171866.JPG", "PA171853.JPG", "PA171858.JPG", "PA171873.JPG")
+# Train fields whose infected cell only the segmentation's enlarged-cell rules find (tests/test_fields.py): the
+# annotated box of that cell, which the page must find too.
+ENLARGED_CELLS = {"PA171853.JPG": (704, 308, 89, 109), "PA171858.JPG": (444, 659, 100, 93),
+                  "PA171873.JPG": (626, 576, 107, 106), "PA171867.JPG": (466, 874, 104, 83)}
+ENLARGED_CELL_FIELDS = ("PA171859.JPG", "PA171866.JPG") + tuple(ENLARGED_CELLS)
 
 
 def _serve_command(port: int = 0) -> list:
@@ -154,6 +158,14 @@ def test_the_page_finds_the_same_cells_and_calls_as_edge_classify_offline(offlin
     assert offline_page.foreign == [], "the page asked for something beyond its own origin"
     for ref, got in zip(reference, mine):
         assert list(got["warnings"]) == list(ref.quality.warnings), ref.source
+
+
+def test_the_page_finds_the_enlarged_infected_cells_that_edge_classify_finds(offline_page):
+    if not IML.is_dir():
+        pytest.skip("../shared/data/fields/iml_vivax is absent (IML fields live outside the repo)")
+    for name, box in ENLARGED_CELLS.items():
+        cells = classify_in_page(offline_page, IML / name)["cells"]
+        assert max(iou(box, (c["x"], c["y"], c["w"], c["h"])) for c in cells) >= 0.5, name
 
 
 def test_a_picture_that_is_not_a_smear_gives_no_cells_never_a_call(offline_page, tmp_path):

@@ -277,6 +277,49 @@ export function fillHoles(mask, w, h, maxArea, roundMaxArea = 0.0) {
   return out;
 }
 
+/** segment.fill_broken_rims: ``mask`` with the round holes of ``raw`` (the stain before the opening) filled where
+ * the opening broke one cell's rim (the hole and the stain touching it within 2 px up to ENLARGED_AREA). */
+export function fillBrokenRims(mask, raw, w, h, diameter) {
+  const cellArea = Math.PI * diameter * diameter / 4.0;
+  const hole = components(raw.map((v) => (v ? 0 : 1)), w, h, 4);
+  const candidates = [];
+  for (let l = 1; l < hole.count; l++) {
+    const [x, y, bw, bh, area] = hole.stats.subarray(5 * l, 5 * l + 5);
+    const inside = x > 0 && y > 0 && x + bw < w && y + bh < h;
+    if (inside && area >= S.RIM_HOLE_AREA * cellArea && area <= S.ROUND_HOLE_AREA * cellArea) candidates.push(l);
+  }
+  if (candidates.length === 0) return mask;
+  const part = components(mask, w, h, 8);
+  const out = mask.slice();
+  for (const l of candidates) {
+    const [x, y, bw, bh, area] = hole.stats.subarray(5 * l, 5 * l + 5);
+    let filled = false;
+    for (let yy = y; yy < y + bh && !filled; yy++) {
+      for (let xx = x; xx < x + bw; xx++) if (hole.labels[yy * w + xx] === l && mask[yy * w + xx]) { filled = true; break; }
+    }
+    if (filled || solidity(windowOf(hole.labels, w, x, y, bw, bh, l), bw, bh) < S.ROUND_HOLE_SOLIDITY) continue;
+    const touching = new Set();
+    for (let yy = y; yy < y + bh; yy++) {
+      for (let xx = x; xx < x + bw; xx++) {
+        if (hole.labels[yy * w + xx] !== l) continue;
+        for (let ny = Math.max(0, yy - 2); ny <= Math.min(h - 1, yy + 2); ny++) {
+          for (let nx = Math.max(0, xx - 2); nx <= Math.min(w - 1, xx + 2); nx++) {
+            const p = part.labels[ny * w + nx];
+            if (p > 0) touching.add(p);
+          }
+        }
+      }
+    }
+    let total = area;
+    for (const p of touching) total += part.stats[5 * p + 4];
+    if (touching.size === 0 || total > S.ENLARGED_AREA * cellArea) continue;
+    for (let yy = y; yy < y + bh; yy++) {
+      for (let xx = x; xx < x + bw; xx++) if (hole.labels[yy * w + xx] === l) out[yy * w + xx] = 1;
+    }
+  }
+  return out;
+}
+
 /** segment.estimate_diameter */
 export function estimateDiameter(mask, w, h) {
   const c = cv();
@@ -731,10 +774,11 @@ function labelCells(img, diameter, dropBorder, channels = null) {
   channels = channels ?? channelDensities(img);
   const density = stainDensity(img, channels);
   const tmap = thresholdMap(density, w, h);
-  let mask = foregroundMask(density, img, tmap);
-  mask = clean(mask, w, h, diameter / 14.0);
+  const stained = foregroundMask(density, img, tmap);
+  let mask = clean(stained, w, h, diameter / 14.0);
   const cellArea = Math.PI * diameter ** 2 / 4.0;
   mask = fillHoles(mask, w, h, S.HOLE_AREA * cellArea, S.ROUND_HOLE_AREA * cellArea);
+  mask = fillBrokenRims(mask, stained, w, h, diameter);
   const distance = distanceMap(mask, w, h);
   const seeded = seedingCircles(density, mask, w, h, diameter);
   const seeds = cellSeeds(distance, seeded.circles, seeded.mask, w, h, diameter);
