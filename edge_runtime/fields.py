@@ -18,7 +18,7 @@ from .images import ImageError, open_image, open_image_size, safe_file_name
 from .labels import PARASITIZED, REVIEW, UNINFECTED
 from .metrics import wilson_interval
 from .quality import FieldQuality, assess_field
-from .segment import CellRegion, cut_cell, field_diameter, is_on_black, segment_field
+from .segment import CellRegion, cut_cell, field_diameter, is_on_black, segment_field_and_edge
 
 
 # An overlay's file name from its field's name (the field's path relative to the inputs' common folder), and the
@@ -29,14 +29,17 @@ OVERLAY_PATTERN = r"(?P<name>.+)_overlay\.png"
 
 @dataclass
 class FieldCell:
-    """One red cell of a field. ``index`` counts from 1 in reading order; ``box`` is (x, y, w, h) in the field's
-    own pixels; ``unfamiliar_score`` is the out-of-distribution score when the model card has one (else None)."""
+    """One red cell of a field. ``index`` counts from 1 in reading order (the cells cut by the image edge after the
+    whole ones); ``box`` is (x, y, w, h) in the field's own pixels; ``unfamiliar_score`` is the out-of-distribution
+    score when the model card has one (else None); ``at_edge``: cut by the image edge, shown for review, never
+    counted (``FieldResult.edge_cells``)."""
     index: int
     box: Tuple[int, int, int, int]
     prediction: str
     prob_parasitized: float
     unfamiliar_score: Optional[float] = None
     region: Optional[CellRegion] = field(default=None, repr=False)
+    at_edge: bool = False
 
     def to_row(self, source: str, latency_ms: float, true_label: Optional[str] = None,
                reference: Optional[Prediction] = None, warnings: str = "") -> Dict:
@@ -44,7 +47,8 @@ class FieldCell:
         box in the field's pixels, its call; ``reference`` adds the full model's REFERENCE_COLUMNS."""
         x, y, w, h = self.box
         row = {"path": source, "cell": self.index, "x": x, "y": y, "w": w, "h": h,
-               "prediction": self.prediction, "prob_parasitized": round(self.prob_parasitized, 6),
+               "at_edge": 1 if self.at_edge else None, "prediction": self.prediction,
+               "prob_parasitized": round(self.prob_parasitized, 6),
                "latency_ms": round(latency_ms, 4), "true_label": true_label,
                "unfamiliar": None if self.unfamiliar_score is None else round(self.unfamiliar_score, 3),
                "warnings": warnings or None}
@@ -56,7 +60,9 @@ class FieldCell:
 @dataclass
 class FieldResult:
     """A classified field. ``parasitemia`` is parasitized / decided cells (cells sent to review are left out of
-    both), with its Wilson 95% interval; None when no cell was decided."""
+    both), with its Wilson 95% interval; None when no cell was decided. ``cells`` are the whole cells, the ones
+    counted; ``edge_cells`` the cells cut by the image edge that look parasitized enough to be a candidate
+    (:func:`edge_threshold`): shown for review, in the rows (``at_edge``) and on the overlay, never counted."""
     source: str
     width: int
     height: int
@@ -66,6 +72,12 @@ class FieldResult:
     seconds_classify: float
     image: Optional[np.ndarray] = field(default=None, repr=False)
     quality: Optional[FieldQuality] = None
+    edge_cells: List[FieldCell] = field(default_factory=list)
+
+    @property
+    def shown_cells(self) -> List[FieldCell]:
+        """The whole cells, then the cells at the edge shown for review: what rows, overlays and crops cover."""
+        return self.cells + self.edge_cells
 
     @property
     def warnings(self) -> str:
@@ -110,6 +122,8 @@ class FieldResult:
         if self.parasitemia is not None:
             lo, hi = self.parasitemia_ci
             text += f", parasitemia {100 * self.parasitemia:.1f}% (95% CI {100 * lo:.1f}-{100 * hi:.1f}%)"
+        if self.edge_cells:
+            text += f"; {len(self.edge_cells)} cut by the image edge to look at (not counted)"
         if self.warnings:
             text += f"; NOT READABLE: {self.warnings}"
         return text
@@ -127,20 +141,21 @@ class FieldResult:
     def to_rows(self, true_label: Optional[str] = None, reference=None) -> List[Dict]:
         """One row per cell (:meth:`FieldCell.to_row`), each with its share of the field's classify time; with a
         ``reference`` classifier (``--compare``) the same cells are run through it too, in one batch."""
-        per_cell_ms = 1000.0 * self.seconds_classify / max(1, self.n_cells)
-        references: List[Optional[Prediction]] = [None] * self.n_cells
-        if reference is not None and self.cells:
-            pixels = np.stack([reference.prepare_crop(cut_cell(self.image, c.region)) for c in self.cells])
+        shown = self.shown_cells
+        per_cell_ms = 1000.0 * self.seconds_classify / max(1, len(shown))
+        references: List[Optional[Prediction]] = [None] * len(shown)
+        if reference is not None and shown:
+            pixels = np.stack([reference.prepare_crop(cut_cell(self.image, c.region)) for c in shown])
             probs, seconds = reference.probabilities(pixels)
             references = [Prediction(self.source, reference.decide(float(p)), float(p),
-                                     1000.0 * seconds / self.n_cells) for p in probs]
+                                     1000.0 * seconds / len(shown)) for p in probs]
         return [cell.to_row(self.source, per_cell_ms, true_label, ref, self.warnings)
-                for cell, ref in zip(self.cells, references)]
+                for cell, ref in zip(shown, references)]
 
     def own_ranks(self) -> Dict[int, int]:
         """{cell index: rank} of this field's cells called parasitized, most probable first: the numbers of an
         overlay drawn without a slide (a slide numbers its candidates across all its fields)."""
-        called = sorted((c for c in self.cells if c.prediction == PARASITIZED), key=lambda c: -c.prob_parasitized)
+        called = sorted((c for c in self.shown_cells if c.prediction == PARASITIZED), key=lambda c: -c.prob_parasitized)
         return {c.index: rank for rank, c in enumerate(called, 1)}
 
     def plot(self, image: Optional[np.ndarray] = None, ranks: Optional[Dict[int, int]] = None) -> np.ndarray:
@@ -179,7 +194,7 @@ class FieldResult:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         written = []
-        for cell in self.cells:
+        for cell in self.shown_cells:
             path = directory / self.crop_name(cell, stem)
             Image.fromarray(cut_cell(base, cell.region)).save(path)
             written.append(path)
@@ -194,22 +209,34 @@ def classify_field_pixels(classifier, rgb: np.ndarray, source: str = "<field>", 
     judges the field: a field it cannot read carries its warnings into every row, its summary and its slide."""
     start = time.perf_counter()
     diameter = diameter if diameter is not None else field_diameter(rgb)
-    regions = segment_field(rgb, diameter=diameter) if diameter is not None else []
+    regions, cut = segment_field_and_edge(rgb, diameter=diameter) if diameter is not None else ([], [])
     found_diameter = float(np.median([r.diameter for r in regions])) if regions else None
     quality = assess_field(rgb, regions, diameter, expected_diameter)
     seconds_segment = time.perf_counter() - start
     start = time.perf_counter()
     cells: List[FieldCell] = []
-    if regions:
-        pixels = np.stack([classifier.prepare_crop(cut_cell(rgb, r)) for r in regions])
+    if regions or cut:
+        pixels = np.stack([classifier.prepare_crop(cut_cell(rgb, r)) for r in regions + cut])
         probs, _ = classifier.probabilities(pixels)
         scores = classifier.unfamiliar_scores(pixels)
-        for index, (region, prob) in enumerate(zip(regions, probs), start=1):
+        for index, (region, prob) in enumerate(zip(regions + cut, probs), start=1):
             score = None if scores is None else float(scores[index - 1])
-            cells.append(FieldCell(index, region.box, classifier.decide(float(prob)), float(prob), score, region))
+            cells.append(FieldCell(index, region.box, classifier.decide(float(prob)), float(prob), score, region,
+                                   at_edge=index > len(regions)))
     seconds_classify = time.perf_counter() - start
-    return FieldResult(source, int(rgb.shape[1]), int(rgb.shape[0]), cells, found_diameter, seconds_segment,
-                       seconds_classify, rgb if keep_image else None, quality)
+    shown = edge_threshold(classifier)
+    edge = [c for c in cells[len(regions):] if c.prob_parasitized >= shown]
+    for index, cell in enumerate(edge, start=len(regions) + 1):
+        cell.index = index
+    return FieldResult(source, int(rgb.shape[1]), int(rgb.shape[0]), cells[:len(regions)], found_diameter,
+                       seconds_segment, seconds_classify, rgb if keep_image else None, quality, edge)
+
+
+def edge_threshold(classifier) -> float:
+    """The probability from which a cell cut by the image edge is shown for review: the slide rule's candidate
+    threshold (what makes a whole cell a candidate), else the call threshold."""
+    rule = classifier.slide_rule
+    return rule.candidate_threshold if rule is not None else classifier.threshold
 
 
 # An image this small on its longest side is a single-cell crop (NIH crops are 100-150 px; a field is ~1000+ px).

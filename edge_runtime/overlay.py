@@ -35,7 +35,7 @@ def draw_overlay(field, ranks: Mapping[int, int], image: Optional[np.ndarray] = 
     thick = max(3, int(round(side / 300)))
     font = cv2.FONT_HERSHEY_SIMPLEX
     scale = max(0.5, side / 1600.0)
-    for c in field.cells:
+    for c in field.shown_cells:
         rank = ranks.get(c.index)
         colour, width = (VERMILLION, thick) if rank is not None else (SKY_BLUE, thin)
         x, y, w, h = c.box
@@ -44,7 +44,7 @@ def draw_overlay(field, ranks: Mapping[int, int], image: Optional[np.ndarray] = 
             cv2.drawContours(out, contours, -1, colour, width, offset=(x, y))
         else:
             cv2.rectangle(out, (x, y), (x + w, y + h), colour, width)
-    for c in field.cells:  # labels last, so no outline crosses a number
+    for c in field.shown_cells:  # labels last, so no outline crosses a number
         rank = ranks.get(c.index)
         if rank is None:
             continue
@@ -59,8 +59,11 @@ def draw_overlay(field, ranks: Mapping[int, int], image: Optional[np.ndarray] = 
     band = int(40 * scale)
     canvas = np.full((out.shape[0] + band, out.shape[1], 3), 255, np.uint8)
     canvas[band:] = out
-    n_cand = sum(1 for c in field.cells if c.index in ranks)
+    n_cand = sum(1 for c in field.shown_cells if c.index in ranks)
     caption = f"{Path(str(field.source)).name}: {len(field.cells)} cells, {n_cand} candidates"
+    n_edge = sum(1 for c in field.edge_cells if c.index in ranks)
+    if n_edge:
+        caption += f" ({n_edge} cut by the edge, not counted)"
     cv2.putText(canvas, caption, (int(8 * scale), int(band * 0.7)), font, 0.7 * scale, BLACK,
                 max(1, int(round(1.5 * scale))), cv2.LINE_AA)
     legend = [("candidate (numbered)", VERMILLION, thick), ("other cell", SKY_BLUE, thin)]

@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .slide import SlideResult, cell_key
+from .slide import SlideResult, cell_key, is_edge
 from .version import __version__
 
 DISCLAIMER = ("A screening aid, not a diagnosis: every candidate must be confirmed by a trained microscopist, and a "
@@ -189,14 +189,15 @@ def slide_data(page: SlidePage, index: int) -> Dict:
         crop = None
         f = by_field.get(str(row.get("path")))
         if f is not None and f.image is not None and row.get("cell") not in (None, ""):
-            cell = next((c for c in f.cells if c.index == int(row["cell"])), None)
+            cell = next((c for c in f.shown_cells if c.index == int(row["cell"])), None)
             crop = cut_cell(f.image, cell.region) if cell is not None and cell.region is not None else None
         elif page.crops is not None:
             crop = page.crops.get(cell_key(row))
         stem = Path(str(row.get("path") or "")).stem
         gallery.append({"id": f"s{index}-c{row['rank']}", "rank": row["rank"], "prob": f"{row['prob_parasitized']:.2f}",
                         "field": str(row.get("path") or ""), "cell": row.get("cell", ""),
-                        "label": f"{stem} cell {row['cell']}" if row.get("cell") not in (None, "") else stem,
+                        "label": (f"{stem} cell {row['cell']}" if row.get("cell") not in (None, "") else stem)
+                        + (" (cut by the image edge, not counted)" if is_edge(row) else ""),
                         "src": data_uri(crop) if crop is not None else ""})
     overlays = []
     for f in page.fields:

@@ -33,8 +33,8 @@ from .errors import EXIT_FAILED, EXIT_USAGE, MalariaEdgeError
 from .images import is_image_path, plugin_hint, safe_file_name
 from .labels import CLASSES
 
-CELL_COLUMNS = ["path", "cell", "x", "y", "w", "h", "prediction", "prob_parasitized", "latency_ms", "true_label",
-               "unfamiliar", "warnings", "error"]
+CELL_COLUMNS = ["path", "cell", "x", "y", "w", "h", "at_edge", "prediction", "prob_parasitized", "latency_ms",
+               "true_label", "unfamiliar", "warnings", "error"]
 REFERENCE_COLUMNS = ["ref_prediction", "ref_prob_parasitized", "ref_latency_ms"]
 GROUP_COLUMNS = ["group", "call", "cells", "parasitized", "review", "failed", "unfamiliar", "parasitized_fraction", "fraction_low",
                 "fraction_high", "true_status", "reason"]

@@ -27,7 +27,7 @@ from typing import Callable, Dict, Hashable, Iterable, List, Mapping, Optional, 
 
 import numpy as np
 
-from .slide import SlideResult, SlideRule, assess_slide, candidate_rows, cell_key
+from .slide import SlideResult, SlideRule, assess_slide, candidate_rows, cell_key, is_edge
 
 PARASITIZED_DIR, UNINFECTED_DIR = "Parasitized", "Uninfected"
 INDEX_NAME, SLIDE_NAME = "review_index.csv", "review_slide.json"
@@ -44,10 +44,13 @@ def safe_name(text: str) -> str:
 
 def crop_file_name(row: Mapping, prefix: str) -> str:
     """``<prefix>_p<prob>_<field stem>_cell<index>.png``: the rank (or sample number) first so a file browser
-    shows candidates in review order; the field and cell name the outline on the report's overlay."""
+    shows candidates in review order; the field and cell name the outline on the report's overlay; ``_edge`` before
+    the suffix for a cell cut by the image edge (shown, not counted)."""
     stem = safe_name(Path(str(row.get("path") or "cell")).stem)
     cell = row.get("cell")
     tail = f"_cell{int(cell)}" if cell not in (None, "") else ""
+    if is_edge(row):
+        tail += "_edge"
     return f"{prefix}_p{float(row['prob_parasitized']):.2f}_{stem}{tail}.png"
 
 
@@ -57,7 +60,7 @@ def field_crops(fields: Iterable) -> Dict[Tuple[str, int], np.ndarray]:
     from .segment import cut_cell
     out = {}
     for f in fields:
-        for c in f.cells:
+        for c in f.shown_cells:
             out[(str(f.source), int(c.index))] = cut_cell(f.image, c.region)
     return out
 
@@ -65,7 +68,8 @@ def field_crops(fields: Iterable) -> Dict[Tuple[str, int], np.ndarray]:
 def negative_sample(rows: List[Mapping], rule: SlideRule, k: int = NEGATIVE_SAMPLE, seed: int = 0) -> List[Mapping]:
     """Up to ``k`` confident negatives (below the candidate threshold), stratified: equal shares from the four
     probability quartiles of the slide's negatives, drawn with a fixed seed."""
-    neg = sorted((r for r in rows if not r.get("error") and float(r["prob_parasitized"]) < rule.candidate_threshold),
+    neg = sorted((r for r in rows if not r.get("error") and not is_edge(r)
+                  and float(r["prob_parasitized"]) < rule.candidate_threshold),
                  key=lambda r: float(r["prob_parasitized"]))
     if not neg or k <= 0:
         return []
@@ -83,7 +87,7 @@ def _crop(crops: CropSource, row: Mapping) -> np.ndarray:
 
 
 def _plain_row(row: Mapping) -> Dict:
-    keep = ("path", "cell", "box", "prob_parasitized", "prediction", "warnings", "unfamiliar", "error")
+    keep = ("path", "cell", "box", "at_edge", "prob_parasitized", "prediction", "warnings", "unfamiliar", "error")
     out = {k: row[k] for k in keep if k in row}
     if "box" in out and out["box"] is not None:
         out["box"] = [int(v) for v in out["box"]]

@@ -109,7 +109,7 @@ def crop_source(fields: Sequence) -> Callable[[Mapping], np.ndarray]:
     """The crop of a row: a field cell as the model saw it (``segment.cut_cell``), a single-cell image as it is.
     Cut when asked: a review needs its candidates and a sample of negatives, a report only its single-cell crops."""
     from .segment import cut_cell
-    cells = {(str(f.source), int(c.index)): (f, c) for f in fields for c in f.cells}
+    cells = {(str(f.source), int(c.index)): (f, c) for f in fields for c in f.shown_cells}
 
     def crop(row: Mapping) -> np.ndarray:
         found = cells.get(cell_key(row))

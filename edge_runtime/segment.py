@@ -125,6 +125,12 @@ PALE_GROW = 0.15
 # The smallest region, in cell areas, that is counted as a red cell (platelets, debris and slivers are smaller).
 MIN_CELL_AREA = 0.3
 
+# A cell cut by the image edge is never counted (the annotators' convention, and a microscopist's: half a cell is not
+# a cell to count), but one with at least EDGE_CELL_AREA cell areas in view is cut and classified so that a parasite
+# at the edge can be shown for review (IML train fields: the 4 parasites at the edge, 0.94-1.36 cell areas in view,
+# scored 0.96-0.99; 1.5% of the other cut cells reach the candidate threshold, about 0.3 a field).
+EDGE_CELL_AREA = 0.5
+
 # A hole in the stained mask up to HOLE_AREA cell areas is a cell's pale centre and is filled; a bigger one is glass
 # ringed by touching cells (star-shaped between round cells), except a round one (ROUND_HOLE_SOLIDITY of its hull)
 # up to ROUND_HOLE_AREA: the pale centre of an enlarged infected cell whose rim alone took the stain (on the IML
@@ -716,12 +722,19 @@ def segment_field(rgb: np.ndarray, diameter: Optional[float] = None, drop_border
     to right). ``diameter``: the red-cell diameter in pixels when known; measured on the field otherwise.
     ``debug_dir``: write each step's picture there. ``pale_cells``: False for a single-cell crop, which has no
     neighbours for a pale cell to be told from (noise would pass for one)."""
+    return segment_field_and_edge(rgb, diameter, drop_border, debug_dir, pale_cells)[0]
+
+
+def segment_field_and_edge(rgb: np.ndarray, diameter: Optional[float] = None, drop_border: bool = True,
+                           debug_dir=None, pale_cells: bool = True) -> Tuple[List[CellRegion], List[CellRegion]]:
+    """:func:`segment_field`'s whole cells, and the cells cut by the image edge (or within BORDER_MARGIN of it)
+    with at least EDGE_CELL_AREA in view, each list in reading order; the second is empty unless ``drop_border``."""
     _require_cv2()
     rgb = np.ascontiguousarray(rgb[:, :, :3], dtype=np.uint8)
     if diameter is None:
         diameter = field_diameter(rgb)
     if diameter is None or diameter < 6:
-        return []
+        return [], []
     scale = work_scale(rgb, diameter)
     small = _resize(rgb, scale)
     d_small = diameter * scale
@@ -732,16 +745,22 @@ def segment_field(rgb: np.ndarray, diameter: Optional[float] = None, drop_border
     pigment = pigment_mask(channels)
     circle_of = circle_of_region(labels, cell_circles)
     full_h, full_w = rgb.shape[:2]
-    cells = []
+    cells, edge = [], []
+    in_view = EDGE_CELL_AREA * math.pi * d_small * d_small / 4.0
     for blob in regions_of(labels):
-        if not keep_cell(blob, labels, nucleus, pigment, d_small, drop_border):
+        if keep_cell(blob, labels, nucleus, pigment, d_small, drop_border):
+            kept = cells
+        elif drop_border and blob.area >= in_view and keep_cell(blob, labels, nucleus, pigment, d_small, False):
+            kept = edge
+        else:
             continue
         x0, y0, window = overlap_completed(blob, labels, circle_of.get(blob.label))
-        cells.append(_to_full_scale(x0, y0, window, scale, full_w, full_h))
-    cells.sort(key=lambda c: (c.box[1] // max(1, int(diameter)), c.box[0]))
+        kept.append(_to_full_scale(x0, y0, window, scale, full_w, full_h))
+    for found in (cells, edge):
+        found.sort(key=lambda c: (c.box[1] // max(1, int(diameter)), c.box[0]))
     if debug_dir is not None:
         _write_debug(debug_dir, "7_cells", draw_outlines(rgb, cells))
-    return cells
+    return cells, edge
 
 
 def circle_of_region(labels: np.ndarray, cell_circles: np.ndarray) -> dict:

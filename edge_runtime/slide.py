@@ -24,6 +24,11 @@ Figures of a slide (all fractions of the cells examined, N):
   cells lands among the candidates and so is put in front of the microscopist: (1 - 0.05^(1/N)) / candidate
   sensitivity. A "no parasites found" means "none down to this level".
 
+Cells cut by the image edge (rows with ``at_edge``) are never counted: they are not among the N cells and not in
+any figure above. One at or above the candidate threshold is still a candidate, ranked with the others and counted
+in ``candidates``, so that a parasite at the edge of a field is put in front of the microscopist; once confirmed it
+makes the call after review, not the parasitemia.
+
 The call, exactly one of CALLS:
 
 * ``indeterminate``: fewer than ``min_cells`` usable cells. A field whose rows carry warnings (a failed quality
@@ -270,6 +275,11 @@ def cell_key(row: Mapping) -> Tuple[str, Any]:
     return (str(row.get("path") or row.get("source") or ""), None if cell in (None, "") else int(cell))
 
 
+def is_edge(row: Mapping) -> bool:
+    """Whether a row is a cell cut by the image edge (``at_edge``): shown for review, never counted."""
+    return str(row.get("at_edge") or "").strip().lower() in ("1", "true")
+
+
 def candidate_rows(rows: Iterable[Mapping], rule: SlideRule) -> List[Dict]:
     """The candidates, ranked: cells at or above the candidate threshold, most probable first (ties by field and
     cell), each a copy of its row with ``rank`` from 1."""
@@ -320,6 +330,8 @@ class SlideResult:
     rates: Dict = field(default_factory=dict)
     rule: Dict = field(default_factory=dict)
     candidate_list: List[Dict] = field(default_factory=list, repr=False)
+    edge_candidates: int = 0
+    confirmed_edge: Optional[int] = None
 
     def to_json(self) -> Dict:
         return {"cells": self.cells, "candidates": self.candidates, "parasitemia": self.parasitemia,
@@ -331,7 +343,8 @@ class SlideResult:
         return {"name": self.name, "reason": self.reason, "source": self.source, "flagged": self.flagged,
                 "confirmed": self.confirmed, "p_value": self.p_value, "rbc_per_ul": self.rbc_per_ul,
                 "warnings": list(self.warnings), "excluded_fields": list(self.excluded_fields),
-                "cells_total": self.cells_total, "failed": self.failed, "rates": dict(self.rates),
+                "cells_total": self.cells_total, "failed": self.failed, "edge_candidates": self.edge_candidates,
+                "confirmed_edge": self.confirmed_edge, "rates": dict(self.rates),
                 "rule": dict(self.rule),
                 "method": ("Rogan-Gladen on cells flagged at the call threshold, 95% interval from Beta draws of the "
                            "observed rate, sensitivity and false-flag rate" if not self.reviewed else
@@ -371,19 +384,24 @@ def assess_slide(rows: Iterable[Mapping], rule: SlideRule, name: str = "", sourc
     readable = [r for r in rows if not r.get("error")]
     source = rule.source_for(source or default_source(readable))
     rates = rule.rates(source)
-    warnings, excluded = doubtful_fields(readable, unfamiliar_limits)
-    good = [r for r in readable if str(r.get("path") or "") not in set(excluded)]
-    cands = candidate_rows(good, rule)
+    warnings, excluded = doubtful_fields([r for r in readable if not is_edge(r)], unfamiliar_limits)
+    shown = [r for r in readable if str(r.get("path") or "") not in set(excluded)]
+    good = [r for r in shown if not is_edge(r)]
+    cands = candidate_rows(shown, rule)
     result = SlideResult(name=name, cells=len(good), candidates=len(cands), parasitemia=None, parasitemia_ci=None,
                          parasites_per_ul=None, detection_limit=detection_limit(len(good),
                                                                                 rates.candidate_sensitivity),
                          call=INDETERMINATE, reviewed=reviewed is not None, source=source,
                          flagged=sum(float(r["prob_parasitized"]) >= rule.threshold for r in good),
                          rbc_per_ul=float(rbc_per_ul), warnings=warnings, excluded_fields=excluded,
-                         cells_total=len(readable), failed=len(rows) - len(readable), rates=rates.as_dict(),
-                         rule=rule.as_dict(), candidate_list=cands)
+                         cells_total=sum(not is_edge(r) for r in readable), failed=len(rows) - len(readable),
+                         rates=rates.as_dict(), rule=rule.as_dict(), candidate_list=cands,
+                         edge_candidates=sum(is_edge(r) for r in cands))
     if good:
         estimate(result, good, rates, reviewed, draws)
+        if reviewed is not None:
+            confirmed = set(reviewed)
+            result.confirmed_edge = sum(cell_key(r) in confirmed for r in shown if is_edge(r))
     call_slide(result, rule, rates, fields=len({str(r.get("path") or "") for r in readable}))
     return result
 
@@ -437,8 +455,12 @@ def call_slide(result: SlideResult, rule: SlideRule, rates: SourceRates, fields:
         return
     dl = f"{result.detection_limit:.2%}"
     if result.reviewed:
-        if result.confirmed >= rule.min_confirmed:
-            result.call, result.reason = FOUND, f"the microscopist confirmed {result.confirmed} of {cands} candidates"
+        edge = result.confirmed_edge or 0
+        if result.confirmed + edge >= rule.min_confirmed:
+            result.call = FOUND
+            result.reason = f"the microscopist confirmed {result.confirmed + edge} of {cands} candidates"
+            if edge:
+                result.reason += f" ({edge} cut by the image edge: seen, not counted in the parasitemia)"
         else:
             result.call = NONE_FOUND
             result.reason = f"none of {cands} candidates confirmed; {n} cells examined, detection limit {dl}"

@@ -15,7 +15,7 @@ from .classifier import Classifier, group_key
 from .labels import CLASSES, PARASITIZED, REVIEW, UNINFECTED, patient_id
 from .metrics import binary_metrics, figure, pct, wilson_interval
 from .patients import FIELD_RULE_REASON, patient_level_metrics, summarize_groups
-from .slide import INDETERMINATE, SlideResult
+from .slide import INDETERMINATE, SlideResult, is_edge
 from .version import __version__
 
 
@@ -47,14 +47,19 @@ def build_summary(classifier: Classifier, reference: Optional[Classifier], rows:
     """The run's summary: the tool's version, per model, their comparison, the per-group calls (``slides``: the
     groups read as slides), the unfamiliar share. ``group_by``: "folder", "patient", a function of the path, or
     None."""
+    shown = len(rows)
+    rows = [r for r in rows if not is_edge(r)]  # cells cut by the image edge are shown for review, never counted
+
     def describe(c: Classifier, prefix: str) -> Dict:
         info = c.bundle.describe()
         return {"file": info["path"], **info, **(model_summary(rows, prefix, c.threshold) if rows else {})}
 
-    summary: Dict = {"tool_version": __version__, "images": len(images), "classified": len(rows),
+    summary: Dict = {"tool_version": __version__, "images": len(images), "classified": shown,
                      "skipped_resume": len(images) - len(todo), "failed": len(failed), "failed_paths": failed,
                      "threshold": classifier.threshold, "min_confidence": classifier.min_confidence,
                      "model": describe(classifier, "")}
+    if shown > len(rows):
+        summary["edge_cells_shown"] = shown - len(rows)
     if reference is not None and rows:
         summary["reference"] = describe(reference, "ref_")
         summary.update(agreement(rows, summary["reference"], summary["model"]))
@@ -76,6 +81,8 @@ def resumed_coverage(rows: List[Dict]) -> Tuple[Dict[str, int], List[Dict]]:
     for row in rows:
         if row.get("cell") in (None, ""):
             kinds["cell"] += 1
+        elif is_edge(row):
+            by_field.setdefault(row["path"], [])
         else:
             by_field.setdefault(row["path"], []).append(row.get("prediction"))
     kinds["field"] = len(by_field)

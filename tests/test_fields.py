@@ -363,6 +363,28 @@ def test_a_pale_enlarged_cell_whose_rim_the_opening_broke_is_found():
         assert not found()
 
 
+def test_a_parasite_in_a_cell_cut_by_the_image_edge_is_shown_and_never_counted(classifier):
+    """Train field PA171743: an infected cell cut by the right edge. It is not a whole cell (not counted, as the
+    annotators' convention and a microscopist's), but it is classified and shown for review."""
+    if not (IML / "annotations.json").is_file():
+        pytest.skip("../shared/data/fields/iml_vivax is absent (IML fields live outside the repo)")
+    from malaria_edge.edge_runtime import segment
+    from malaria_edge.edge_runtime.fields import edge_threshold
+    box = (1224, 342, 56, 90)
+    result = classifier.classify_field(IML / "images" / "PA171743.JPG")
+    shown = [c for c in result.edge_cells if iou(c.box, box) >= 0.5]
+    assert len(shown) == 1 and shown[0].at_edge and shown[0].prob_parasitized >= edge_threshold(classifier)
+    assert all(iou(c.box, box) < 0.5 for c in result.cells) and shown[0].index > result.n_cells
+    assert all(c.prob_parasitized >= edge_threshold(classifier) for c in result.edge_cells)
+    rows = result.to_rows()
+    assert len(rows) == result.n_cells + len(result.edge_cells)
+    assert [r["cell"] for r in rows if r["at_edge"] == 1] == [c.index for c in result.edge_cells]
+    assert "cut by the image edge" in result.caption() and result.summary()["cells"] == result.n_cells
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(segment, "EDGE_CELL_AREA", 100.0)
+        assert classifier.classify_field(IML / "images" / "PA171743.JPG").edge_cells == []
+
+
 def test_a_cut_neighbour_shared_out_to_a_whole_cell_is_given_back_to_the_edge():
     import cv2
     from malaria_edge.edge_runtime.segment import detach_beyond_circles

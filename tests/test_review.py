@@ -54,6 +54,25 @@ def test_review_round_trip_recounts_what_the_microscopist_moved(tmp_path, slide_
     assert none.call == NONE_FOUND and none.confirmed == 0 and none.detection_limit > 0
 
 
+def test_a_candidate_cut_by_the_image_edge_is_reviewed_and_never_counted(tmp_path, slide_cells):
+    fields, rows, rule = slide_cells
+    field, cell = fields[0], fields[0].cells[0]
+    edge = {"path": field.source, "cell": 999, "box": list(cell.box), "prob_parasitized": 0.97,
+            "prediction": "parasitized", "at_edge": 1}
+    crops = field_crops(fields)
+    crops[(str(field.source), 999)] = crops[(str(field.source), cell.index)]
+    folder = write_review(tmp_path, "s", rows + [edge], crops, rule)
+    edge_file = next((folder / "Parasitized").glob("*_cell999_edge.png"))
+    plain = write_review(tmp_path / "plain", "s", rows, field_crops(fields), rule)
+    assert len(list((folder / "Parasitized").iterdir())) == len(list((plain / "Parasitized").iterdir())) + 1
+    seen, without = read_review(tmp_path)["s"], read_review(tmp_path / "plain")["s"]
+    assert seen.cells == without.cells and seen.confirmed == without.confirmed and seen.confirmed_edge == 1
+    assert seen.parasitemia == without.parasitemia and seen.candidates == without.candidates + 1
+    shutil.move(edge_file, folder / "Uninfected" / edge_file.name)
+    rejected = read_review(tmp_path)["s"]
+    assert rejected.confirmed_edge == 0 and rejected.parasitemia == without.parasitemia
+
+
 def test_a_review_in_progress_is_never_overwritten(tmp_path, slide_cells):
     fields, rows, rule = slide_cells
     write_review(tmp_path, "s", rows, field_crops(fields), rule)

@@ -112,6 +112,24 @@ def test_review_counts_confirmed_cells_and_recalls(rule):
     assert none.call == NONE_FOUND and none.parasitemia == 0.0 and none.parasitemia_ci[0] == 0.0
 
 
+def test_a_cell_cut_by_the_image_edge_is_a_candidate_never_counted(rule):
+    edge = {"path": "f.jpg", "cell": 1001, "prob_parasitized": 0.95, "prediction": "parasitized", "at_edge": 1}
+    cells = rows(1000) + [edge]
+    r = assess_slide(cells, rule)
+    assert r.cells == r.cells_total == 1000 and r.flagged == 0
+    assert r.candidates == r.edge_candidates == 1 and r.candidate_list[0]["cell"] == 1001
+    assert r.call == REVIEW_NEEDED and r.parasitemia == assess_slide(rows(1000), rule).parasitemia
+    seen = assess_slide(cells, rule, reviewed={("f.jpg", 1001)})
+    assert seen.call == FOUND and seen.confirmed == 0 and seen.confirmed_edge == 1 and seen.parasitemia == 0.0
+    assert "cut by the image edge" in seen.reason
+    rejected = assess_slide(cells, rule, reviewed=set())
+    assert rejected.call == NONE_FOUND and rejected.confirmed_edge == 0
+    few = assess_slide(rows(rule.min_cells - 1) + [dict(edge, cell=k) for k in range(1001, 1101)], rule)
+    assert few.call == INDETERMINATE and few.cells == rule.min_cells - 1
+    assert all(slide.is_edge({"at_edge": v}) for v in (1, "1", True, "true"))
+    assert not any(slide.is_edge({"at_edge": v}) for v in (None, "", 0, "0")) and not slide.is_edge({})
+
+
 def test_interval_is_deterministic(rule):
     a = assess_slide(rows(800, 15), rule).parasitemia_ci
     b = assess_slide(rows(800, 15), rule).parasitemia_ci

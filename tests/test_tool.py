@@ -81,7 +81,8 @@ def test_a_single_cell_row_is_its_columns(bundled_model, samples, tmp_path):
     clf = Classifier.load(bundled_model)
     full = Classifier.load(clf.bundle.reference_path())
     row = clf.predict(str(image))[0].to_row(reference=full.predict(str(image))[0])
-    assert set(row) | {"cell", "x", "y", "w", "h", "warnings", "error"} == set(CELL_COLUMNS + REFERENCE_COLUMNS)
+    field_only = {"cell", "x", "y", "w", "h", "at_edge", "warnings", "error"}
+    assert set(row) | field_only == set(CELL_COLUMNS + REFERENCE_COLUMNS)
     assert row["unfamiliar"] is not None and row["true_label"] == "parasitized"
     for key, value in row.items():
         if key not in ("latency_ms", "ref_latency_ms"):

@@ -104,22 +104,25 @@ def classify_in_page(page, path: Path) -> dict:
 
 
 def compare(reference_fields, page_fields) -> dict:
-    """edge-classify's cells against the page's: the share matched at IoU >= 0.7, and on matched cells the share
-    with the same call and the median |P(parasitized) difference|."""
-    total = matched = same = 0
+    """edge-classify's cells (the whole ones and those cut by the image edge it shows) against the page's: the share
+    matched at IoU >= 0.7 (a cell at the edge only by one at the edge), and on matched cells the share with the same
+    call and the median |P(parasitized) difference|."""
+    total = matched = same = edge = 0
     diffs = []
     for ref, mine in zip(reference_fields, page_fields):
         boxes = [(c["x"], c["y"], c["w"], c["h"]) for c in mine["cells"]]
-        for cell in ref.cells:
+        for cell in ref.shown_cells:
             total += 1
-            scores = [iou(cell.box, b) for b in boxes]
+            edge += cell.at_edge
+            scores = [iou(cell.box, b) if bool(c.get("at_edge")) == cell.at_edge else 0.0
+                      for b, c in zip(boxes, mine["cells"])]
             if not scores or max(scores) < 0.7:
                 continue
             other = mine["cells"][int(np.argmax(scores))]
             matched += 1
             same += other["prediction"] == cell.prediction
             diffs.append(abs(other["prob_parasitized"] - cell.prob_parasitized))
-    return {"cells": total, "matched": matched / max(1, total), "same_call": same / max(1, matched),
+    return {"cells": total, "edge_cells": edge, "matched": matched / max(1, total), "same_call": same / max(1, matched),
             "median_prob_diff": statistics.median(diffs) if diffs else 0.0, "max_prob_diff": max(diffs, default=0.0)}
 
 

@@ -24,7 +24,7 @@ from typing import Dict, List
 
 import numpy as np
 
-from malaria_edge.benchmarks.fields import left_out_detections, load_annotations, match
+from malaria_edge.benchmarks.fields import iou, left_out_detections, load_annotations, match
 from malaria_edge.edge_runtime.classifier import Classifier
 from malaria_edge.edge_runtime.images import open_image
 from malaria_edge.edge_runtime.labels import PARASITIZED, patient_id
@@ -44,18 +44,20 @@ def _cache_file(classifier: Classifier, name: str) -> Path:
     """Keyed by the model's SHA-256 and the source of the modules that find and cut cells and read the boxes: a
     cache written before a segmentation, quality-gate or annotation-reading change is never read after it."""
     import hashlib
-    from malaria_edge.edge_runtime import annotations, classifier as classifier_mod, images, quality, segment
+    from malaria_edge.edge_runtime import annotations, classifier as classifier_mod, fields, images, quality, segment
     digest = classifier.bundle.card.files[Path(classifier.bundle.path).name]["sha256"][:12] \
         if hasattr(classifier.bundle, "path") else "model"
-    code = hashlib.sha256(b"".join(Path(m.__file__).read_bytes()
-                                   for m in (segment, quality, images, classifier_mod, annotations))).hexdigest()[:8]
+    modules = (segment, quality, images, classifier_mod, annotations, fields)
+    code = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in modules)).hexdigest()[:8]
     CACHE.mkdir(parents=True, exist_ok=True)
     return CACHE / f"{name}_{digest}_{code}.json"
 
 
 def iml_fields(classifier: Classifier, split: str) -> List[Dict]:
     """Every field of ``split``, classified and matched: per cell its box, probability, unfamiliar score and truth
-    ("parasite", "cell", "difficult" or "none" for a detection no box matches)."""
+    ("parasite", "cell", "difficult" or "none" for a detection no box matches); ``edge_cells``, the cells cut by the
+    image edge that the field shows for review (never counted), "parasite" when one holds an annotated parasite no
+    whole cell matched, else "edge"."""
     path = _cache_file(classifier, f"iml_{split}")
     if path.is_file():
         return json.loads(path.read_text())
@@ -76,10 +78,14 @@ def iml_fields(classifier: Classifier, split: str) -> List[Dict]:
                 kind = "difficult" if i in left_out else "none"
             cells.append({"cell": c.index, "box": list(c.box), "prob": c.prob_parasitized,
                           "unfamiliar": c.unfamiliar_score, "truth": kind})
+        unmatched = [b for j, b in enumerate(truth.cells) if j in parasite_idx and j not in set(matched.values())]
+        edge = [{"cell": c.index, "box": list(c.box), "prob": c.prob_parasitized, "unfamiliar": c.unfamiliar_score,
+                 "truth": "parasite" if any(iou(c.box, b) >= 0.5 for b in unmatched) else "edge"}
+                for c in result.edge_cells]
         out.append({"field": truth.name, "annotated_cells": len(truth.cells),
                     "annotated_parasites": len(truth.parasites),
                     "parasites_segmented": sum(1 for j in matched.values() if j in parasite_idx),
-                    "cells": cells})
+                    "cells": cells, "edge_cells": edge})
         print(f"  {split} {truth.name}: {len(cells)} cells", file=sys.stderr)
     path.write_text(json.dumps(out))
     return out
@@ -212,9 +218,11 @@ def _sha(classifier: Classifier) -> str:
 
 # -------------------------------------------------------------------------------------------------------- evaluate
 def field_rows(f: Dict, threshold: float) -> List[Dict]:
+    """The rows edge-classify writes for a cached field: its whole cells, then its cells at the edge (``at_edge``)."""
     return [{"path": f["field"], "cell": c["cell"], "box": c["box"], "prob_parasitized": c["prob"],
              "prediction": PARASITIZED if c["prob"] >= threshold else "uninfected", "unfamiliar": c["unfamiliar"],
-             "truth": c["truth"]} for c in f["cells"]]
+             "truth": c["truth"], "at_edge": 1 if edge else None}
+            for edge, cells in ((False, f["cells"]), (True, f.get("edge_cells", []))) for c in cells]
 
 
 def evaluate(args) -> Dict:
@@ -233,10 +241,13 @@ def evaluate(args) -> Dict:
         after = slide_mod.assess_slide(rows, rule, source="iml", reviewed=confirmed)
         cands = slide_mod.candidate_rows(rows, rule)
         held = sum(r["truth"] == "parasite" for r in cands)
+        at_edge = sum(c["truth"] == "parasite" for f in block for c in f.get("edge_cells", []))
         entry = {"slide": f"{block[0]['field']}..{block[-1]['field']}", "fields": len(block),
                  "annotated_cells": annotated, "annotated_parasites": parasites,
                  "annotated_parasitemia": parasites / annotated, "candidates_holding_parasites": held,
-                 "parasites_lost_by_segmentation": parasites - sum(f["parasites_segmented"] for f in block),
+                 "candidates_at_edge_holding_parasites": sum(r["truth"] == "parasite" and bool(r["at_edge"])
+                                                             for r in cands),
+                 "parasites_lost_by_segmentation": parasites - sum(f["parasites_segmented"] for f in block) - at_edge,
                  "before": before.to_json(), "after": after.to_json(), "detail": before.detail()}
         (infected if parasites else negative).append(entry)
     patients = {}
@@ -275,6 +286,7 @@ def score(infected: List[Dict], negative: List[Dict]) -> Dict:
         "candidate_share_pooled": cands / cells,
         "candidate_share_max": max(s["before"]["candidates"] / max(1, s["before"]["cells"]) for s in every),
         "parasites_annotated": parasites, "parasites_held_by_candidates": held,
+        "parasites_held_by_candidates_at_edge": sum(s["candidates_at_edge_holding_parasites"] for s in infected),
         "parasites_lost_by_segmentation": sum(s["parasites_lost_by_segmentation"] for s in infected),
         "parasites_held_share": held / parasites if parasites else None,
         "after_review_within_25pct": f"{sum(within)}/{len(within)}",

@@ -10,7 +10,7 @@ import { CELL_COLUMNS, cropName, rowsToCsv, zip } from './export.mjs';
 import { classifyPixels } from './field.mjs';
 import { drawOverlay } from './overlay.mjs';
 import { renderReport, reportData, slideData } from './report.mjs';
-import { assessSlide, candidateRows, cellKey } from './slide.mjs';
+import { assessSlide, candidateRows, cellKey, isEdge } from './slide.mjs';
 import * as store from './store.mjs';
 
 const C = loadConstants();
@@ -71,7 +71,7 @@ window.malariaEdge = {
   async classifyField(blob) {
     const r = await classifyBlob(blob, blob.name || 'field');
     return {
-      cells: r.cells.map((c) => ({ x: c.x, y: c.y, w: c.w, h: c.h, prob_parasitized: c.prob_parasitized, prediction: c.prediction, unfamiliar: c.unfamiliar })),
+      cells: r.cells.map((c) => ({ x: c.x, y: c.y, w: c.w, h: c.h, prob_parasitized: c.prob_parasitized, prediction: c.prediction, unfamiliar: c.unfamiliar, at_edge: c.at_edge })),
       warnings: r.warnings, messages: r.quality.messages, diameter: r.diameter, ms: r.ms, width: r.width, height: r.height,
     };
   },
@@ -89,10 +89,13 @@ function paint(canvas, picture) {
 }
 
 function fieldCaption(r) {
-  const p = r.cells.filter((c) => c.prediction === C.labels.PARASITIZED).length;
-  let text = `${r.cells.length} cells, ${p} parasitized`;
-  const decided = r.cells.length;
+  const whole = r.cells.filter((c) => !c.at_edge);
+  const p = whole.filter((c) => c.prediction === C.labels.PARASITIZED).length;
+  let text = `${whole.length} cells, ${p} parasitized`;
+  const decided = whole.length;
   if (decided) text += `, parasitemia ${(100 * p / decided).toFixed(1)}%`;
+  const edge = r.cells.length - whole.length;
+  if (edge) text += `; ${edge} cut by the image edge to look at (not counted)`;
   if (r.warnings.length) text += `; NOT READABLE: ${r.warnings.join(';')}`;
   return text;
 }
@@ -104,7 +107,7 @@ async function onPhoto(file) {
   try {
     const r = await classifyBlob(file, file.name || `field-${Date.now()}.jpg`);
     state.current = { ...r, photo: file };
-    if (!r.cells.length) {
+    if (!r.cells.some((c) => !c.at_edge)) {
       $('field-caption').textContent = `No cells found in this ${r.width}x${r.height} picture (not a thin-smear field, or far out of focus).`;
       $('overlay').hidden = true;
       $('field-messages').replaceChildren(...r.quality.messages.map((m) => Object.assign(document.createElement('li'), { textContent: m })));
@@ -126,7 +129,7 @@ function storedField(r) {
     name: r.name, photo: r.photo, width: r.width, height: r.height, diameter: r.diameter, warnings: r.warnings,
     messages: r.quality.messages,
     cells: r.cells.map((c) => ({ index: c.index, x: c.x, y: c.y, w: c.w, h: c.h, prob_parasitized: c.prob_parasitized,
-      prediction: c.prediction, unfamiliar: c.unfamiliar, mask: c.region.mask })),
+      prediction: c.prediction, unfamiliar: c.unfamiliar, at_edge: c.at_edge, mask: c.region.mask })),
     latency_ms: r.ms.classify / Math.max(1, r.cells.length),
   };
 }
@@ -134,7 +137,7 @@ function storedField(r) {
 /** The slide's rows with edge-classify's columns (FieldCell.to_row), path = the field's name in the slide. */
 export function slideRows(slide) {
   return slide.fields.flatMap((f) => f.cells.map((c) => ({
-    path: f.name, cell: c.index, x: c.x, y: c.y, w: c.w, h: c.h, prediction: c.prediction,
+    path: f.name, cell: c.index, x: c.x, y: c.y, w: c.w, h: c.h, at_edge: c.at_edge ? 1 : null, prediction: c.prediction,
     prob_parasitized: Math.round(c.prob_parasitized * 1e6) / 1e6, latency_ms: Math.round(f.latency_ms * 1e4) / 1e4,
     true_label: null, unfamiliar: c.unfamiliar === null ? null : Math.round(c.unfamiliar * 1e3) / 1e3,
     warnings: f.warnings.length ? f.warnings.join(';') : null, error: null,
@@ -199,7 +202,8 @@ async function showSlide(name) {
     img.alt = `candidate ${row.rank}`;
     cropOf(slide, row).then((b) => { if (b) img.src = URL.createObjectURL(b); });
     const cap = document.createElement('figcaption');
-    cap.textContent = `#${row.rank} p=${Number(row.prob_parasitized).toFixed(2)} ${row.path} cell ${row.cell}`;
+    cap.textContent = `#${row.rank} p=${Number(row.prob_parasitized).toFixed(2)} ${row.path} cell ${row.cell}`
+      + (isEdge(row) ? ' (cut by the image edge, not counted)' : '');
     const mark = (verdict) => async () => {
       const s = await store.getSlide(name);
       s.review = s.review || {};
@@ -254,7 +258,7 @@ async function buildReport(name) {
       canvas = small;
     }
     const sorted = [...ranks.values()].sort((a, b) => a - b);
-    overlays.push({ field: f.name, name: f.name, caption: `${f.cells.length} cells; candidates ${sorted.map((v) => `#${v}`).join(', ') || 'none'}`,
+    overlays.push({ field: f.name, name: f.name, caption: `${f.cells.filter((c) => !c.at_edge).length} cells; candidates ${sorted.map((v) => `#${v}`).join(', ') || 'none'}`,
       src: await blobToDataUri(await canvas.convertToBlob({ type: 'image/jpeg', quality: 0.82 })) });
   }
   const data = reportData([slideData(result, 0, { overlays, crops })], { modelName: state.card.name, modelSha256: C.model.sha256, version: `${C.version} (phone)`,
@@ -267,7 +271,7 @@ function wire() {
   $('add-field').addEventListener('click', async () => {
     const name = $('slide-name').value.trim();
     if (!name) { $('slide-name').focus(); $('slide-name').placeholder = 'type the slide name first'; return; }
-    if (!state.current?.cells.length) return;
+    if (!state.current?.cells.some((c) => !c.at_edge)) return;
     await store.addField(name, storedField(state.current));
     $('add-field').disabled = true;
     await refreshSlides(name);

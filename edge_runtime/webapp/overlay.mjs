@@ -12,7 +12,7 @@ function textSize(text, fontScale, thickness) {
   return [[w, Math.round(22 * fontScale)], Math.round(10 * fontScale + thickness)];
 }
 
-/** field: {name, width, height, cells:[{index, x, y, w, h, region:{mask}}]}, img RGB; ranks Map index -> rank.
+/** field: {name, width, height, cells:[{index, x, y, w, h, at_edge, region:{mask}}]}, img RGB; ranks Map index -> rank.
  * Returns {width, height, data RGBA Uint8ClampedArray} ready for a canvas. */
 export function drawOverlay(field, img, ranks) {
   const c = cv();
@@ -53,7 +53,9 @@ export function drawOverlay(field, img, ranks) {
     const roi = canvas.roi(new c.Rect(0, band, img.width, img.height));
     out.copyTo(roi); roi.delete();
     const nCand = field.cells.filter((cell) => ranks.has(cell.index)).length;
-    const caption = `${field.name}: ${field.cells.length} cells, ${nCand} candidates`;
+    const nEdge = field.cells.filter((cell) => cell.at_edge && ranks.has(cell.index)).length;
+    let caption = `${field.name}: ${field.cells.filter((cell) => !cell.at_edge).length} cells, ${nCand} candidates`;
+    if (nEdge) caption += ` (${nEdge} cut by the edge, not counted)`;
     c.putText(canvas, caption, new c.Point(Math.trunc(8 * scale), Math.trunc(band * 0.7)), font, 0.7 * scale, rgba(O.BLACK),
       Math.max(1, pyRound(1.5 * scale)), c.LINE_AA);
     let x = img.width;

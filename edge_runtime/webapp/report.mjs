@@ -1,7 +1,7 @@
 // The report: report.py's TEMPLATE (exported into constants.json, so there is one template) filled by the same
 // logic-less Mustache subset as report.fill, from the same plain dict as report.report_data.
 import { loadConstants } from './constants.mjs';
-import { cellKey, toJson } from './slide.mjs';
+import { cellKey, isEdge, toJson } from './slide.mjs';
 
 const C = loadConstants();
 const TAG = /\{\{([#^/]?)\s*([\w.]+)\s*\}\}/g;
@@ -99,7 +99,9 @@ export function slideData(result, index, { overlays = [], crops = new Map(), gal
     const stem = path.split('/').pop().replace(/\.[^.]*$/, '');
     return {
       id: `s${index}-c${row.rank}`, rank: row.rank, prob: Number(row.prob_parasitized).toFixed(2), field: path,
-      cell: row.cell ?? '', label: row.cell !== null && row.cell !== undefined && row.cell !== '' ? `${stem} cell ${row.cell}` : stem,
+      cell: row.cell ?? '',
+      label: (row.cell !== null && row.cell !== undefined && row.cell !== '' ? `${stem} cell ${row.cell}` : stem)
+        + (isEdge(row) ? ' (cut by the image edge, not counted)' : ''),
       src: crops.get(cellKey(row)) ?? '',
     };
   });

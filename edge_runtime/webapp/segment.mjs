@@ -791,7 +791,13 @@ function labelCells(img, diameter, dropBorder, channels = null) {
 /** segment.segment_field: every whole red cell, in reading order. ``diameter``: the field's cell diameter in its
  * own pixels (quality.measureCellDiameter); none found -> []. */
 export function segmentField(img, diameter, dropBorder = true) {
-  if (diameter == null || diameter < 6) return [];
+  return segmentFieldAndEdge(img, diameter, dropBorder).cells;
+}
+
+/** segment.segment_field_and_edge: {cells, edge}, the whole cells and the cells cut by the image edge with at least
+ * EDGE_CELL_AREA in view, each in reading order. */
+export function segmentFieldAndEdge(img, diameter, dropBorder = true) {
+  if (diameter == null || diameter < 6) return { cells: [], edge: [] };
   const scale = workScale(diameter);
   const small = resizeRgb(img, scale);
   const d = diameter * scale;
@@ -802,18 +808,23 @@ export function segmentField(img, diameter, dropBorder = true) {
   const nucleus = nucleusMask(density, labels);
   const pigment = pigmentMask(channels);
   const circleOf = circleOfRegion(labels, w, h, cellCircles);
-  const cells = [];
+  const cells = []; const edge = [];
+  const inView = S.EDGE_CELL_AREA * Math.PI * d * d / 4.0;
   for (const blob of regionsOf(labels, w)) {
-    if (!keepCell(blob, labels, nucleus, pigment, w, h, d, dropBorder)) continue;
+    let kept;
+    if (keepCell(blob, labels, nucleus, pigment, w, h, d, dropBorder)) kept = cells;
+    else if (dropBorder && blob.area >= inView && keepCell(blob, labels, nucleus, pigment, w, h, d, false)) kept = edge;
+    else continue;
     const [x0, y0, ww, wh, win] = overlapCompleted(blob, labels, w, h, circleOf.get(blob.label));
-    cells.push(toFullScale(x0, y0, ww, wh, win, scale, img.width, img.height));
+    kept.push(toFullScale(x0, y0, ww, wh, win, scale, img.width, img.height));
   }
   const row = Math.max(1, Math.trunc(diameter));
-  cells.sort((a, b) => Math.floor(a.box[1] / row) - Math.floor(b.box[1] / row) || a.box[0] - b.box[0]);
-  return cells;
+  for (const found of [cells, edge]) {
+    found.sort((a, b) => Math.floor(a.box[1] / row) - Math.floor(b.box[1] / row) || a.box[0] - b.box[0]);
+  }
+  return { cells, edge };
 }
 
-/** segment.cut_cell: the cell on black in its tight box, {width, height, data RGB}. */
 export function cutCell(img, cell) {
   const [x, y, w, h] = cell.box;
   const data = new Uint8Array(w * h * 3);

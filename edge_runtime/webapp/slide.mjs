@@ -127,6 +127,11 @@ export function cellKey(row) {
   return `${String(row.path ?? row.source ?? '')}#${cell === null || cell === undefined || cell === '' ? '' : Number(cell)}`;
 }
 
+/** slide.is_edge: a cell cut by the image edge (``at_edge``), shown for review, never counted. */
+export function isEdge(row) {
+  return ['1', 'true'].includes(String(row.at_edge ?? '').trim().toLowerCase());
+}
+
 export function candidateRows(rows, rule) {
   const cands = rows.filter((r) => !r.error && Number(r.prob_parasitized) >= rule.candidate_threshold).map((r) => ({ ...r }));
   cands.sort((a, b) => (Number(b.prob_parasitized) - Number(a.prob_parasitized))
@@ -179,16 +184,18 @@ export function assessSlide(rows, rule, { name = '', source = null, reviewed = n
   const readable = rows.filter((r) => !r.error);
   source = source || (readable.some((r) => r.cell !== null && r.cell !== undefined && r.cell !== '') ? 'iml' : 'nih');
   const rt = rates(rule, source);
-  const [warnings, excluded] = doubtfulFields(readable, unfamiliarLimits);
+  const [warnings, excluded] = doubtfulFields(readable.filter((r) => !isEdge(r)), unfamiliarLimits);
   const ex = new Set(excluded);
-  const good = readable.filter((r) => !ex.has(String(r.path ?? '')));
-  const cands = candidateRows(good, rule);
+  const shown = readable.filter((r) => !ex.has(String(r.path ?? '')));
+  const good = shown.filter((r) => !isEdge(r));
+  const cands = candidateRows(shown, rule);
   const result = {
     name, cells: good.length, candidates: cands.length, parasitemia: null, parasitemia_ci: null, parasites_per_ul: null,
     detection_limit: detectionLimit(good.length, rt.candidate_sensitivity), call: K.INDETERMINATE, reviewed: reviewed !== null,
     reason: '', source, flagged: good.filter((r) => Number(r.prob_parasitized) >= rule.threshold).length,
-    confirmed: null, p_value: null, rbc_per_ul: rbcPerUl, warnings, excluded_fields: excluded, cells_total: readable.length,
-    failed: rows.length - readable.length, rates: rt, candidate_list: cands,
+    confirmed: null, p_value: null, rbc_per_ul: rbcPerUl, warnings, excluded_fields: excluded,
+    cells_total: readable.filter((r) => !isEdge(r)).length, failed: rows.length - readable.length, rates: rt, candidate_list: cands,
+    edge_candidates: cands.filter(isEdge).length, confirmed_edge: null,
   };
   if (good.length) {
     const n = good.length;
@@ -197,6 +204,7 @@ export function assessSlide(rows, rule, { name = '', source = null, reviewed = n
       [est, ci] = correctedParasitemia(result.flagged, n, [rt.sensitivity_k, rt.sensitivity_n], rt, draws);
     } else {
       result.confirmed = good.filter((r) => reviewed.has(cellKey(r))).length;
+      result.confirmed_edge = shown.filter((r) => isEdge(r) && reviewed.has(cellKey(r))).length;
       [est, ci] = correctedParasitemia(result.confirmed, n, [rt.candidate_sensitivity_k, rt.sensitivity_n], null, draws);
     }
     result.parasitemia = est; result.parasitemia_ci = ci; result.parasites_per_ul = est * rbcPerUl;
@@ -221,8 +229,10 @@ function callSlide(result, rule, rt, fields) {
   }
   const dl = pct(result.detection_limit);
   if (result.reviewed) {
-    if (result.confirmed >= (rule.min_confirmed ?? 1)) {
-      result.call = K.FOUND; result.reason = `the microscopist confirmed ${result.confirmed} of ${cands} candidates`;
+    const edge = result.confirmed_edge || 0;
+    if (result.confirmed + edge >= (rule.min_confirmed ?? 1)) {
+      result.call = K.FOUND; result.reason = `the microscopist confirmed ${result.confirmed + edge} of ${cands} candidates`;
+      if (edge) result.reason += ` (${edge} cut by the image edge: seen, not counted in the parasitemia)`;
     } else {
       result.call = K.NONE_FOUND; result.reason = `none of ${cands} candidates confirmed; ${n} cells examined, detection limit ${dl}`;
     }

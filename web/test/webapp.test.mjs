@@ -19,7 +19,7 @@ const bytes = (b64) => new Uint8Array(Buffer.from(b64, 'base64'));
 
 test('constants come from Python: the card digest, the columns, the template', () => {
   assert.equal(card.files[C.model.file].sha256, C.model.sha256);
-  assert.deepEqual(C.results_io.CELL_COLUMNS.slice(0, 8), ['path', 'cell', 'x', 'y', 'w', 'h', 'prediction', 'prob_parasitized']);
+  assert.deepEqual(C.results_io.CELL_COLUMNS.slice(0, 9), ['path', 'cell', 'x', 'y', 'w', 'h', 'at_edge', 'prediction', 'prob_parasitized']);
   assert.ok(C.report.TEMPLATE.includes('{{#slides}}'));
   assert.equal(C.segment.WORK_DIAMETER, 40);
 });
@@ -70,7 +70,7 @@ test('numbers are written as Python writes them', () => {
 test('CSV rows have edge-classify columns; the zip is a valid stored zip', () => {
   const csv = rowsToCsv([{ path: 'a,b.jpg', cell: 1, x: 1, y: 2, w: 3, h: 4, prediction: 'uninfected', prob_parasitized: 0.1 }]);
   assert.equal(csv.split('\r\n')[0], C.results_io.CELL_COLUMNS.join(','));
-  assert.ok(csv.includes('"a,b.jpg",1,1,2,3,4,uninfected,0.1'));
+  assert.ok(csv.includes('"a,b.jpg",1,1,2,3,4,,uninfected,0.1'));
   assert.equal(crc32(new TextEncoder().encode('123456789')), 0xcbf43926);
   const z = zip([{ name: 'Parasitized/a.png', bytes: new Uint8Array([1, 2, 3]) }]);
   assert.equal(new DataView(z.buffer).getUint32(0, true), 0x04034b50);
