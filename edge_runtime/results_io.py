@@ -35,6 +35,9 @@ from .labels import CLASSES
 
 CELL_COLUMNS = ["path", "cell", "x", "y", "w", "h", "at_edge", "prediction", "prob_parasitized", "latency_ms",
                "true_label", "unfamiliar", "warnings", "error"]
+# The cell columns before ``at_edge`` (cells cut by the image edge, shown for review) was added: an output written
+# with them is recognised, so --resume says why it cannot continue it instead of calling it foreign.
+EARLIER_CELL_COLUMNS = [c for c in CELL_COLUMNS if c != "at_edge"]
 REFERENCE_COLUMNS = ["ref_prediction", "ref_prob_parasitized", "ref_latency_ms"]
 GROUP_COLUMNS = ["group", "call", "cells", "parasitized", "review", "failed", "unfamiliar", "parasitized_fraction", "fraction_low",
                 "fraction_high", "true_status", "reason"]
@@ -526,8 +529,12 @@ def read_own_output(path: Path, fmt: str) -> Tuple[List[Dict], int, List[str]]:
                            f"{'line is not our header' if fmt == 'csv' else 'record has not our keys'}); "
                            "refusing to resume onto it: use a new --output")
     ours = (CELL_COLUMNS, CELL_COLUMNS + REFERENCE_COLUMNS)
+    earlier = OutputError(f"{path} was written by an earlier malaria-edge (its rows have no at_edge column); "
+                          "--resume cannot add rows of this version to it: use a new --output")
     if fmt == "csv":
         records, end = _complete_csv_records(text)
+        if records and records[0] in (EARLIER_CELL_COLUMNS, EARLIER_CELL_COLUMNS + REFERENCE_COLUMNS):
+            raise earlier
         if not records or records[0] not in ours:
             raise not_ours
         columns = records[0]
@@ -547,6 +554,9 @@ def read_own_output(path: Path, fmt: str) -> Tuple[List[Dict], int, List[str]]:
             except ValueError:
                 row = None
             if number == 1:
+                if isinstance(row, dict) and sorted(row) in (sorted(EARLIER_CELL_COLUMNS),
+                                                             sorted(EARLIER_CELL_COLUMNS + REFERENCE_COLUMNS)):
+                    raise earlier
                 if not isinstance(row, dict) or sorted(row) not in (sorted(f) for f in ours):
                     raise not_ours
                 columns = list(row)

@@ -55,6 +55,19 @@ def test_resume_refuses_a_text_file_and_keeps_its_last_line(bundled_model, tmp_p
     assert notes.read_text() == "patient list\nlast line without newline"
 
 
+def test_resume_onto_an_output_of_the_earlier_columns_says_so_and_touches_nothing(bundled_model, tmp_path):
+    out = tmp_path / "rows.csv"
+    _first_run(bundled_model, out)
+    rows = list(csv.reader(out.open(newline="")))
+    edge = rows[0].index("at_edge")
+    with out.open("w", newline="") as fh:     # as the version before the at_edge column wrote it
+        csv.writer(fh).writerows([r[:edge] + r[edge + 1:] for r in rows])
+    before = out.read_bytes()
+    done = cli("edge-classify", SAMPLES, "--model", bundled_model, "-o", out, "--resume")
+    assert done.returncode == 2 and one_line(done.stderr) and "earlier malaria-edge" in done.stderr
+    assert out.read_bytes() == before
+
+
 # 2. --summary-json and --groups-output follow --output's rule
 
 def test_summary_json_does_not_overwrite_an_existing_file(bundled_model, tmp_path):
