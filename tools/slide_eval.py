@@ -11,7 +11,9 @@ Data (default: $MALARIA_DATA, else shared/data beside the repository):
 
 Each field is run through ``Classifier.classify_field`` exactly as edge-classify runs it; its cells are matched to
 the annotated boxes at IoU >= 0.5 (benchmarks.fields.match). A parasite box no segmented cell matches is a parasite
-the slide missed. Per-cell results are cached under /tmp (keyed by the model's SHA-256) so a rerun costs seconds.
+the slide missed. Slides are read as edge-classify reads them, with the card's unfamiliar limits: a field with too
+many unfamiliar cells is left out of its slide (its parasites are then not among the candidates). Per-cell results
+are cached under /tmp (keyed by the model's SHA-256) so a rerun costs seconds.
 """
 from __future__ import annotations
 
@@ -231,16 +233,18 @@ def evaluate(args) -> Dict:
     fields = iml_fields(classifier, "test")
     nih = nih_cells(classifier, "test")
     infected, negative = [], []
+    limits = classifier.unfamiliar_limits  # as edge-classify reads a slide: unfamiliar fields are left out
     for i in range(0, len(fields), BLOCK):
         block = fields[i:i + BLOCK]
         rows = [r for f in block for r in field_rows(f, rule.threshold)]
         annotated = sum(f["annotated_cells"] for f in block)
         parasites = sum(f["annotated_parasites"] for f in block)
-        before = slide_mod.assess_slide(rows, rule, source="iml")
+        before = slide_mod.assess_slide(rows, rule, source="iml", unfamiliar_limits=limits)
         confirmed = {(r["path"], r["cell"]) for r in rows if r["truth"] == "parasite"}
-        after = slide_mod.assess_slide(rows, rule, source="iml", reviewed=confirmed)
-        cands = slide_mod.candidate_rows(rows, rule)
+        after = slide_mod.assess_slide(rows, rule, source="iml", reviewed=confirmed, unfamiliar_limits=limits)
+        cands = before.candidate_list
         held = sum(r["truth"] == "parasite" for r in cands)
+        left_out = set(before.excluded_fields)
         at_edge = sum(c["truth"] == "parasite" for f in block for c in f.get("edge_cells", []))
         entry = {"slide": f"{block[0]['field']}..{block[-1]['field']}", "fields": len(block),
                  "annotated_cells": annotated, "annotated_parasites": parasites,
@@ -248,6 +252,7 @@ def evaluate(args) -> Dict:
                  "candidates_at_edge_holding_parasites": sum(r["truth"] == "parasite" and bool(r["at_edge"])
                                                              for r in cands),
                  "parasites_lost_by_segmentation": parasites - sum(f["parasites_segmented"] for f in block) - at_edge,
+                 "parasites_in_fields_left_out": sum(f["annotated_parasites"] for f in block if f["field"] in left_out),
                  "before": before.to_json(), "after": after.to_json(), "detail": before.detail()}
         (infected if parasites else negative).append(entry)
     patients = {}
@@ -258,8 +263,8 @@ def evaluate(args) -> Dict:
             continue
         rows = [{"path": c["path"], "prob_parasitized": c["prob"], "unfamiliar": c["unfamiliar"],
                  "prediction": PARASITIZED if c["prob"] >= rule.threshold else "uninfected"} for c in cells]
-        before = slide_mod.assess_slide(rows, rule, source="nih")
-        after = slide_mod.assess_slide(rows, rule, source="nih", reviewed=set())
+        before = slide_mod.assess_slide(rows, rule, source="nih", unfamiliar_limits=limits)
+        after = slide_mod.assess_slide(rows, rule, source="nih", reviewed=set(), unfamiliar_limits=limits)
         negative.append({"slide": f"NIH patient {pt}", "annotated_cells": len(cells), "annotated_parasites": 0,
                          "annotated_parasitemia": 0.0, "before": before.to_json(), "after": after.to_json(),
                          "detail": before.detail()})
@@ -288,6 +293,8 @@ def score(infected: List[Dict], negative: List[Dict]) -> Dict:
         "parasites_annotated": parasites, "parasites_held_by_candidates": held,
         "parasites_held_by_candidates_at_edge": sum(s["candidates_at_edge_holding_parasites"] for s in infected),
         "parasites_lost_by_segmentation": sum(s["parasites_lost_by_segmentation"] for s in infected),
+        "parasites_in_fields_left_out": sum(s["parasites_in_fields_left_out"] for s in infected),
+        "fields_left_out": [f for s in infected + negative for f in s["detail"]["excluded_fields"]],
         "parasites_held_share": held / parasites if parasites else None,
         "after_review_within_25pct": f"{sum(within)}/{len(within)}",
         "before_review_ci_covers": f"{sum(covered)}/{len(covered)}",
