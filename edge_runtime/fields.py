@@ -215,21 +215,23 @@ def classify_field_pixels(classifier, rgb: np.ndarray, source: str = "<field>", 
     seconds_segment = time.perf_counter() - start
     start = time.perf_counter()
     cells: List[FieldCell] = []
+    edge: List[FieldCell] = []
     if regions or cut:
         pixels = np.stack([classifier.prepare_crop(cut_cell(rgb, r)) for r in regions + cut])
         probs, _ = classifier.probabilities(pixels)
         scores = classifier.unfamiliar_scores(pixels)
-        for index, (region, prob) in enumerate(zip(regions + cut, probs), start=1):
-            score = None if scores is None else float(scores[index - 1])
-            cells.append(FieldCell(index, region.box, classifier.decide(float(prob)), float(prob), score, region,
-                                   at_edge=index > len(regions)))
+        shown = edge_threshold(classifier)
+        for i, (region, prob) in enumerate(zip(regions + cut, probs)):
+            at_edge = i >= len(regions)
+            if at_edge and prob < shown:
+                continue
+            score = None if scores is None else float(scores[i])
+            (edge if at_edge else cells).append(
+                FieldCell(len(cells) + len(edge) + 1, region.box, classifier.decide(float(prob)), float(prob), score,
+                          region, at_edge=at_edge))
     seconds_classify = time.perf_counter() - start
-    shown = edge_threshold(classifier)
-    edge = [c for c in cells[len(regions):] if c.prob_parasitized >= shown]
-    for index, cell in enumerate(edge, start=len(regions) + 1):
-        cell.index = index
-    return FieldResult(source, int(rgb.shape[1]), int(rgb.shape[0]), cells[:len(regions)], found_diameter,
-                       seconds_segment, seconds_classify, rgb if keep_image else None, quality, edge)
+    return FieldResult(source, int(rgb.shape[1]), int(rgb.shape[0]), cells, found_diameter, seconds_segment,
+                       seconds_classify, rgb if keep_image else None, quality, edge)
 
 
 def edge_threshold(classifier) -> float:

@@ -529,11 +529,12 @@ def read_own_output(path: Path, fmt: str) -> Tuple[List[Dict], int, List[str]]:
                            f"{'line is not our header' if fmt == 'csv' else 'record has not our keys'}); "
                            "refusing to resume onto it: use a new --output")
     ours = (CELL_COLUMNS, CELL_COLUMNS + REFERENCE_COLUMNS)
+    earlier_columns = (EARLIER_CELL_COLUMNS, EARLIER_CELL_COLUMNS + REFERENCE_COLUMNS)
     earlier = OutputError(f"{path} was written by an earlier malaria-edge (its rows have no at_edge column); "
                           "--resume cannot add rows of this version to it: use a new --output")
     if fmt == "csv":
         records, end = _complete_csv_records(text)
-        if records and records[0] in (EARLIER_CELL_COLUMNS, EARLIER_CELL_COLUMNS + REFERENCE_COLUMNS):
+        if records and records[0] in earlier_columns:
             raise earlier
         if not records or records[0] not in ours:
             raise not_ours
@@ -554,8 +555,7 @@ def read_own_output(path: Path, fmt: str) -> Tuple[List[Dict], int, List[str]]:
             except ValueError:
                 row = None
             if number == 1:
-                if isinstance(row, dict) and sorted(row) in (sorted(EARLIER_CELL_COLUMNS),
-                                                             sorted(EARLIER_CELL_COLUMNS + REFERENCE_COLUMNS)):
+                if isinstance(row, dict) and sorted(row) in (sorted(f) for f in earlier_columns):
                     raise earlier
                 if not isinstance(row, dict) or sorted(row) not in (sorted(f) for f in ours):
                     raise not_ours

@@ -537,22 +537,23 @@ def nucleus_mask(density: np.ndarray, foreground: np.ndarray) -> np.ndarray:
     return density > max(NUCLEUS_DENSITY_RATIO * typical, 4 * MIN_DENSITY)
 
 
-def keep_cell(blob: _Blob, labels: np.ndarray, nucleus: np.ndarray, pigment: np.ndarray, diameter: float,
-              drop_border: bool) -> bool:
-    """Is this blob a whole red cell? Size between a third and 2.2 cell areas, or up to ENLARGED_AREA for one
-    enlarged infected cell (platelets, debris and merged clumps go); reasonably round and solid; not a white cell (a
-    nucleus bigger than a large parasite, unless it holds malaria pigment: a mature parasite filling its cell, see
-    PIGMENT_FRACTION); not cut by the image border, nor within BORDER_MARGIN of a diameter of it (half a cell seen
-    is not a cell to classify or count)."""
+def near_border(blob: _Blob, shape: Tuple[int, int], diameter: float) -> bool:
+    """Is this blob cut by the image border, or within BORDER_MARGIN of a diameter of it? Half a cell seen is not a
+    cell to count (see EDGE_CELL_AREA for what is still shown)."""
+    h, w = shape
+    margin = int(round(BORDER_MARGIN * diameter))
+    return blob.x <= margin or blob.y <= margin or blob.x + blob.w >= w - margin or blob.y + blob.h >= h - margin
+
+
+def keep_cell(blob: _Blob, labels: np.ndarray, nucleus: np.ndarray, pigment: np.ndarray, diameter: float) -> bool:
+    """Is this blob a red cell? Size between a third and 2.2 cell areas, or up to ENLARGED_AREA for one enlarged
+    infected cell (platelets, debris and merged clumps go); reasonably round and solid; not a white cell (a nucleus
+    bigger than a large parasite, unless it holds malaria pigment: a mature parasite filling its cell, see
+    PIGMENT_FRACTION). Whether it is whole is :func:`near_border`'s question."""
     cell_area = math.pi * diameter * diameter / 4.0
     if not MIN_CELL_AREA * cell_area <= blob.area <= ENLARGED_AREA * cell_area:
         return False
     if max(blob.w, blob.h) > 2.2 * diameter or min(blob.w, blob.h) < 0.4 * diameter:
-        return False
-    h, w = labels.shape
-    margin = int(round(BORDER_MARGIN * diameter))
-    if drop_border and (blob.x <= margin or blob.y <= margin or blob.x + blob.w >= w - margin
-                        or blob.y + blob.h >= h - margin):
         return False
     window = labels[blob.y:blob.y + blob.h, blob.x:blob.x + blob.w] == blob.label
     if blob.area > 2.2 * cell_area and not is_one_cell(window):
@@ -748,14 +749,11 @@ def segment_field_and_edge(rgb: np.ndarray, diameter: Optional[float] = None, dr
     cells, edge = [], []
     in_view = EDGE_CELL_AREA * math.pi * d_small * d_small / 4.0
     for blob in regions_of(labels):
-        if keep_cell(blob, labels, nucleus, pigment, d_small, drop_border):
-            kept = cells
-        elif drop_border and blob.area >= in_view and keep_cell(blob, labels, nucleus, pigment, d_small, False):
-            kept = edge
-        else:
+        cut = drop_border and near_border(blob, labels.shape, d_small)
+        if (cut and blob.area < in_view) or not keep_cell(blob, labels, nucleus, pigment, d_small):
             continue
         x0, y0, window = overlap_completed(blob, labels, circle_of.get(blob.label))
-        kept.append(_to_full_scale(x0, y0, window, scale, full_w, full_h))
+        (edge if cut else cells).append(_to_full_scale(x0, y0, window, scale, full_w, full_h))
     for found in (cells, edge):
         found.sort(key=lambda c: (c.box[1] // max(1, int(diameter)), c.box[0]))
     if debug_dir is not None:

@@ -384,7 +384,8 @@ def assess_slide(rows: Iterable[Mapping], rule: SlideRule, name: str = "", sourc
     readable = [r for r in rows if not r.get("error")]
     source = rule.source_for(source or default_source(readable))
     rates = rule.rates(source)
-    warnings, excluded = doubtful_fields([r for r in readable if not is_edge(r)], unfamiliar_limits)
+    counted = [r for r in readable if not is_edge(r)]
+    warnings, excluded = doubtful_fields(counted, unfamiliar_limits)
     shown = [r for r in readable if str(r.get("path") or "") not in set(excluded)]
     good = [r for r in shown if not is_edge(r)]
     cands = candidate_rows(shown, rule)
@@ -394,7 +395,7 @@ def assess_slide(rows: Iterable[Mapping], rule: SlideRule, name: str = "", sourc
                          call=INDETERMINATE, reviewed=reviewed is not None, source=source,
                          flagged=sum(float(r["prob_parasitized"]) >= rule.threshold for r in good),
                          rbc_per_ul=float(rbc_per_ul), warnings=warnings, excluded_fields=excluded,
-                         cells_total=sum(not is_edge(r) for r in readable), failed=len(rows) - len(readable),
+                         cells_total=len(counted), failed=len(rows) - len(readable),
                          rates=rates.as_dict(), rule=rule.as_dict(), candidate_list=cands,
                          edge_candidates=sum(is_edge(r) for r in cands))
     if good:

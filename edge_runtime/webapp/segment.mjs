@@ -581,13 +581,17 @@ function nucleusMask(density, labels) {
   return out;
 }
 
-function keepCell(blob, labels, nucleus, pigment, w, h, diameter, dropBorder) {
+/** segment.near_border */
+function nearBorder(blob, w, h, diameter) {
+  const margin = pyRound(S.BORDER_MARGIN * diameter);
+  return blob.x <= margin || blob.y <= margin || blob.x + blob.w >= w - margin || blob.y + blob.h >= h - margin;
+}
+
+/** segment.keep_cell */
+function keepCell(blob, labels, nucleus, pigment, w, diameter) {
   const cellArea = Math.PI * diameter * diameter / 4.0;
   if (!(S.MIN_CELL_AREA * cellArea <= blob.area && blob.area <= S.ENLARGED_AREA * cellArea)) return false;
   if (Math.max(blob.w, blob.h) > 2.2 * diameter || Math.min(blob.w, blob.h) < 0.4 * diameter) return false;
-  const margin = pyRound(S.BORDER_MARGIN * diameter);
-  if (dropBorder && (blob.x <= margin || blob.y <= margin || blob.x + blob.w >= w - margin
-    || blob.y + blob.h >= h - margin)) return false;
   if (blob.area > 2.2 * cellArea
     && !isOneCell(windowOf(labels, w, blob.x, blob.y, blob.w, blob.h, blob.label), blob.w, blob.h)) return false;
   if (blob.area / (blob.w * blob.h) < 0.45) return false;
@@ -811,12 +815,10 @@ export function segmentFieldAndEdge(img, diameter, dropBorder = true) {
   const cells = []; const edge = [];
   const inView = S.EDGE_CELL_AREA * Math.PI * d * d / 4.0;
   for (const blob of regionsOf(labels, w)) {
-    let kept;
-    if (keepCell(blob, labels, nucleus, pigment, w, h, d, dropBorder)) kept = cells;
-    else if (dropBorder && blob.area >= inView && keepCell(blob, labels, nucleus, pigment, w, h, d, false)) kept = edge;
-    else continue;
+    const cut = dropBorder && nearBorder(blob, w, h, d);
+    if ((cut && blob.area < inView) || !keepCell(blob, labels, nucleus, pigment, w, d)) continue;
     const [x0, y0, ww, wh, win] = overlapCompleted(blob, labels, w, h, circleOf.get(blob.label));
-    kept.push(toFullScale(x0, y0, ww, wh, win, scale, img.width, img.height));
+    (cut ? edge : cells).push(toFullScale(x0, y0, ww, wh, win, scale, img.width, img.height));
   }
   const row = Math.max(1, Math.trunc(diameter));
   for (const found of [cells, edge]) {
@@ -825,6 +827,7 @@ export function segmentFieldAndEdge(img, diameter, dropBorder = true) {
   return { cells, edge };
 }
 
+/** segment.cut_cell: the cell on black in its tight box, {width, height, data RGB}. */
 export function cutCell(img, cell) {
   const [x, y, w, h] = cell.box;
   const data = new Uint8Array(w * h * 3);

@@ -184,7 +184,8 @@ export function assessSlide(rows, rule, { name = '', source = null, reviewed = n
   const readable = rows.filter((r) => !r.error);
   source = source || (readable.some((r) => r.cell !== null && r.cell !== undefined && r.cell !== '') ? 'iml' : 'nih');
   const rt = rates(rule, source);
-  const [warnings, excluded] = doubtfulFields(readable.filter((r) => !isEdge(r)), unfamiliarLimits);
+  const counted = readable.filter((r) => !isEdge(r));
+  const [warnings, excluded] = doubtfulFields(counted, unfamiliarLimits);
   const ex = new Set(excluded);
   const shown = readable.filter((r) => !ex.has(String(r.path ?? '')));
   const good = shown.filter((r) => !isEdge(r));
@@ -194,7 +195,7 @@ export function assessSlide(rows, rule, { name = '', source = null, reviewed = n
     detection_limit: detectionLimit(good.length, rt.candidate_sensitivity), call: K.INDETERMINATE, reviewed: reviewed !== null,
     reason: '', source, flagged: good.filter((r) => Number(r.prob_parasitized) >= rule.threshold).length,
     confirmed: null, p_value: null, rbc_per_ul: rbcPerUl, warnings, excluded_fields: excluded,
-    cells_total: readable.filter((r) => !isEdge(r)).length, failed: rows.length - readable.length, rates: rt, candidate_list: cands,
+    cells_total: counted.length, failed: rows.length - readable.length, rates: rt, candidate_list: cands,
     edge_candidates: cands.filter(isEdge).length, confirmed_edge: null,
   };
   if (good.length) {
