@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .slide import SlideResult, cell_key, is_edge
+from .slide import SlideResult, cell_key, is_edge, is_left_out
 from .version import __version__
 
 DISCLAIMER = ("A screening aid, not a diagnosis: every candidate must be confirmed by a trained microscopist, and a "
@@ -197,7 +197,8 @@ def slide_data(page: SlidePage, index: int) -> Dict:
         gallery.append({"id": f"s{index}-c{row['rank']}", "rank": row["rank"], "prob": f"{row['prob_parasitized']:.2f}",
                         "field": str(row.get("path") or ""), "cell": row.get("cell", ""),
                         "label": (f"{stem} cell {row['cell']}" if row.get("cell") not in (None, "") else stem)
-                        + (" (cut by the image edge, not counted)" if is_edge(row) else ""),
+                        + (" (cut by the image edge, not counted)" if is_edge(row) else "")
+                        + (" (field left out, not counted)" if is_left_out(row) else ""),
                         "src": data_uri(crop) if crop is not None else ""})
     overlays = []
     for f in page.fields:

@@ -2,7 +2,8 @@
 
 ``write_review(DIR, slide, rows, crops, rule)`` writes::
 
-    DIR/<slide>/Parasitized/003_p0.97_PA171701_cell42.png   every candidate, rank first (most probable = 001)
+    DIR/<slide>/Parasitized/003_p0.97_PA171701_cell42.png   every candidate of the slide, rank first (the ranks of
+                                                            ``SlideResult.candidate_list``, as on the report)
     DIR/<slide>/Uninfected/n004_p0.02_PA171702_cell7.png    a small sample of confident negatives, stratified by
                                                             probability (so a missed parasite has a chance to show)
     DIR/<slide>/review_index.csv                            rank, file, folder, field path, cell index, prob, box
@@ -27,7 +28,7 @@ from typing import Callable, Dict, Hashable, Iterable, List, Mapping, Optional, 
 
 import numpy as np
 
-from .slide import SlideResult, SlideRule, assess_slide, candidate_rows, cell_key, is_edge
+from .slide import SlideResult, SlideRule, assess_slide, cell_key, is_edge, is_left_out
 
 PARASITIZED_DIR, UNINFECTED_DIR = "Parasitized", "Uninfected"
 INDEX_NAME, SLIDE_NAME = "review_index.csv", "review_slide.json"
@@ -45,12 +46,15 @@ def safe_name(text: str) -> str:
 def crop_file_name(row: Mapping, prefix: str) -> str:
     """``<prefix>_p<prob>_<field stem>_cell<index>.png``: the rank (or sample number) first so a file browser
     shows candidates in review order; the field and cell name the outline on the report's overlay; ``_edge`` before
-    the suffix for a cell cut by the image edge (shown, not counted)."""
+    the suffix for a cell cut by the image edge, ``_left_out`` for one of a field left out of the count (shown, not
+    counted)."""
     stem = safe_name(Path(str(row.get("path") or "cell")).stem)
     cell = row.get("cell")
     tail = f"_cell{int(cell)}" if cell not in (None, "") else ""
     if is_edge(row):
         tail += "_edge"
+    if is_left_out(row):
+        tail += "_left_out"
     return f"{prefix}_p{float(row['prob_parasitized']):.2f}_{stem}{tail}.png"
 
 
@@ -109,7 +113,7 @@ def write_review(directory, slide_name: str, cell_records: Iterable[Mapping], cr
     (folder / PARASITIZED_DIR).mkdir(parents=True)
     (folder / UNINFECTED_DIR).mkdir(parents=True)
     index = []
-    for r in candidate_rows(rows, rule):
+    for r in assess_slide(rows, rule, source=source, unfamiliar_limits=unfamiliar_limits).candidate_list:
         name = crop_file_name(r, f"{r['rank']:03d}")
         Image.fromarray(_crop(crops, r)).save(folder / PARASITIZED_DIR / name)
         index.append((r["rank"], name, PARASITIZED_DIR, r))

@@ -29,6 +29,12 @@ any figure above. One at or above the candidate threshold is still a candidate, 
 in ``candidates``, so that a parasite at the edge of a field is put in front of the microscopist; once confirmed it
 makes the call after review, not the parasitemia.
 
+Fields left out of the count (a failed quality gate, too many unfamiliar cells; see the call below) are not among
+the N cells either, but a parasite in one must not pass silently: the most probable candidates of each such field,
+at most the rule's review budget of its cells (``max_candidate_share`` of them, at least one), follow the counted
+candidates in the ranking, marked ``left_out``. The microscopist sees them with the field's warning; one confirmed
+makes the call after review, never the parasitemia.
+
 The call, exactly one of CALLS:
 
 * ``indeterminate``: fewer than ``min_cells`` usable cells. A field whose rows carry warnings (a failed quality
@@ -59,6 +65,7 @@ DEFAULT_MIN_CELLS = 50
 DEFAULT_ALPHA = 0.01
 DEFAULT_DRAWS = 4000
 DEFAULT_UNFAMILIAR_WARN = 0.1
+DEFAULT_MAX_CANDIDATE_SHARE = 0.03
 SEED = 20250607
 SOURCES = ("iml", "nih")
 RULE_SCHEMA = "malaria-edge/slide-rule/1"
@@ -168,7 +175,7 @@ class SlideRule:
     sources: Mapping[str, Mapping]
     min_cells: int = DEFAULT_MIN_CELLS
     alpha: float = DEFAULT_ALPHA
-    max_candidate_share: float = 0.03
+    max_candidate_share: float = DEFAULT_MAX_CANDIDATE_SHARE
     min_confirmed: int = 1
     chosen_on: str = ""
 
@@ -207,7 +214,8 @@ class SlideRule:
         return cls(threshold=d["threshold"], candidate_threshold=d["candidate_threshold"],
                    sources={k: _rates(k, v).as_dict() for k, v in d["sources"].items()},
                    min_cells=d.get("min_cells", DEFAULT_MIN_CELLS), alpha=d.get("alpha", DEFAULT_ALPHA),
-                   max_candidate_share=d.get("max_candidate_share", 0.03), min_confirmed=d.get("min_confirmed", 1),
+                   max_candidate_share=d.get("max_candidate_share", DEFAULT_MAX_CANDIDATE_SHARE),
+                   min_confirmed=d.get("min_confirmed", 1),
                    chosen_on=str(d.get("chosen_on", "")))
 
     def as_dict(self) -> Dict:
@@ -280,11 +288,33 @@ def is_edge(row: Mapping) -> bool:
     return str(row.get("at_edge") or "").strip().lower() in ("1", "true")
 
 
-def candidate_rows(rows: Iterable[Mapping], rule: SlideRule) -> List[Dict]:
-    """The candidates, ranked: cells at or above the candidate threshold, most probable first (ties by field and
-    cell), each a copy of its row with ``rank`` from 1."""
+def is_left_out(row: Mapping) -> bool:
+    """Whether a candidate comes from a field left out of the count (``left_out``): shown for review, never counted."""
+    return bool(row.get("left_out"))
+
+
+def _most_probable_first(rows: Iterable[Mapping], rule: SlideRule) -> List[Dict]:
     cands = [dict(r) for r in rows if not r.get("error") and float(r["prob_parasitized"]) >= rule.candidate_threshold]
     cands.sort(key=lambda r: (-float(r["prob_parasitized"]), str(r.get("path") or ""), int(r.get("cell") or 0)))
+    return cands
+
+
+def candidate_rows(rows: Iterable[Mapping], rule: SlideRule, left_out: Collection[str] = ()) -> List[Dict]:
+    """The candidates, ranked: cells at or above the candidate threshold, most probable first (ties by field and
+    cell), each a copy of its row with ``rank`` from 1. Rows of the fields in ``left_out`` come after the others:
+    per field its most probable candidates, at most ``max_candidate_share`` of its whole cells (at least one),
+    marked ``left_out``."""
+    left_out = set(left_out)
+    counted = [r for r in rows if str(r.get("path") or "") not in left_out]
+    by_field: Dict[str, List[Mapping]] = {}
+    for r in rows:
+        if str(r.get("path") or "") in left_out:
+            by_field.setdefault(str(r.get("path") or ""), []).append(r)
+    shown = []
+    for frows in by_field.values():
+        budget = max(1, math.ceil(rule.max_candidate_share * sum(not is_edge(r) for r in frows) - 1e-9))
+        shown += [{**r, "left_out": 1} for r in _most_probable_first(frows, rule)[:budget]]
+    cands = _most_probable_first(counted, rule) + _most_probable_first(shown, rule)
     for rank, r in enumerate(cands, 1):
         r["rank"] = rank
     return cands
@@ -332,6 +362,8 @@ class SlideResult:
     candidate_list: List[Dict] = field(default_factory=list, repr=False)
     edge_candidates: int = 0
     confirmed_edge: Optional[int] = None
+    left_out_candidates: int = 0
+    confirmed_left_out: Optional[int] = None
 
     def to_json(self) -> Dict:
         return {"cells": self.cells, "candidates": self.candidates, "parasitemia": self.parasitemia,
@@ -344,7 +376,8 @@ class SlideResult:
                 "confirmed": self.confirmed, "p_value": self.p_value, "rbc_per_ul": self.rbc_per_ul,
                 "warnings": list(self.warnings), "excluded_fields": list(self.excluded_fields),
                 "cells_total": self.cells_total, "failed": self.failed, "edge_candidates": self.edge_candidates,
-                "confirmed_edge": self.confirmed_edge, "rates": dict(self.rates),
+                "confirmed_edge": self.confirmed_edge, "left_out_candidates": self.left_out_candidates,
+                "confirmed_left_out": self.confirmed_left_out, "rates": dict(self.rates),
                 "rule": dict(self.rule),
                 "method": ("Rogan-Gladen on cells flagged at the call threshold, 95% interval from Beta draws of the "
                            "observed rate, sensitivity and false-flag rate" if not self.reviewed else
@@ -388,7 +421,7 @@ def assess_slide(rows: Iterable[Mapping], rule: SlideRule, name: str = "", sourc
     warnings, excluded = doubtful_fields(counted, unfamiliar_limits)
     shown = [r for r in readable if str(r.get("path") or "") not in set(excluded)]
     good = [r for r in shown if not is_edge(r)]
-    cands = candidate_rows(shown, rule)
+    cands = candidate_rows(readable, rule, left_out=excluded)
     result = SlideResult(name=name, cells=len(good), candidates=len(cands), parasitemia=None, parasitemia_ci=None,
                          parasites_per_ul=None, detection_limit=detection_limit(len(good),
                                                                                 rates.candidate_sensitivity),
@@ -397,14 +430,25 @@ def assess_slide(rows: Iterable[Mapping], rule: SlideRule, name: str = "", sourc
                          rbc_per_ul=float(rbc_per_ul), warnings=warnings, excluded_fields=excluded,
                          cells_total=len(counted), failed=len(rows) - len(readable),
                          rates=rates.as_dict(), rule=rule.as_dict(), candidate_list=cands,
-                         edge_candidates=sum(is_edge(r) for r in cands))
+                         edge_candidates=sum(is_edge(r) and not is_left_out(r) for r in cands),
+                         left_out_candidates=sum(is_left_out(r) for r in cands))
+    result.warnings = [w + left_out_note(path, cands) for w, path in zip(warnings, excluded)]
     if good:
         estimate(result, good, rates, reviewed, draws)
-        if reviewed is not None:
-            confirmed = set(reviewed)
-            result.confirmed_edge = sum(cell_key(r) in confirmed for r in shown if is_edge(r))
+    if reviewed is not None:
+        confirmed = set(reviewed)
+        result.confirmed_edge = sum(cell_key(r) in confirmed for r in shown if is_edge(r))
+        result.confirmed_left_out = sum(cell_key(r) in confirmed for r in readable
+                                        if str(r.get("path") or "") in set(excluded))
     call_slide(result, rule, rates, fields=len({str(r.get("path") or "") for r in readable}))
     return result
+
+
+def left_out_note(path: str, cands: Sequence[Mapping]) -> str:
+    """What a left-out field's warning adds: that it is not counted, and which candidates of it are shown."""
+    ranks = [int(r["rank"]) for r in cands if is_left_out(r) and str(r.get("path") or "") == path]
+    shown = ", ".join(f"#{k}" for k in ranks)
+    return " (left out of the count" + (f"; its candidates {shown} shown for review)" if ranks else ")")
 
 
 def doubtful_fields(rows: Sequence[Mapping],
@@ -448,20 +492,27 @@ def estimate(result: SlideResult, good: Sequence[Mapping], rates: SourceRates,
 def call_slide(result: SlideResult, rule: SlideRule, rates: SourceRates, fields: int) -> None:
     """Set the call and its reason (the rules in the module docstring); ``fields``: how many fields were read."""
     n, cands, excluded = result.cells, result.candidates, result.excluded_fields
+    left_out = result.left_out_candidates
     if n < rule.min_cells:
         left = f" after leaving out {len(excluded)} of {fields} fields" if excluded else ""
-        result.reason = f"too few usable cells ({n} < {rule.min_cells}){left}"
+        shown = f"; {left_out} candidates of those fields shown for review" if left_out else ""
+        result.reason = f"too few usable cells ({n} < {rule.min_cells}){left}{shown}"
         if not result.cells_total:
             result.reason = "no readable cells" + (f" ({result.failed} failed)" if result.failed else "")
+        if result.reviewed and result.confirmed_left_out:
+            result.reason += (f"; the microscopist confirmed {result.confirmed_left_out} in fields left out: "
+                              "parasites seen, the slide not read")
         return
     dl = f"{result.detection_limit:.2%}"
     if result.reviewed:
-        edge = result.confirmed_edge or 0
-        if result.confirmed + edge >= rule.min_confirmed:
+        edge, apart = result.confirmed_edge or 0, result.confirmed_left_out or 0
+        if result.confirmed + edge + apart >= rule.min_confirmed:
             result.call = FOUND
-            result.reason = f"the microscopist confirmed {result.confirmed + edge} of {cands} candidates"
-            if edge:
-                result.reason += f" ({edge} cut by the image edge: seen, not counted in the parasitemia)"
+            result.reason = f"the microscopist confirmed {result.confirmed + edge + apart} of {cands} candidates"
+            seen = [text for k, text in ((edge, f"{edge} cut by the image edge"),
+                                         (apart, f"{apart} in fields left out")) if k]
+            if seen:
+                result.reason += f" ({' and '.join(seen)}: seen, not counted in the parasitemia)"
         else:
             result.call = NONE_FOUND
             result.reason = f"none of {cands} candidates confirmed; {n} cells examined, detection limit {dl}"
@@ -475,6 +526,8 @@ def call_slide(result: SlideResult, rule: SlideRule, rates: SourceRates, fields:
         result.call = REVIEW_NEEDED
         result.reason = (f"{result.flagged} cells flagged, within what false flags explain (about {expected:.1f}, "
                          f"p = {result.p_value:.2g}); look at the {cands} candidates")
+        if left_out:
+            result.reason += f" ({left_out} of them in fields left out)"
     else:
         result.call, result.reason = NONE_FOUND, f"no candidate among {n} cells; detection limit {dl}"
 

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from malaria_edge.edge_runtime.review import (INDEX_NAME, field_crops, read_index, read_review, write_review)
-from malaria_edge.edge_runtime.slide import FOUND, NONE_FOUND
+from malaria_edge.edge_runtime.slide import FOUND, NONE_FOUND, assess_slide, is_left_out
 
 pytest.importorskip("cv2", reason="slides of whole fields need OpenCV (the [fields] extra)")
 
@@ -71,6 +71,25 @@ def test_a_candidate_cut_by_the_image_edge_is_reviewed_and_never_counted(tmp_pat
     shutil.move(edge_file, folder / "Uninfected" / edge_file.name)
     rejected = read_review(tmp_path)["s"]
     assert rejected.confirmed_edge == 0 and rejected.parasitemia == without.parasitemia
+
+
+def test_a_field_left_out_is_reviewed_and_never_counted(tmp_path, slide_cells):
+    """A field that failed the quality gate: its most probable candidate is in the folder after the counted ones,
+    named ``_left_out``, at the rank the slide result gives it; confirmed it makes the call, never the count."""
+    fields, rows, rule = slide_cells
+    left = str(fields[-1].source)
+    marked = [dict(r, warnings=["out of focus"]) if str(r["path"]) == left else r for r in rows]
+    folder = write_review(tmp_path, "s", marked, field_crops(fields), rule)
+    result = assess_slide(marked, rule)
+    shown = [c for c in result.candidate_list if is_left_out(c)]
+    assert result.excluded_fields == [left] and len(shown) == 1 and shown[0]["rank"] == result.candidates
+    files = sorted((folder / "Parasitized").glob("*_left_out.png"))
+    assert [f.name[:3] for f in files] == [f"{shown[0]['rank']:03d}"] and f"_cell{shown[0]['cell']}_" in files[0].name
+    seen = read_review(tmp_path)["s"]
+    assert seen.confirmed_left_out == 1 and seen.confirmed == result.candidates - 1 and seen.call == FOUND
+    shutil.move(files[0], folder / "Uninfected" / files[0].name)
+    rejected = read_review(tmp_path)["s"]
+    assert rejected.confirmed_left_out == 0 and rejected.parasitemia == seen.parasitemia
 
 
 def test_a_review_in_progress_is_never_overwritten(tmp_path, slide_cells):

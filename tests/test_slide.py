@@ -3,6 +3,7 @@ slide of IML fields read through the bundled model."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +129,32 @@ def test_a_cell_cut_by_the_image_edge_is_a_candidate_never_counted(rule):
     assert few.call == INDETERMINATE and few.cells == rule.min_cells - 1
     assert all(slide.is_edge({"at_edge": v}) for v in (1, "1", True, "true"))
     assert not any(slide.is_edge({"at_edge": v}) for v in (None, "", 0, "0")) and not slide.is_edge({})
+
+
+def test_a_field_left_out_shows_its_most_probable_cells_never_counted(rule):
+    """A parasite in a field that failed the quality gate (or looks unfamiliar) must not pass silently: the field's
+    most probable candidates, up to the review budget of its cells, follow the counted ones."""
+    blurred = rows(200, 10, field="blurred.jpg", warnings=["out of focus"])
+    r = assess_slide(rows(1000) + blurred, rule)
+    budget = math.ceil(rule.max_candidate_share * 200)
+    assert r.excluded_fields == ["blurred.jpg"] and r.cells == 1000 and r.flagged == 0
+    assert r.candidates == r.left_out_candidates == budget < 10
+    assert [c["rank"] for c in r.candidate_list] == list(range(1, budget + 1))
+    assert all(slide.is_left_out(c) and c["path"] == "blurred.jpg" for c in r.candidate_list)
+    assert r.call == REVIEW_NEEDED and "fields left out" in r.reason  # was "no parasites found"
+    assert r.parasitemia == assess_slide(rows(1000), rule).parasitemia
+    counted = assess_slide(rows(1000, 0, 2, band_p=review_band_p(rule)) + blurred, rule)
+    assert [slide.is_left_out(c) for c in counted.candidate_list] == [False] * 2 + [True] * budget
+    seen = assess_slide(rows(1000) + blurred, rule, reviewed={("blurred.jpg", 1)})
+    assert seen.call == FOUND and seen.confirmed == 0 and seen.confirmed_left_out == 1 and seen.parasitemia == 0.0
+    assert "in fields left out" in seen.reason
+    assert assess_slide(rows(1000) + blurred, rule, reviewed=set()).call == NONE_FOUND
+    unread = assess_slide(blurred, rule)
+    assert unread.call == INDETERMINATE and unread.candidates == budget and "shown for review" in unread.reason
+    one = assess_slide(rows(1000) + rows(20, 5, field="odd.jpg", unfamiliar=True), rule)
+    assert one.left_out_candidates == 1  # at least one, however few cells the field has
+    assert not slide.is_left_out({}) and not any(slide.is_left_out(c) for c in assess_slide(rows(900, 9), rule)
+                                                 .candidate_list)
 
 
 def test_interval_is_deterministic(rule):

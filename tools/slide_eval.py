@@ -11,8 +11,9 @@ Data (default: $MALARIA_DATA, else shared/data beside the repository):
 
 Each field is run through ``Classifier.classify_field`` exactly as edge-classify runs it; its cells are matched to
 the annotated boxes at IoU >= 0.5 (benchmarks.fields.match). A parasite box no segmented cell matches is a parasite
-the slide missed. Slides are read as edge-classify reads them, with the card's unfamiliar limits: a field with too
-many unfamiliar cells is left out of its slide (its parasites are then not among the candidates). Per-cell results
+the slide missed. Slides are read as edge-classify reads them, with the quality gate's warnings and the card's
+unfamiliar limits: a field that fails the gate or has too many unfamiliar cells is left out of its slide's count
+(its most probable candidates are still shown). Per-cell results
 are cached under /tmp (keyed by the model's SHA-256) so a rerun costs seconds.
 """
 from __future__ import annotations
@@ -35,6 +36,7 @@ from malaria_edge.edge_runtime import slide as slide_mod
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("SLIDE_EVAL_CACHE", "/tmp/slide_eval_cache"))
 BLOCK = 8
+CACHE_VERSION = 2  # 2: fields carry the quality gate's warnings
 
 
 def data_root() -> Path:
@@ -52,7 +54,7 @@ def _cache_file(classifier: Classifier, name: str) -> Path:
     modules = (segment, quality, images, classifier_mod, annotations, fields)
     code = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in modules)).hexdigest()[:8]
     CACHE.mkdir(parents=True, exist_ok=True)
-    return CACHE / f"{name}_{digest}_{code}.json"
+    return CACHE / f"{name}_{digest}_{code}_v{CACHE_VERSION}.json"
 
 
 def iml_fields(classifier: Classifier, split: str) -> List[Dict]:
@@ -84,7 +86,7 @@ def iml_fields(classifier: Classifier, split: str) -> List[Dict]:
         edge = [{"cell": c.index, "box": list(c.box), "prob": c.prob_parasitized, "unfamiliar": c.unfamiliar_score,
                  "truth": "parasite" if any(iou(c.box, b) >= 0.5 for b in unmatched) else "edge"}
                 for c in result.edge_cells]
-        out.append({"field": truth.name, "annotated_cells": len(truth.cells),
+        out.append({"field": truth.name, "warnings": result.warnings, "annotated_cells": len(truth.cells),
                     "annotated_parasites": len(truth.parasites),
                     "parasites_segmented": sum(1 for j in matched.values() if j in parasite_idx),
                     "cells": cells, "edge_cells": edge})
@@ -220,10 +222,11 @@ def _sha(classifier: Classifier) -> str:
 
 # -------------------------------------------------------------------------------------------------------- evaluate
 def field_rows(f: Dict, threshold: float) -> List[Dict]:
-    """The rows edge-classify writes for a cached field: its whole cells, then its cells at the edge (``at_edge``)."""
+    """The rows edge-classify writes for a cached field: its whole cells, then its cells at the edge (``at_edge``),
+    each with the field's quality-gate warnings."""
     return [{"path": f["field"], "cell": c["cell"], "box": c["box"], "prob_parasitized": c["prob"],
              "prediction": PARASITIZED if c["prob"] >= threshold else "uninfected", "unfamiliar": c["unfamiliar"],
-             "truth": c["truth"], "at_edge": 1 if edge else None}
+             "warnings": f["warnings"] or None, "truth": c["truth"], "at_edge": 1 if edge else None}
             for edge, cells in ((False, f["cells"]), (True, f.get("edge_cells", []))) for c in cells]
 
 
@@ -251,6 +254,8 @@ def evaluate(args) -> Dict:
                  "annotated_parasitemia": parasites / annotated, "candidates_holding_parasites": held,
                  "candidates_at_edge_holding_parasites": sum(r["truth"] == "parasite" and bool(r["at_edge"])
                                                              for r in cands),
+                 "candidates_left_out_holding_parasites": sum(r["truth"] == "parasite" and slide_mod.is_left_out(r)
+                                                              for r in cands),
                  "parasites_lost_by_segmentation": parasites - sum(f["parasites_segmented"] for f in block) - at_edge,
                  "parasites_in_fields_left_out": sum(f["annotated_parasites"] for f in block if f["field"] in left_out),
                  "before": before.to_json(), "after": after.to_json(), "detail": before.detail()}
@@ -289,9 +294,12 @@ def score(infected: List[Dict], negative: List[Dict]) -> Dict:
     return {
         "slides_infected": len(infected), "slides_negative": len(negative),
         "candidate_share_pooled": cands / cells,
+        "candidate_share_pooled_of_cells_examined": cands / sum(s["detail"]["cells_total"] for s in every),
         "candidate_share_max": max(s["before"]["candidates"] / max(1, s["before"]["cells"]) for s in every),
         "parasites_annotated": parasites, "parasites_held_by_candidates": held,
         "parasites_held_by_candidates_at_edge": sum(s["candidates_at_edge_holding_parasites"] for s in infected),
+        "parasites_held_by_candidates_of_fields_left_out": sum(s["candidates_left_out_holding_parasites"]
+                                                               for s in infected),
         "parasites_lost_by_segmentation": sum(s["parasites_lost_by_segmentation"] for s in infected),
         "parasites_in_fields_left_out": sum(s["parasites_in_fields_left_out"] for s in infected),
         "fields_left_out": [f for s in infected + negative for f in s["detail"]["excluded_fields"]],

@@ -44,13 +44,17 @@ def main() -> None:
     slides = []
     for n, probs in (("clean", [0.01] * 300), ("few", [0.01] * 20 + [0.9]),
                      ("flagged", [0.02] * 200 + [0.95] * 30 + [band] * 5),
-                     ("band", [0.02] * 250 + [0.6] * 5 + [band] * 6)):
+                     ("band", [0.02] * 250 + [0.6] * 5 + [band] * 6),
+                     ("left out", [0.9] * 5 + [band] * 2 + [0.01] * 293)):
         rows = [{"path": f"f{i // 100}.jpg", "cell": i % 100 + 1, "prob_parasitized": p,
                  "prediction": "parasitized" if p >= 0.5 else "uninfected"} for i, p in enumerate(probs)]
+        if n == "left out":  # a field that failed the quality gate: its most probable cells shown, never counted
+            rows = [dict(r, warnings=["out of focus"]) if r["path"] == "f0.jpg" else r for r in rows]
         r = slide.assess_slide(rows, rule, name=n, draws=SLIDE_DRAWS)
         reviewed = {slide.cell_key(c) for c in r.candidate_list[:2]}
         rr = slide.assess_slide(rows, rule, name=n, reviewed=reviewed, draws=SLIDE_DRAWS)
-        result = {**r.to_json(), "reason": r.reason, "p_value": r.p_value, "flagged": r.flagged}
+        result = {**r.to_json(), "reason": r.reason, "p_value": r.p_value, "flagged": r.flagged, "warnings": r.warnings,
+                  "ranked": [[c["rank"], c["path"], c["cell"], slide.is_left_out(c)] for c in r.candidate_list]}
         slides.append({"name": n, "draws": SLIDE_DRAWS, "rows": rows, "result": result,
                        "reviewed_keys": [list(k) for k in sorted(reviewed)],
                        "reviewed": {**rr.to_json(), "reason": rr.reason, "confirmed": rr.confirmed}})

@@ -10,7 +10,7 @@ import { CELL_COLUMNS, cropName, rowsToCsv, zip } from './export.mjs';
 import { classifyPixels } from './field.mjs';
 import { drawOverlay } from './overlay.mjs';
 import { renderReport, reportData, slideData } from './report.mjs';
-import { assessSlide, candidateRows, cellKey, isEdge } from './slide.mjs';
+import { assessSlide, cellKey, isEdge, isLeftOut } from './slide.mjs';
 import * as store from './store.mjs';
 
 const C = loadConstants();
@@ -203,7 +203,7 @@ async function showSlide(name) {
     cropOf(slide, row).then((b) => { if (b) img.src = URL.createObjectURL(b); });
     const cap = document.createElement('figcaption');
     cap.textContent = `#${row.rank} p=${Number(row.prob_parasitized).toFixed(2)} ${row.path} cell ${row.cell}`
-      + (isEdge(row) ? ' (cut by the image edge, not counted)' : '');
+      + (isEdge(row) ? ' (cut by the image edge, not counted)' : '') + (isLeftOut(row) ? ' (field left out, not counted)' : '');
     const mark = (verdict) => async () => {
       const s = await store.getSlide(name);
       s.review = s.review || {};
@@ -243,10 +243,9 @@ async function buildReport(name) {
     if (b) crops.set(cellKey(row), await blobToDataUri(b));
   }
   const overlays = [];
-  const ranksAll = candidateRows(slideRows(slide), state.card.slide_rule);
   for (const f of slide.fields) {
     const img = await decodeImage(f.photo);
-    const ranks = new Map(ranksAll.filter((r) => r.path === f.name).map((r) => [Number(r.cell), r.rank]));
+    const ranks = new Map(result.candidate_list.filter((r) => r.path === f.name).map((r) => [Number(r.cell), r.rank]));
     const cells = f.cells.map((c) => ({ ...c, region: { mask: c.mask } }));
     const pic = drawOverlay({ name: f.name, cells }, img, ranks);
     let canvas = new OffscreenCanvas(pic.width, pic.height);

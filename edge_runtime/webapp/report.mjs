@@ -1,7 +1,7 @@
 // The report: report.py's TEMPLATE (exported into constants.json, so there is one template) filled by the same
 // logic-less Mustache subset as report.fill, from the same plain dict as report.report_data.
 import { loadConstants } from './constants.mjs';
-import { cellKey, isEdge, toJson } from './slide.mjs';
+import { cellKey, isEdge, isLeftOut, toJson } from './slide.mjs';
 
 const C = loadConstants();
 const TAG = /\{\{([#^/]?)\s*([\w.]+)\s*\}\}/g;
@@ -101,7 +101,7 @@ export function slideData(result, index, { overlays = [], crops = new Map(), gal
       id: `s${index}-c${row.rank}`, rank: row.rank, prob: Number(row.prob_parasitized).toFixed(2), field: path,
       cell: row.cell ?? '',
       label: (row.cell !== null && row.cell !== undefined && row.cell !== '' ? `${stem} cell ${row.cell}` : stem)
-        + (isEdge(row) ? ' (cut by the image edge, not counted)' : ''),
+        + (isEdge(row) ? ' (cut by the image edge, not counted)' : '') + (isLeftOut(row) ? ' (field left out, not counted)' : ''),
       src: crops.get(cellKey(row)) ?? '',
     };
   });

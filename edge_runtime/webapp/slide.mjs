@@ -132,11 +132,36 @@ export function isEdge(row) {
   return ['1', 'true'].includes(String(row.at_edge ?? '').trim().toLowerCase());
 }
 
-export function candidateRows(rows, rule) {
+/** slide.is_left_out: a candidate of a field left out of the count (``left_out``), shown for review, never counted. */
+export function isLeftOut(row) {
+  return Boolean(row.left_out);
+}
+
+function mostProbableFirst(rows, rule) {
   const cands = rows.filter((r) => !r.error && Number(r.prob_parasitized) >= rule.candidate_threshold).map((r) => ({ ...r }));
   cands.sort((a, b) => (Number(b.prob_parasitized) - Number(a.prob_parasitized))
     || (String(a.path ?? '') < String(b.path ?? '') ? -1 : String(a.path ?? '') > String(b.path ?? '') ? 1 : 0)
     || (Number(a.cell || 0) - Number(b.cell || 0)));
+  return cands;
+}
+
+/** slide.candidate_rows: ranked candidates; those of the fields in ``leftOut`` after the others, per field at most
+ * max_candidate_share of its whole cells (at least one), marked ``left_out``. */
+export function candidateRows(rows, rule, leftOut = []) {
+  const apart = new Set(leftOut);
+  const byField = new Map();
+  for (const r of rows) {
+    const p = String(r.path ?? '');
+    if (!apart.has(p)) continue;
+    if (!byField.has(p)) byField.set(p, []);
+    byField.get(p).push(r);
+  }
+  const shown = [];
+  for (const frows of byField.values()) {
+    const budget = Math.max(1, Math.ceil((rule.max_candidate_share ?? K.DEFAULT_MAX_CANDIDATE_SHARE) * frows.filter((r) => !isEdge(r)).length - 1e-9));
+    shown.push(...mostProbableFirst(frows, rule).slice(0, budget).map((r) => ({ ...r, left_out: 1 })));
+  }
+  const cands = [...mostProbableFirst(rows.filter((r) => !apart.has(String(r.path ?? ''))), rule), ...mostProbableFirst(shown, rule)];
   cands.forEach((r, i) => { r.rank = i + 1; });
   return cands;
 }
@@ -177,6 +202,12 @@ function doubtfulFields(rows, unfamiliarLimits) {
   return [warnings, excluded];
 }
 
+/** slide.left_out_note: what a left-out field's warning adds (not counted; which of its candidates are shown). */
+function leftOutNote(path, cands) {
+  const shown = cands.filter((r) => isLeftOut(r) && String(r.path ?? '') === path).map((r) => `#${r.rank}`).join(', ');
+  return ' (left out of the count' + (shown ? `; its candidates ${shown} shown for review)` : ')');
+}
+
 /** slide.assess_slide: rows (edge-classify's columns) -> the slide's result (to_json keys + detail). ``reviewed``:
  * null before review, else a Set of cellKey of the confirmed cells. */
 export function assessSlide(rows, rule, { name = '', source = null, reviewed = null, rbcPerUl = K.DEFAULT_RBC_PER_UL,
@@ -189,15 +220,17 @@ export function assessSlide(rows, rule, { name = '', source = null, reviewed = n
   const ex = new Set(excluded);
   const shown = readable.filter((r) => !ex.has(String(r.path ?? '')));
   const good = shown.filter((r) => !isEdge(r));
-  const cands = candidateRows(shown, rule);
+  const cands = candidateRows(readable, rule, excluded);
   const result = {
     name, cells: good.length, candidates: cands.length, parasitemia: null, parasitemia_ci: null, parasites_per_ul: null,
     detection_limit: detectionLimit(good.length, rt.candidate_sensitivity), call: K.INDETERMINATE, reviewed: reviewed !== null,
     reason: '', source, flagged: good.filter((r) => Number(r.prob_parasitized) >= rule.threshold).length,
     confirmed: null, p_value: null, rbc_per_ul: rbcPerUl, warnings, excluded_fields: excluded,
     cells_total: counted.length, failed: rows.length - readable.length, rates: rt, candidate_list: cands,
-    edge_candidates: cands.filter(isEdge).length, confirmed_edge: null,
+    edge_candidates: cands.filter((r) => isEdge(r) && !isLeftOut(r)).length, confirmed_edge: null,
+    left_out_candidates: cands.filter(isLeftOut).length, confirmed_left_out: null,
   };
+  result.warnings = warnings.map((w, i) => w + leftOutNote(excluded[i], cands));
   if (good.length) {
     const n = good.length;
     let est; let ci;
@@ -205,11 +238,14 @@ export function assessSlide(rows, rule, { name = '', source = null, reviewed = n
       [est, ci] = correctedParasitemia(result.flagged, n, [rt.sensitivity_k, rt.sensitivity_n], rt, draws);
     } else {
       result.confirmed = good.filter((r) => reviewed.has(cellKey(r))).length;
-      result.confirmed_edge = shown.filter((r) => isEdge(r) && reviewed.has(cellKey(r))).length;
       [est, ci] = correctedParasitemia(result.confirmed, n, [rt.candidate_sensitivity_k, rt.sensitivity_n], null, draws);
     }
     result.parasitemia = est; result.parasitemia_ci = ci; result.parasites_per_ul = est * rbcPerUl;
     result.p_value = falseFlagPValue(result.flagged, n, ...falseFlagBeta(rt));
+  }
+  if (reviewed !== null) {
+    result.confirmed_edge = shown.filter((r) => isEdge(r) && reviewed.has(cellKey(r))).length;
+    result.confirmed_left_out = readable.filter((r) => ex.has(String(r.path ?? '')) && reviewed.has(cellKey(r))).length;
   }
   callSlide(result, rule, rt, new Set(readable.map((r) => String(r.path ?? ''))).size);
   result.method = !result.reviewed
@@ -222,18 +258,24 @@ export function assessSlide(rows, rule, { name = '', source = null, reviewed = n
 function callSlide(result, rule, rt, fields) {
   const n = result.cells; const cands = result.candidates; const excluded = result.excluded_fields;
   const minCells = rule.min_cells ?? K.DEFAULT_MIN_CELLS; const alpha = rule.alpha ?? K.DEFAULT_ALPHA;
+  const leftOut = result.left_out_candidates;
   if (n < minCells) {
     const left = excluded.length ? ` after leaving out ${excluded.length} of ${fields} fields` : '';
-    result.reason = `too few usable cells (${n} < ${minCells})${left}`;
+    const shown = leftOut ? `; ${leftOut} candidates of those fields shown for review` : '';
+    result.reason = `too few usable cells (${n} < ${minCells})${left}${shown}`;
     if (!result.cells_total) result.reason = 'no readable cells' + (result.failed ? ` (${result.failed} failed)` : '');
+    if (result.reviewed && result.confirmed_left_out) {
+      result.reason += `; the microscopist confirmed ${result.confirmed_left_out} in fields left out: parasites seen, the slide not read`;
+    }
     return;
   }
   const dl = pct(result.detection_limit);
   if (result.reviewed) {
-    const edge = result.confirmed_edge || 0;
-    if (result.confirmed + edge >= (rule.min_confirmed ?? 1)) {
-      result.call = K.FOUND; result.reason = `the microscopist confirmed ${result.confirmed + edge} of ${cands} candidates`;
-      if (edge) result.reason += ` (${edge} cut by the image edge: seen, not counted in the parasitemia)`;
+    const edge = result.confirmed_edge || 0; const apart = result.confirmed_left_out || 0;
+    if (result.confirmed + edge + apart >= (rule.min_confirmed ?? 1)) {
+      result.call = K.FOUND; result.reason = `the microscopist confirmed ${result.confirmed + edge + apart} of ${cands} candidates`;
+      const seen = [[edge, `${edge} cut by the image edge`], [apart, `${apart} in fields left out`]].filter(([k]) => k).map(([, t]) => t);
+      if (seen.length) result.reason += ` (${seen.join(' and ')}: seen, not counted in the parasitemia)`;
     } else {
       result.call = K.NONE_FOUND; result.reason = `none of ${cands} candidates confirmed; ${n} cells examined, detection limit ${dl}`;
     }
@@ -246,6 +288,7 @@ function callSlide(result, rule, rt, fields) {
   } else if (cands) {
     result.call = K.REVIEW_NEEDED;
     result.reason = `${result.flagged} cells flagged, within what false flags explain (about ${expected.toFixed(1)}, p = ${pyG(result.p_value, 2)}); look at the ${cands} candidates`;
+    if (leftOut) result.reason += ` (${leftOut} of them in fields left out)`;
   } else {
     result.call = K.NONE_FOUND; result.reason = `no candidate among ${n} cells; detection limit ${dl}`;
   }

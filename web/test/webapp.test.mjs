@@ -9,7 +9,7 @@ import { colourFeatures, pillowResize, unfamiliarScore } from '../../edge_runtim
 import { loadConstants } from '../../edge_runtime/webapp/constants.mjs';
 import { crc32, rowsToCsv, zip } from '../../edge_runtime/webapp/export.mjs';
 import { fill } from '../../edge_runtime/webapp/report.mjs';
-import { assessSlide, cellKey, lgamma, pyG } from '../../edge_runtime/webapp/slide.mjs';
+import { assessSlide, cellKey, isLeftOut, lgamma, pyG } from '../../edge_runtime/webapp/slide.mjs';
 import { formatMessage } from '../../edge_runtime/webapp/quality.mjs';
 
 const fixtures = JSON.parse(readFileSync(new URL('./fixtures.json', import.meta.url)));
@@ -42,6 +42,8 @@ test('a slide gets the same call, estimate, p-value and detection limit as slide
     assert.equal(r.reason, s.result.reason, s.name);
     assert.equal(r.cells, s.result.cells);
     assert.equal(r.candidates, s.result.candidates);
+    assert.deepEqual(r.candidate_list.map((c) => [c.rank, c.path, c.cell, isLeftOut(c)]), s.result.ranked, s.name);
+    assert.deepEqual(r.warnings, s.result.warnings, s.name);
     if (s.result.parasitemia !== null) {
       assert.ok(Math.abs(r.parasitemia - s.result.parasitemia) < 1e-12);
       assert.ok(Math.abs(r.p_value - s.result.p_value) <= 1e-9 + 1e-9 * s.result.p_value, `${r.p_value} vs ${s.result.p_value}`);
