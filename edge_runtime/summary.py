@@ -15,7 +15,7 @@ from .classifier import Classifier, group_key
 from .labels import CLASSES, PARASITIZED, REVIEW, UNINFECTED, patient_id
 from .metrics import binary_metrics, figure, pct, wilson_interval
 from .patients import FIELD_RULE_REASON, patient_level_metrics, summarize_groups
-from .slide import INDETERMINATE, SlideResult, is_edge
+from .slide import INDETERMINATE, SlideResult, is_edge, is_left_out
 from .version import __version__
 
 
@@ -130,7 +130,8 @@ def slide_details(slides: Mapping[str, SlideResult]) -> Dict[str, Dict]:
     candidates (rank, field, cell, probability: the numbers on the overlays, review files and report)."""
     return {name: {**r.detail(), "text": slide_text(r),
                    "candidate_cells": [{"rank": c["rank"], "path": c.get("path"), "cell": c.get("cell"),
-                                        "prob_parasitized": float(c["prob_parasitized"])} for c in r.candidate_list]}
+                                        "prob_parasitized": float(c["prob_parasitized"]), "at_edge": is_edge(c),
+                                        "left_out": is_left_out(c)} for c in r.candidate_list]}
             for name, r in slides.items()}
 
 

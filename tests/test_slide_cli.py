@@ -47,7 +47,8 @@ def test_a_field_group_is_exactly_the_slide_json_and_one_line(run):
     line = next(x for x in done.stderr.splitlines() if x.strip().startswith("slide "))
     assert f"{group['call']}; 67 cells, {group['candidates']} candidates" in line and "/µL" in line
     assert "detection limit" in line and "no call" not in done.stderr
-    assert summary["slide_details"][name]["candidate_cells"][0]["rank"] == 1
+    first = summary["slide_details"][name]["candidate_cells"][0]
+    assert first["rank"] == 1 and first["at_edge"] is False and first["left_out"] is False
 
 
 def test_slide_name_makes_all_inputs_one_slide(tmp_path):
