@@ -193,6 +193,15 @@ def test_photo_to_slide_result_through_the_file_input_and_it_survives_a_reload(o
     page.wait_for_function("document.getElementById('slide-call').dataset.value", timeout=30_000)
     call = page.get_attribute("#slide-call", "data-value")
     assert call in ("parasites found", "review needed", "no parasites found", "indeterminate")
+    # The page's report numbers the overlay's candidates as its gallery numbers them (one ranked list).
+    page.click("#show-report")
+    page.wait_for_function("(document.getElementById('report-frame').srcdoc || '').includes('data-rank')",
+                           timeout=60_000)
+    html = page.get_attribute("#report-frame", "srcdoc")
+    gallery = sorted(int(v) for v in re.findall(r'data-rank="(\d+)"', html))
+    captions = re.findall(r"<figcaption>[^<]*: \d+ cells; candidates ([^<]*)</figcaption>", html)
+    assert gallery and len(captions) == 1
+    assert sorted(int(v) for v in re.findall(r"#(\d+)", captions[0])) == gallery == list(range(1, len(gallery) + 1))
     page.reload()
     page.wait_for_function("window.malariaEdge")
     page.wait_for_function("document.getElementById('slides').options.length > 0", timeout=30_000)
