@@ -294,14 +294,14 @@ def is_left_out(row: Mapping) -> bool:
 
 
 def _most_probable_first(rows: Iterable[Mapping], rule: SlideRule) -> List[Dict]:
+    """Copies of the rows at or above the candidate threshold, most probable first (ties by field and cell)."""
     cands = [dict(r) for r in rows if not r.get("error") and float(r["prob_parasitized"]) >= rule.candidate_threshold]
     cands.sort(key=lambda r: (-float(r["prob_parasitized"]), str(r.get("path") or ""), int(r.get("cell") or 0)))
     return cands
 
 
 def candidate_rows(rows: Iterable[Mapping], rule: SlideRule, left_out: Collection[str] = ()) -> List[Dict]:
-    """The candidates, ranked: cells at or above the candidate threshold, most probable first (ties by field and
-    cell), each a copy of its row with ``rank`` from 1. Rows of the fields in ``left_out`` come after the others:
+    """The candidates, ranked: :func:`_most_probable_first`, each a copy of its row with ``rank`` from 1. Rows of the fields in ``left_out`` come after the others:
     per field its most probable candidates, at most ``max_candidate_share`` of its whole cells (at least one),
     marked ``left_out``."""
     left_out = set(left_out)
@@ -419,7 +419,8 @@ def assess_slide(rows: Iterable[Mapping], rule: SlideRule, name: str = "", sourc
     rates = rule.rates(source)
     counted = [r for r in readable if not is_edge(r)]
     warnings, excluded = doubtful_fields(counted, unfamiliar_limits)
-    shown = [r for r in readable if str(r.get("path") or "") not in set(excluded)]
+    left_out = set(excluded)
+    shown = [r for r in readable if str(r.get("path") or "") not in left_out]
     good = [r for r in shown if not is_edge(r)]
     cands = candidate_rows(readable, rule, left_out=excluded)
     result = SlideResult(name=name, cells=len(good), candidates=len(cands), parasitemia=None, parasitemia_ci=None,
@@ -439,7 +440,7 @@ def assess_slide(rows: Iterable[Mapping], rule: SlideRule, name: str = "", sourc
         confirmed = set(reviewed)
         result.confirmed_edge = sum(cell_key(r) in confirmed for r in shown if is_edge(r))
         result.confirmed_left_out = sum(cell_key(r) in confirmed for r in readable
-                                        if str(r.get("path") or "") in set(excluded))
+                                        if str(r.get("path") or "") in left_out)
     call_slide(result, rule, rates, fields=len({str(r.get("path") or "") for r in readable}))
     return result
 
