@@ -220,10 +220,10 @@ def classify_field_pixels(classifier, rgb: np.ndarray, source: str = "<field>", 
         pixels = np.stack([classifier.prepare_crop(cut_cell(rgb, r)) for r in regions + cut])
         probs, _ = classifier.probabilities(pixels)
         scores = classifier.unfamiliar_scores(pixels)
-        shown = edge_threshold(classifier)
+        edge_min = edge_threshold(classifier)
         for i, (region, prob) in enumerate(zip(regions + cut, probs)):
             at_edge = i >= len(regions)
-            if at_edge and prob < shown:
+            if at_edge and prob < edge_min:
                 continue
             score = None if scores is None else float(scores[i])
             (edge if at_edge else cells).append(

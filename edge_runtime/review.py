@@ -28,7 +28,8 @@ from typing import Callable, Dict, Hashable, Iterable, List, Mapping, Optional, 
 
 import numpy as np
 
-from .slide import SlideResult, SlideRule, assess_slide, cell_key, is_edge, is_left_out
+from .slide import (SlideResult, SlideRule, assess_slide, candidate_rows, cell_key, doubtful_fields, is_edge,
+                    is_left_out)
 
 PARASITIZED_DIR, UNINFECTED_DIR = "Parasitized", "Uninfected"
 INDEX_NAME, SLIDE_NAME = "review_index.csv", "review_slide.json"
@@ -113,7 +114,7 @@ def write_review(directory, slide_name: str, cell_records: Iterable[Mapping], cr
     (folder / PARASITIZED_DIR).mkdir(parents=True)
     (folder / UNINFECTED_DIR).mkdir(parents=True)
     index = []
-    for r in assess_slide(rows, rule, source=source, unfamiliar_limits=unfamiliar_limits).candidate_list:
+    for r in candidate_rows(rows, rule, left_out=doubtful_fields(rows, unfamiliar_limits)[1]):
         name = crop_file_name(r, f"{r['rank']:03d}")
         Image.fromarray(_crop(crops, r)).save(folder / PARASITIZED_DIR / name)
         index.append((r["rank"], name, PARASITIZED_DIR, r))

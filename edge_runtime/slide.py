@@ -295,21 +295,27 @@ def is_left_out(row: Mapping) -> bool:
 
 def _most_probable_first(rows: Iterable[Mapping], rule: SlideRule) -> List[Dict]:
     """Copies of the rows at or above the candidate threshold, most probable first (ties by field and cell)."""
-    cands = [dict(r) for r in rows if not r.get("error") and float(r["prob_parasitized"]) >= rule.candidate_threshold]
+    cands = [dict(r) for r in rows if float(r["prob_parasitized"]) >= rule.candidate_threshold]
     cands.sort(key=lambda r: (-float(r["prob_parasitized"]), str(r.get("path") or ""), int(r.get("cell") or 0)))
     return cands
 
 
 def candidate_rows(rows: Iterable[Mapping], rule: SlideRule, left_out: Collection[str] = ()) -> List[Dict]:
-    """The candidates, ranked: :func:`_most_probable_first`, each a copy of its row with ``rank`` from 1. Rows of the fields in ``left_out`` come after the others:
-    per field its most probable candidates, at most ``max_candidate_share`` of its whole cells (at least one),
-    marked ``left_out``."""
+    """The candidates, ranked: :func:`_most_probable_first`, each a copy of its row with ``rank`` from 1. Rows of
+    the fields in ``left_out`` (:func:`doubtful_fields`) come after the others: per field its most probable
+    candidates, at most ``max_candidate_share`` of its whole cells (at least one), marked ``left_out``. Rows with
+    an error are never candidates."""
     left_out = set(left_out)
-    counted = [r for r in rows if str(r.get("path") or "") not in left_out]
+    counted: List[Mapping] = []
     by_field: Dict[str, List[Mapping]] = {}
     for r in rows:
-        if str(r.get("path") or "") in left_out:
-            by_field.setdefault(str(r.get("path") or ""), []).append(r)
+        if r.get("error"):
+            continue
+        path = str(r.get("path") or "")
+        if path in left_out:
+            by_field.setdefault(path, []).append(r)
+        else:
+            counted.append(r)
     shown = []
     for frows in by_field.values():
         budget = max(1, math.ceil(rule.max_candidate_share * sum(not is_edge(r) for r in frows) - 1e-9))
@@ -418,7 +424,7 @@ def assess_slide(rows: Iterable[Mapping], rule: SlideRule, name: str = "", sourc
     source = rule.source_for(source or default_source(readable))
     rates = rule.rates(source)
     counted = [r for r in readable if not is_edge(r)]
-    warnings, excluded = doubtful_fields(counted, unfamiliar_limits)
+    warnings, excluded = doubtful_fields(readable, unfamiliar_limits)
     left_out = set(excluded)
     shown = [r for r in readable if str(r.get("path") or "") not in left_out]
     good = [r for r in shown if not is_edge(r)]
@@ -455,11 +461,13 @@ def left_out_note(path: str, cands: Sequence[Mapping]) -> str:
 def doubtful_fields(rows: Sequence[Mapping],
                     unfamiliar_limits: Optional[Tuple[float, float]]) -> Tuple[List[str], List[str]]:
     """(warnings, fields left out): a field whose rows carry warnings (a failed quality gate) or whose share of
-    unfamiliar cells exceeds the warn fraction is left out of the slide, and named with its reasons."""
+    unfamiliar cells exceeds the warn fraction is left out of the slide, and named with its reasons. Judged on the
+    readable whole cells (rows with an error or ``at_edge`` are passed over)."""
     threshold_u, warn = unfamiliar_limits if unfamiliar_limits else (None, DEFAULT_UNFAMILIAR_WARN)
     by_field: Dict[str, List[Mapping]] = {}
     for r in rows:
-        by_field.setdefault(str(r.get("path") or ""), []).append(r)
+        if not r.get("error") and not is_edge(r):
+            by_field.setdefault(str(r.get("path") or ""), []).append(r)
     warnings, excluded = [], []
     for path, frows in by_field.items():
         reasons = sorted({w for r in frows for w in _warnings_of(r)})

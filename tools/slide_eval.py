@@ -82,7 +82,8 @@ def iml_fields(classifier: Classifier, split: str) -> List[Dict]:
                 kind = "difficult" if i in left_out else "none"
             cells.append({"cell": c.index, "box": list(c.box), "prob": c.prob_parasitized,
                           "unfamiliar": c.unfamiliar_score, "truth": kind})
-        unmatched = [b for j, b in enumerate(truth.cells) if j in parasite_idx and j not in set(matched.values())]
+        segmented = set(matched.values())
+        unmatched = [b for j, b in enumerate(truth.cells) if j in parasite_idx and j not in segmented]
         edge = [{"cell": c.index, "box": list(c.box), "prob": c.prob_parasitized, "unfamiliar": c.unfamiliar_score,
                  "truth": "parasite" if any(iou(c.box, b) >= 0.5 for b in unmatched) else "edge"}
                 for c in result.edge_cells]
@@ -252,7 +253,7 @@ def evaluate(args) -> Dict:
         entry = {"slide": f"{block[0]['field']}..{block[-1]['field']}", "fields": len(block),
                  "annotated_cells": annotated, "annotated_parasites": parasites,
                  "annotated_parasitemia": parasites / annotated, "candidates_holding_parasites": held,
-                 "candidates_at_edge_holding_parasites": sum(r["truth"] == "parasite" and bool(r["at_edge"])
+                 "candidates_at_edge_holding_parasites": sum(r["truth"] == "parasite" and slide_mod.is_edge(r)
                                                              for r in cands),
                  "candidates_left_out_holding_parasites": sum(r["truth"] == "parasite" and slide_mod.is_left_out(r)
                                                               for r in cands),

@@ -88,8 +88,11 @@ function paint(canvas, picture) {
   canvas.getContext('2d').putImageData(new ImageData(picture.data, picture.width, picture.height), 0, 0);
 }
 
+/** The cells a field counts: not the ones cut by the image edge (shown for review only). */
+const wholeCells = (cells) => cells.filter((c) => !c.at_edge);
+
 function fieldCaption(r) {
-  const whole = r.cells.filter((c) => !c.at_edge);
+  const whole = wholeCells(r.cells);
   const p = whole.filter((c) => c.prediction === C.labels.PARASITIZED).length;
   let text = `${whole.length} cells, ${p} parasitized`;
   const decided = whole.length;
@@ -107,7 +110,7 @@ async function onPhoto(file) {
   try {
     const r = await classifyBlob(file, file.name || `field-${Date.now()}.jpg`);
     state.current = { ...r, photo: file };
-    if (!r.cells.some((c) => !c.at_edge)) {
+    if (!wholeCells(r.cells).length) {
       $('field-caption').textContent = `No cells found in this ${r.width}x${r.height} picture (not a thin-smear field, or far out of focus).`;
       $('overlay').hidden = true;
       $('field-messages').replaceChildren(...r.quality.messages.map((m) => Object.assign(document.createElement('li'), { textContent: m })));
@@ -257,7 +260,7 @@ async function buildReport(name) {
       canvas = small;
     }
     const sorted = [...ranks.values()].sort((a, b) => a - b);
-    overlays.push({ field: f.name, name: f.name, caption: `${f.cells.filter((c) => !c.at_edge).length} cells; candidates ${sorted.map((v) => `#${v}`).join(', ') || 'none'}`,
+    overlays.push({ field: f.name, name: f.name, caption: `${wholeCells(f.cells).length} cells; candidates ${sorted.map((v) => `#${v}`).join(', ') || 'none'}`,
       src: await blobToDataUri(await canvas.convertToBlob({ type: 'image/jpeg', quality: 0.82 })) });
   }
   const data = reportData([slideData(result, 0, { overlays, crops })], { modelName: state.card.name, modelSha256: C.model.sha256, version: `${C.version} (phone)`,
@@ -270,7 +273,7 @@ function wire() {
   $('add-field').addEventListener('click', async () => {
     const name = $('slide-name').value.trim();
     if (!name) { $('slide-name').focus(); $('slide-name').placeholder = 'type the slide name first'; return; }
-    if (!state.current?.cells.some((c) => !c.at_edge)) return;
+    if (!state.current || !wholeCells(state.current.cells).length) return;
     await store.addField(name, storedField(state.current));
     $('add-field').disabled = true;
     await refreshSlides(name);

@@ -20,14 +20,14 @@ export async function classifyPixels(img, model, card) {
   const cells = [];
   const stats = card?.unfamiliar?.statistics;
   const all = regions.concat(edge);
-  const shown = edgeThreshold(card);
+  const edgeMin = edgeThreshold(card);
   for (let i = 0; i < all.length; i++) {
     const region = all[i];
     const cut = cutCell(img, region);
     const pixels = pillowResize(cut, model.size, model.size).data;
     const prob = await model.probability(pixels);
     const atEdge = i >= regions.length;
-    if (atEdge && prob < shown) continue;
+    if (atEdge && prob < edgeMin) continue;
     const [x, y, w, h] = region.box;
     cells.push({
       index: cells.length + 1, x, y, w, h, prob_parasitized: prob, prediction: decide(prob),

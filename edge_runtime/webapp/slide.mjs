@@ -138,7 +138,7 @@ export function isLeftOut(row) {
 }
 
 function mostProbableFirst(rows, rule) {
-  const cands = rows.filter((r) => !r.error && Number(r.prob_parasitized) >= rule.candidate_threshold).map((r) => ({ ...r }));
+  const cands = rows.filter((r) => Number(r.prob_parasitized) >= rule.candidate_threshold).map((r) => ({ ...r }));
   cands.sort((a, b) => (Number(b.prob_parasitized) - Number(a.prob_parasitized))
     || (String(a.path ?? '') < String(b.path ?? '') ? -1 : String(a.path ?? '') > String(b.path ?? '') ? 1 : 0)
     || (Number(a.cell || 0) - Number(b.cell || 0)));
@@ -146,13 +146,15 @@ function mostProbableFirst(rows, rule) {
 }
 
 /** slide.candidate_rows: ranked candidates; those of the fields in ``leftOut`` after the others, per field at most
- * max_candidate_share of its whole cells (at least one), marked ``left_out``. */
+ * max_candidate_share of its whole cells (at least one), marked ``left_out``; rows with an error never. */
 export function candidateRows(rows, rule, leftOut = []) {
   const apart = new Set(leftOut);
+  const counted = [];
   const byField = new Map();
   for (const r of rows) {
+    if (r.error) continue;
     const p = String(r.path ?? '');
-    if (!apart.has(p)) continue;
+    if (!apart.has(p)) { counted.push(r); continue; }
     if (!byField.has(p)) byField.set(p, []);
     byField.get(p).push(r);
   }
@@ -161,7 +163,7 @@ export function candidateRows(rows, rule, leftOut = []) {
     const budget = Math.max(1, Math.ceil((rule.max_candidate_share ?? K.DEFAULT_MAX_CANDIDATE_SHARE) * frows.filter((r) => !isEdge(r)).length - 1e-9));
     shown.push(...mostProbableFirst(frows, rule).slice(0, budget).map((r) => ({ ...r, left_out: 1 })));
   }
-  const cands = [...mostProbableFirst(rows.filter((r) => !apart.has(String(r.path ?? ''))), rule), ...mostProbableFirst(shown, rule)];
+  const cands = [...mostProbableFirst(counted, rule), ...mostProbableFirst(shown, rule)];
   cands.forEach((r, i) => { r.rank = i + 1; });
   return cands;
 }
@@ -185,6 +187,7 @@ function doubtfulFields(rows, unfamiliarLimits) {
   const [thresholdU, warn] = unfamiliarLimits ?? [null, K.DEFAULT_UNFAMILIAR_WARN];
   const byField = new Map();
   for (const r of rows) {
+    if (r.error || isEdge(r)) continue;
     const p = String(r.path ?? '');
     if (!byField.has(p)) byField.set(p, []);
     byField.get(p).push(r);
@@ -216,7 +219,7 @@ export function assessSlide(rows, rule, { name = '', source = null, reviewed = n
   source = source || (readable.some((r) => r.cell !== null && r.cell !== undefined && r.cell !== '') ? 'iml' : 'nih');
   const rt = rates(rule, source);
   const counted = readable.filter((r) => !isEdge(r));
-  const [warnings, excluded] = doubtfulFields(counted, unfamiliarLimits);
+  const [warnings, excluded] = doubtfulFields(readable, unfamiliarLimits);
   const ex = new Set(excluded);
   const shown = readable.filter((r) => !ex.has(String(r.path ?? '')));
   const good = shown.filter((r) => !isEdge(r));
