@@ -3,7 +3,7 @@
 import { colourFeatures, decide, pillowResize, unfamiliarScore } from './classify.mjs';
 import { assessField, measureCellDiameter } from './quality.mjs';
 import { loadConstants } from './constants.mjs';
-import { cutCell, segmentFieldAndEdge } from './segment.mjs';
+import { cutCell, inReadingOrder, joinedRegion, segmentFieldAndEdge } from './segment.mjs';
 
 const C = loadConstants();
 
@@ -19,19 +19,23 @@ export async function classifyPixels(img, model, card) {
   const t1 = performance.now();
   const cells = [];
   const stats = card?.unfamiliar?.statistics;
-  const all = regions.concat(edge);
   const edgeMin = edgeThreshold(card);
-  for (let i = 0; i < all.length; i++) {
-    const region = all[i];
+  const classify = async (region) => {
     const cut = cutCell(img, region);
     const pixels = pillowResize(cut, model.size, model.size).data;
-    const prob = await model.probability(pixels);
-    const atEdge = i >= regions.length;
-    if (atEdge && prob < edgeMin) continue;
+    return { region, cut, pixels, prob: await model.probability(pixels), atEdge: false };
+  };
+  const whole = [];
+  for (const region of regions) whole.push(await classify(region));
+  const atEdge = [];
+  for (const region of edge) atEdge.push({ ...(await classify(region)), atEdge: true });
+  const found = diameter != null ? await joinSplitCandidates(whole, edgeMin, diameter, classify) : whole;
+  for (const { region, cut, pixels, prob, atEdge: isEdge } of found.concat(atEdge)) {
+    if (isEdge && prob < edgeMin) continue;
     const [x, y, w, h] = region.box;
     cells.push({
       index: cells.length + 1, x, y, w, h, prob_parasitized: prob, prediction: decide(prob),
-      unfamiliar: stats ? unfamiliarScore(colourFeatures(pixels), stats) : null, region, cut, at_edge: atEdge,
+      unfamiliar: stats ? unfamiliarScore(colourFeatures(pixels), stats) : null, region, cut, at_edge: isEdge,
     });
   }
   const t2 = performance.now();
@@ -44,4 +48,35 @@ export async function classifyPixels(img, model, card) {
 /** fields.edge_threshold: the slide rule's candidate threshold, else the call threshold. */
 export function edgeThreshold(card) {
   return card?.slide_rule?.candidate_threshold ?? C.model.threshold;
+}
+
+/** fields.join_split_candidates: touching whole cells that both score at or above ``threshold`` and together make
+ * one round cell (joinedRegion) become one cell, classified again (``classify(region)``); the whole cells in reading
+ * order. ``whole``: [{region, prob, ...}] as classified. */
+async function joinSplitCandidates(whole, threshold, diameter, classify) {
+  const meet = (a, b) => a[0] <= b[0] + b[2] && b[0] <= a[0] + a[2] && a[1] <= b[1] + b[3] && b[1] <= a[1] + a[3];
+  const parts = whole.map((entry, i) => ({ region: entry.region, members: [i] })).filter((_, i) => whole[i].prob >= threshold);
+  let joined = false;
+  for (;;) {
+    let pair = null;
+    for (let a = 0; a < parts.length && !pair; a++) {
+      for (let b = a + 1; b < parts.length && !pair; b++) {
+        if (!meet(parts[a].region.box, parts[b].region.box)) continue;
+        const region = joinedRegion(parts[a].region, parts[b].region, diameter);
+        if (region) pair = [a, b, region];
+      }
+    }
+    if (!pair) break;
+    const [a, b, region] = pair;
+    parts[a] = { region, members: parts[a].members.concat(parts[b].members) };
+    parts.splice(b, 1);
+    joined = true;
+  }
+  if (!joined) return whole;
+  const merged = parts.filter((p) => p.members.length > 1);
+  const gone = new Set(merged.flatMap((p) => p.members));
+  const entries = whole.filter((_, i) => !gone.has(i));
+  for (const p of merged) entries.push(await classify(p.region));
+  const order = new Map(inReadingOrder(entries.map((e) => e.region), diameter).map((r, k) => [r, k]));
+  return entries.sort((e, f) => order.get(e.region) - order.get(f.region));
 }

@@ -820,11 +820,38 @@ export function segmentFieldAndEdge(img, diameter, dropBorder = true) {
     const [x0, y0, ww, wh, win] = overlapCompleted(blob, labels, w, h, circleOf.get(blob.label));
     (cut ? edge : cells).push(toFullScale(x0, y0, ww, wh, win, scale, img.width, img.height));
   }
+  return { cells: inReadingOrder(cells, diameter), edge: inReadingOrder(edge, diameter) };
+}
+
+/** segment.in_reading_order: top to bottom in rows one ``diameter`` high, left to right within a row (a copy). */
+export function inReadingOrder(cells, diameter) {
   const row = Math.max(1, Math.trunc(diameter));
-  for (const found of [cells, edge]) {
-    found.sort((a, b) => Math.floor(a.box[1] / row) - Math.floor(b.box[1] / row) || a.box[0] - b.box[0]);
+  return cells.slice().sort((a, b) => Math.floor(a.box[1] / row) - Math.floor(b.box[1] / row) || a.box[0] - b.box[0]);
+}
+
+/** segment.joined_region: cells ``a`` and ``b`` (full scale) as one cell when their masks touch and the union is
+ * one round cell (connected, up to ENLARGED_AREA cell areas, ONE_CELL_SOLIDITY of its hull); else null. */
+export function joinedRegion(a, b, diameter) {
+  const x0 = Math.min(a.box[0], b.box[0]); const y0 = Math.min(a.box[1], b.box[1]);
+  const x1 = Math.max(a.box[0] + a.box[2], b.box[0] + b.box[2]);
+  const y1 = Math.max(a.box[1] + a.box[3], b.box[1] + b.box[3]);
+  const ww = x1 - x0; const wh = y1 - y0;
+  const union = new Uint8Array(ww * wh);
+  for (const cell of [a, b]) {
+    const [x, y, w, h] = cell.box;
+    for (let yy = 0; yy < h; yy++) for (let xx = 0; xx < w; xx++) {
+      if (cell.mask[yy * w + xx]) union[(y - y0 + yy) * ww + x - x0 + xx] = 1;
+    }
   }
-  return { cells, edge };
+  const area = countOn(union);
+  if (area > S.ENLARGED_AREA * Math.PI * diameter * diameter / 4.0) return null;
+  if (components(union, ww, wh, 8).count !== 2 || solidity(union, ww, wh) < S.ONE_CELL_SOLIDITY) return null;
+  let sx = 0; let sy = 0;
+  for (let yy = 0; yy < wh; yy++) for (let xx = 0; xx < ww; xx++) if (union[yy * ww + xx]) { sx += xx; sy += yy; }
+  return {
+    box: [x0, y0, ww, wh], mask: union, area, centre: [x0 + sx / area, y0 + sy / area],
+    touchesBorder: a.touchesBorder || b.touchesBorder,
+  };
 }
 
 /** segment.cut_cell: the cell on black in its tight box, {width, height, data RGB}. */
