@@ -37,12 +37,12 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
 MIN_MATCHED = 0.98
 MIN_SAME_CALL = 0.995
 MAX_MEDIAN_PROB_DIFF = 0.01
-# Train fields whose infected cell only the segmentation's enlarged-cell rules find, or (PA171741) only the joining
-# of two halves that both look parasitized (tests/test_fields.py): the annotated box of that cell, which the page
-# must find too.
+# Train fields whose infected cell only the segmentation's enlarged-cell rules find, or only the joining of two
+# halves that both look parasitized (PA171741), or only the claiming of a cell no seed reached (PA171851)
+# (tests/test_fields.py): the annotated box of that cell, which the page must find too.
 ENLARGED_CELLS = {"PA171853.JPG": (704, 308, 89, 109), "PA171858.JPG": (444, 659, 100, 93),
                   "PA171873.JPG": (626, 576, 107, 106), "PA171867.JPG": (466, 874, 104, 83),
-                  "PA171741.JPG": (697, 411, 78, 112)}
+                  "PA171741.JPG": (697, 411, 78, 112), "PA171851.JPG": (753, 611, 108, 110)}
 ENLARGED_CELL_FIELDS = ("PA171859.JPG", "PA171866.JPG") + tuple(ENLARGED_CELLS)
 
 

@@ -674,10 +674,11 @@ function addPaleCells(labels, channels, density, tmap, img, diameter) {
   return labels;
 }
 
-/** segment.detach_beyond_circles (labels changed in place). */
+/** segment.detach_beyond_circles (labels changed in place), then claimSeedlessCells. */
 function detachBeyondCircles(labels, w, h, cellCircles, diameter, dropBorder) {
   let next = maxOf(labels) + 1;
   const small = S.MIN_CELL_AREA * Math.PI * diameter * diameter / 4.0;
+  const trimmed = new Uint8Array(labels.length);
   for (const [label, [x, y, r]] of circleOfRegion(labels, w, h, cellCircles)) {
     const x0 = Math.max(0, Math.trunc(x - 3 * r)); const y0 = Math.max(0, Math.trunc(y - 3 * r));
     const x1 = Math.min(w, Math.trunc(x + 3 * r) + 1); const y1 = Math.min(h, Math.trunc(y + 3 * r) + 1);
@@ -706,7 +707,35 @@ function detachBeyondCircles(labels, w, h, cellCircles, diameter, dropBorder) {
         if (y0 + py === 0 || x0 + px === 0 || y0 + py + ph === h || x0 + px + pw === w) set(part, next++);
       }
     }
-    for (const part of parts(S.REACH_TRIM * r)) if (part.stats[4] < small) set(part, 0);
+    for (const part of parts(S.REACH_TRIM * r)) {
+      if (part.stats[4] >= small) continue;
+      set(part, 0);
+      for (let yy = 0; yy < wh; yy++) for (let xx = 0; xx < ww; xx++) if (part.cc[yy * ww + xx] === part.p) trimmed[(yy + y0) * w + xx + x0] = 1;
+    }
+  }
+  return claimSeedlessCells(labels, trimmed, w, h, diameter);
+}
+
+/** segment.claim_seedless_cells: slivers trimmed from several cells that together cover SEEDLESS_AREA of a cell
+ * are a cell no seed reached: their convex hull, filled, becomes a region (labels changed in place). */
+function claimSeedlessCells(labels, trimmed, w, h, diameter) {
+  const c = cv();
+  const { count, labels: parts, stats } = components(trimmed, w, h, 8);
+  const least = S.SEEDLESS_AREA * Math.PI * diameter * diameter / 4.0;
+  let next = maxOf(labels) + 1;
+  for (let part = 1; part < count; part++) {
+    const [x, y, bw, bh, area] = stats.subarray(5 * part, 5 * part + 5);
+    if (area < least) continue;
+    const hull = withMats((k) => {
+      const own = windowOf(parts, w, x, y, bw, bh, part);
+      const polys = k(new c.MatVector());
+      polys.push_back(largestHull(k, k(toMat(own, bh, bw, c.CV_8U)), c.CHAIN_APPROX_SIMPLE));
+      const win = k(c.Mat.zeros(bh, bw, c.CV_8U));
+      c.fillPoly(win, polys, new c.Scalar(1));
+      return win.data.slice();
+    });
+    for (let yy = 0; yy < bh; yy++) for (let xx = 0; xx < bw; xx++) if (hull[yy * bw + xx]) labels[(yy + y) * w + xx + x] = next;
+    next++;
   }
   return labels;
 }
