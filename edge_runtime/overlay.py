@@ -21,6 +21,15 @@ BLACK = (0, 0, 0)
 WHITE = (255, 255, 255)
 
 
+def overlay_caption(field, ranks: Mapping[int, int]) -> str:
+    """The overlay's caption: the field's name, its whole cells and its candidates (those cut by the edge named)."""
+    n_cand = sum(1 for c in field.shown_cells if c.index in ranks)
+    candidates = f"{n_cand} candidate" + ("" if n_cand == 1 else "s")
+    caption = f"{Path(str(field.source)).name}: {len(field.cells)} cells, {candidates}"
+    n_edge = sum(1 for c in field.edge_cells if c.index in ranks)
+    return caption + (f" ({n_edge} cut by the edge, not counted)" if n_edge else "")
+
+
 def draw_overlay(field, ranks: Mapping[int, int], image: Optional[np.ndarray] = None) -> np.ndarray:
     """``field``: a FieldResult; ``ranks``: {cell index: candidate rank} for this field's candidates. Returns an
     RGB array: the field with every cell outlined (candidates thick vermillion with their rank, the others thin sky
@@ -59,12 +68,7 @@ def draw_overlay(field, ranks: Mapping[int, int], image: Optional[np.ndarray] = 
     band = int(40 * scale)
     canvas = np.full((out.shape[0] + band, out.shape[1], 3), 255, np.uint8)
     canvas[band:] = out
-    n_cand = sum(1 for c in field.shown_cells if c.index in ranks)
-    caption = f"{Path(str(field.source)).name}: {len(field.cells)} cells, {n_cand} candidates"
-    n_edge = sum(1 for c in field.edge_cells if c.index in ranks)
-    if n_edge:
-        caption += f" ({n_edge} cut by the edge, not counted)"
-    cv2.putText(canvas, caption, (int(8 * scale), int(band * 0.7)), font, 0.7 * scale, BLACK,
+    cv2.putText(canvas, overlay_caption(field, ranks), (int(8 * scale), int(band * 0.7)), font, 0.7 * scale, BLACK,
                 max(1, int(round(1.5 * scale))), cv2.LINE_AA)
     legend = [("candidate (numbered)", VERMILLION, thick), ("other cell", SKY_BLUE, thin)]
     x = canvas.shape[1]

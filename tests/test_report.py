@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from malaria_edge.edge_runtime.overlay import SKY_BLUE, VERMILLION, draw_overlay, ranks_for_field
+from malaria_edge.edge_runtime.overlay import SKY_BLUE, VERMILLION, draw_overlay, overlay_caption, ranks_for_field
 from malaria_edge.edge_runtime.report import DISCLAIMER, SlidePage, fill, model_identity, render_report
 from malaria_edge.edge_runtime.slide import JSON_KEYS, assess_slide
 from malaria_edge.edge_runtime.version import __version__
@@ -95,6 +95,16 @@ def test_overlay_is_colour_blind_safe_and_marks_candidates(report):
     # No pure red or pure green outlines anywhere.
     flat = img.reshape(-1, 3).astype(int)
     assert not ((flat == (230, 30, 30)).all(axis=1).any() or (flat == (40, 200, 60)).all(axis=1).any())
+
+
+def test_the_overlay_caption_counts_in_words_that_agree(report):
+    _, result, fields, _ = report
+    f = next(f for f in fields if ranks_for_field(f, result.candidate_list))
+    ranks = ranks_for_field(f, result.candidate_list)
+    one = {next(c.index for c in f.cells if c.index in ranks): 1}
+    assert overlay_caption(f, one).endswith(f"{len(f.cells)} cells, 1 candidate")
+    assert overlay_caption(f, {}).endswith(" 0 candidates")
+    assert overlay_caption(f, ranks).startswith(f"{Path(f.source).name}: ")
 
 
 def test_template_fills_sections_and_escapes():

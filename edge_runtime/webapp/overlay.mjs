@@ -54,7 +54,7 @@ export function drawOverlay(field, img, ranks) {
     out.copyTo(roi); roi.delete();
     const nCand = field.cells.filter((cell) => ranks.has(cell.index)).length;
     const nEdge = field.cells.filter((cell) => cell.at_edge && ranks.has(cell.index)).length;
-    let caption = `${field.name}: ${field.cells.filter((cell) => !cell.at_edge).length} cells, ${nCand} candidates`;
+    let caption = `${field.name}: ${field.cells.filter((cell) => !cell.at_edge).length} cells, ${nCand} candidate${nCand === 1 ? '' : 's'}`;
     if (nEdge) caption += ` (${nEdge} cut by the edge, not counted)`;
     c.putText(canvas, caption, new c.Point(Math.trunc(8 * scale), Math.trunc(band * 0.7)), font, 0.7 * scale, rgba(O.BLACK),
       Math.max(1, pyRound(1.5 * scale)), c.LINE_AA);
