@@ -18,7 +18,7 @@ from .images import ImageError, open_image, open_image_size, safe_file_name
 from .labels import PARASITIZED, REVIEW, UNINFECTED
 from .metrics import wilson_interval
 from .quality import FieldQuality, assess_field
-from .segment import (CellRegion, cut_cell, field_diameter, in_reading_order, is_on_black, joined_region,
+from .segment import (CellRegion, cut_cell, field_diameter, is_on_black, joined_region, reading_order,
                       segment_field_and_edge)
 
 
@@ -222,9 +222,8 @@ def classify_field_pixels(classifier, rgb: np.ndarray, source: str = "<field>", 
         probs, _ = classifier.probabilities(pixels)
         scores = classifier.unfamiliar_scores(pixels)
         edge_min = edge_threshold(classifier)
-        if diameter is not None:
-            regions, probs, scores = join_split_candidates(classifier, rgb, regions, cut, probs, scores, edge_min,
-                                                           diameter)
+        regions, probs, scores = join_split_candidates(classifier, rgb, regions, cut, probs, scores, edge_min,
+                                                       diameter)
         for i, (region, prob) in enumerate(zip(regions + cut, probs)):
             at_edge = i >= len(regions)
             if at_edge and prob < edge_min:
@@ -245,7 +244,6 @@ def join_split_candidates(classifier, rgb: np.ndarray, regions: List[CellRegion]
     one cell, classified again. ``probs``/``scores`` cover ``regions + cut``; returns (regions, probs, scores)
     for the new ``regions + cut``, the whole cells in reading order. Nothing to join: the inputs as they are."""
     parts = [(r, [i]) for i, r in enumerate(regions) if probs[i] >= threshold]
-    joined = False
     while True:
         pair = next(((a, b, region) for a in range(len(parts)) for b in range(a + 1, len(parts))
                      if _boxes_meet(parts[a][0].box, parts[b][0].box)
@@ -255,23 +253,20 @@ def join_split_candidates(classifier, rgb: np.ndarray, regions: List[CellRegion]
         a, b, region = pair
         parts[a] = (region, parts[a][1] + parts[b][1])
         del parts[b]
-        joined = True
-    if not joined:
-        return regions, probs, scores
     merged = [p for p in parts if len(p[1]) > 1]
+    if not merged:
+        return regions, probs, scores
     pixels = np.stack([classifier.prepare_crop(cut_cell(rgb, r)) for r, _ in merged])
     new_probs, _ = classifier.probabilities(pixels)
     new_scores = classifier.unfamiliar_scores(pixels)
     gone = {i for _, members in merged for i in members}
     kept = [i for i in range(len(regions)) if i not in gone]
-    entries = [(regions[i], probs[i], None if scores is None else scores[i]) for i in kept]
-    entries += [(r, new_probs[k], None if new_scores is None else new_scores[k]) for k, (r, _) in enumerate(merged)]
-    order = {id(r): k for k, r in enumerate(in_reading_order([e[0] for e in entries], diameter))}
-    entries.sort(key=lambda e: order[id(e[0])])
-    entries += [(r, probs[len(regions) + k], None if scores is None else scores[len(regions) + k])
-                for k, r in enumerate(cut)]
-    new_regions = [e[0] for e in entries[:len(entries) - len(cut)]]
-    return (new_regions, np.array([e[1] for e in entries], np.float32),
+    whole = [(regions[i], probs[i], None if scores is None else scores[i]) for i in kept]
+    whole += [(r, new_probs[k], None if new_scores is None else new_scores[k]) for k, (r, _) in enumerate(merged)]
+    whole.sort(key=lambda e: reading_order(e[0].box, diameter))
+    entries = whole + [(r, probs[len(regions) + k], None if scores is None else scores[len(regions) + k])
+                       for k, r in enumerate(cut)]
+    return ([e[0] for e in whole], np.array([e[1] for e in entries], np.float32),
             None if scores is None else np.array([e[2] for e in entries], np.float32))
 
 

@@ -328,10 +328,16 @@ def fill_broken_rims(mask: np.ndarray, raw: np.ndarray, diameter: float) -> np.n
     return out
 
 
+def largest_hull(window: np.ndarray, method: int) -> np.ndarray:
+    """The convex hull (OpenCV points) of the largest outer contour of a window (bool or 0/1), its contour traced
+    with ``method`` (cv2.CHAIN_APPROX_NONE or _SIMPLE)."""
+    contours, _ = cv2.findContours(window.astype(np.uint8), cv2.RETR_EXTERNAL, method)
+    return cv2.convexHull(max(contours, key=cv2.contourArea))
+
+
 def solidity(window: np.ndarray) -> float:
     """The share of its convex hull that a region (bool window) fills: 1 for a disk, lower for a waist or a star."""
-    contours, _ = cv2.findContours(window.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-    hull_area = cv2.contourArea(cv2.convexHull(max(contours, key=cv2.contourArea)))
+    hull_area = cv2.contourArea(largest_hull(window, cv2.CHAIN_APPROX_NONE))
     return float(np.count_nonzero(window)) / max(1.0, hull_area)
 
 
@@ -365,10 +371,15 @@ def joined_region(a: CellRegion, b: CellRegion, diameter: float) -> Optional[Cel
                       a.touches_border or b.touches_border)
 
 
+def reading_order(box: Tuple[int, int, int, int], diameter: float) -> Tuple[int, int]:
+    """The sort key of a cell's ``box`` in reading order: top to bottom in rows one cell ``diameter`` high, left to
+    right within a row."""
+    return box[1] // max(1, int(diameter)), box[0]
+
+
 def in_reading_order(cells: List[CellRegion], diameter: float) -> List[CellRegion]:
-    """``cells`` sorted top to bottom in rows one cell ``diameter`` high, left to right within a row."""
-    row = max(1, int(diameter))
-    return sorted(cells, key=lambda c: (c.box[1] // row, c.box[0]))
+    """``cells`` sorted in reading order (:func:`reading_order`)."""
+    return sorted(cells, key=lambda c: reading_order(c.box, diameter))
 
 
 def estimate_diameter(mask: np.ndarray) -> Optional[float]:
@@ -704,9 +715,7 @@ def add_pale_cells(labels: np.ndarray, channels: List[np.ndarray], density: np.n
         x, y, bw, bh, area = (int(v) for v in stats[part])
         if not PALE_AREA[0] * cell_area <= area <= PALE_AREA[1] * cell_area:
             continue
-        contours, _ = cv2.findContours((parts[y:y + bh, x:x + bw] == part).astype(np.uint8), cv2.RETR_EXTERNAL,
-                                       cv2.CHAIN_APPROX_SIMPLE)
-        hull = cv2.convexHull(max(contours, key=cv2.contourArea))
+        hull = largest_hull(parts[y:y + bh, x:x + bw] == part, cv2.CHAIN_APPROX_SIMPLE)
         hull_area = cv2.contourArea(hull)
         if hull_area <= 0 or area / hull_area < PALE_SOLIDITY:
             continue
@@ -762,10 +771,8 @@ def claim_seedless_cells(labels: np.ndarray, trimmed: np.ndarray, diameter: floa
         x, y, w, h, area = (int(v) for v in stats[part])
         if area < least:
             continue
-        contours, _ = cv2.findContours((parts[y:y + h, x:x + w] == part).astype(np.uint8), cv2.RETR_EXTERNAL,
-                                       cv2.CHAIN_APPROX_SIMPLE)
         hull = np.zeros((h, w), np.uint8)
-        cv2.fillPoly(hull, [cv2.convexHull(max(contours, key=cv2.contourArea))], 1)
+        cv2.fillPoly(hull, [largest_hull(parts[y:y + h, x:x + w] == part, cv2.CHAIN_APPROX_SIMPLE)], 1)
         labels[y:y + h, x:x + w][hull > 0] = next_label
         next_label += 1
     return labels

@@ -3,7 +3,7 @@
 import { colourFeatures, decide, pillowResize, unfamiliarScore } from './classify.mjs';
 import { assessField, measureCellDiameter } from './quality.mjs';
 import { loadConstants } from './constants.mjs';
-import { cutCell, inReadingOrder, joinedRegion, segmentFieldAndEdge } from './segment.mjs';
+import { cutCell, joinedRegion, readingOrder, segmentFieldAndEdge } from './segment.mjs';
 
 const C = loadConstants();
 
@@ -20,16 +20,16 @@ export async function classifyPixels(img, model, card) {
   const cells = [];
   const stats = card?.unfamiliar?.statistics;
   const edgeMin = edgeThreshold(card);
-  const classify = async (region) => {
+  const classify = async (region, atEdge = false) => {
     const cut = cutCell(img, region);
     const pixels = pillowResize(cut, model.size, model.size).data;
-    return { region, cut, pixels, prob: await model.probability(pixels), atEdge: false };
+    return { region, cut, pixels, prob: await model.probability(pixels), atEdge };
   };
   const whole = [];
   for (const region of regions) whole.push(await classify(region));
   const atEdge = [];
-  for (const region of edge) atEdge.push({ ...(await classify(region)), atEdge: true });
-  const found = diameter != null ? await joinSplitCandidates(whole, edgeMin, diameter, classify) : whole;
+  for (const region of edge) atEdge.push(await classify(region, true));
+  const found = await joinSplitCandidates(whole, edgeMin, diameter, classify);
   for (const { region, cut, pixels, prob, atEdge: isEdge } of found.concat(atEdge)) {
     if (isEdge && prob < edgeMin) continue;
     const [x, y, w, h] = region.box;
@@ -56,7 +56,6 @@ export function edgeThreshold(card) {
 async function joinSplitCandidates(whole, threshold, diameter, classify) {
   const meet = (a, b) => a[0] <= b[0] + b[2] && b[0] <= a[0] + a[2] && a[1] <= b[1] + b[3] && b[1] <= a[1] + a[3];
   const parts = whole.map((entry, i) => ({ region: entry.region, members: [i] })).filter((_, i) => whole[i].prob >= threshold);
-  let joined = false;
   for (;;) {
     let pair = null;
     for (let a = 0; a < parts.length && !pair; a++) {
@@ -70,13 +69,12 @@ async function joinSplitCandidates(whole, threshold, diameter, classify) {
     const [a, b, region] = pair;
     parts[a] = { region, members: parts[a].members.concat(parts[b].members) };
     parts.splice(b, 1);
-    joined = true;
   }
-  if (!joined) return whole;
   const merged = parts.filter((p) => p.members.length > 1);
+  if (!merged.length) return whole;
   const gone = new Set(merged.flatMap((p) => p.members));
   const entries = whole.filter((_, i) => !gone.has(i));
   for (const p of merged) entries.push(await classify(p.region));
-  const order = new Map(inReadingOrder(entries.map((e) => e.region), diameter).map((r, k) => [r, k]));
-  return entries.sort((e, f) => order.get(e.region) - order.get(f.region));
+  const before = readingOrder(diameter);
+  return entries.sort((e, f) => before(e.region.box, f.region.box));
 }

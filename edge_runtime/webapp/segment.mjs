@@ -852,10 +852,17 @@ export function segmentFieldAndEdge(img, diameter, dropBorder = true) {
   return { cells: inReadingOrder(cells, diameter), edge: inReadingOrder(edge, diameter) };
 }
 
-/** segment.in_reading_order: top to bottom in rows one ``diameter`` high, left to right within a row (a copy). */
-export function inReadingOrder(cells, diameter) {
+/** segment.reading_order as a comparator of two boxes: top to bottom in rows one ``diameter`` high, left to right
+ * within a row. */
+export function readingOrder(diameter) {
   const row = Math.max(1, Math.trunc(diameter));
-  return cells.slice().sort((a, b) => Math.floor(a.box[1] / row) - Math.floor(b.box[1] / row) || a.box[0] - b.box[0]);
+  return (a, b) => Math.floor(a[1] / row) - Math.floor(b[1] / row) || a[0] - b[0];
+}
+
+/** segment.in_reading_order (a sorted copy). */
+function inReadingOrder(cells, diameter) {
+  const before = readingOrder(diameter);
+  return cells.slice().sort((a, b) => before(a.box, b.box));
 }
 
 /** segment.joined_region: cells ``a`` and ``b`` (full scale) as one cell when their masks touch and the union is
