@@ -18,8 +18,8 @@ from .images import ImageError, open_image, open_image_size, safe_file_name
 from .labels import PARASITIZED, REVIEW, UNINFECTED
 from .metrics import wilson_interval
 from .quality import FieldQuality, assess_field
-from .segment import (CellRegion, cut_cell, field_diameter, is_on_black, joined_region, reading_order,
-                      segment_field_and_edge)
+from .segment import (REFIT_PAD, CellRegion, cut_cell, field_diameter, is_on_black, joined_region,
+                      reading_order, refit_outline, segment_field_and_edge)
 
 
 # An overlay's file name from its field's name (the field's path relative to the inputs' common folder), and the
@@ -224,6 +224,7 @@ def classify_field_pixels(classifier, rgb: np.ndarray, source: str = "<field>", 
         edge_min = edge_threshold(classifier)
         regions, probs, scores = join_split_candidates(classifier, rgb, regions, cut, probs, scores, edge_min,
                                                        diameter)
+        regions, probs, scores = refit_candidates(classifier, rgb, regions, cut, probs, scores, edge_min, diameter)
         for i, (region, prob) in enumerate(zip(regions + cut, probs)):
             at_edge = i >= len(regions)
             if at_edge and prob < edge_min:
@@ -254,15 +255,43 @@ def join_split_candidates(classifier, rgb: np.ndarray, regions: List[CellRegion]
         parts[a] = (region, parts[a][1] + parts[b][1])
         del parts[b]
     merged = [p for p in parts if len(p[1]) > 1]
-    if not merged:
+    return _replaced(classifier, rgb, regions, cut, probs, scores, merged, diameter)
+
+
+def refit_candidates(classifier, rgb: np.ndarray, regions: List[CellRegion], cut: List[CellRegion],
+                     probs: np.ndarray, scores: Optional[np.ndarray], threshold: float, diameter: float):
+    """A candidate cut short (its pale side given to the glass or a deep-stained neighbour) is shown and classified
+    whole: each whole cell scoring at or above ``threshold`` grown to its own colour (:func:`segment.refit_outline`)
+    is classified again. Same inputs and returns as :func:`join_split_candidates`."""
+    refits = []
+    for i, region in enumerate(regions):
+        if probs[i] < threshold:
+            continue
+        x, y, w, h = region.box
+        pad = int(round(REFIT_PAD * diameter))
+        reach = (x - pad, y - pad, w + 2 * pad, h + 2 * pad)
+        neighbours = [other for other in regions + cut if other is not region and _boxes_meet(reach, other.box)]
+        refit = refit_outline(rgb, region, neighbours, diameter)
+        if refit is not None:
+            refits.append((refit, [i]))
+    return _replaced(classifier, rgb, regions, cut, probs, scores, refits, diameter)
+
+
+def _replaced(classifier, rgb: np.ndarray, regions: List[CellRegion], cut: List[CellRegion], probs: np.ndarray,
+              scores: Optional[np.ndarray], replacements: List[Tuple[CellRegion, List[int]]], diameter: float):
+    """``regions`` with each (new region, indices of the whole cells it replaces) of ``replacements`` in place of
+    those cells, the new ones classified in one batch; returns (regions, probs, scores) as
+    :func:`join_split_candidates` does, the whole cells in reading order. No replacements: the inputs as they are."""
+    if not replacements:
         return regions, probs, scores
-    pixels = np.stack([classifier.prepare_crop(cut_cell(rgb, r)) for r, _ in merged])
+    pixels = np.stack([classifier.prepare_crop(cut_cell(rgb, r)) for r, _ in replacements])
     new_probs, _ = classifier.probabilities(pixels)
     new_scores = classifier.unfamiliar_scores(pixels)
-    gone = {i for _, members in merged for i in members}
+    gone = {i for _, members in replacements for i in members}
     kept = [i for i in range(len(regions)) if i not in gone]
     whole = [(regions[i], probs[i], None if scores is None else scores[i]) for i in kept]
-    whole += [(r, new_probs[k], None if new_scores is None else new_scores[k]) for k, (r, _) in enumerate(merged)]
+    whole += [(r, new_probs[k], None if new_scores is None else new_scores[k])
+              for k, (r, _) in enumerate(replacements)]
     whole.sort(key=lambda e: reading_order(e[0].box, diameter))
     entries = whole + [(r, probs[len(regions) + k], None if scores is None else scores[len(regions) + k])
                        for k, r in enumerate(cut)]

@@ -3,7 +3,8 @@
 import { colourFeatures, decide, pillowResize, unfamiliarScore } from './classify.mjs';
 import { assessField, measureCellDiameter } from './quality.mjs';
 import { loadConstants } from './constants.mjs';
-import { cutCell, joinedRegion, readingOrder, segmentFieldAndEdge } from './segment.mjs';
+import { pyRound } from './cvutil.mjs';
+import { cutCell, joinedRegion, readingOrder, refitOutline, segmentFieldAndEdge } from './segment.mjs';
 
 const C = loadConstants();
 
@@ -29,7 +30,8 @@ export async function classifyPixels(img, model, card) {
   for (const region of regions) whole.push(await classify(region));
   const atEdge = [];
   for (const region of edge) atEdge.push(await classify(region, true));
-  const found = await joinSplitCandidates(whole, edgeMin, diameter, classify);
+  const joined = await joinSplitCandidates(whole, edgeMin, diameter, classify);
+  const found = await refitCandidates(img, joined, atEdge, edgeMin, diameter, classify);
   for (const { region, cut, pixels, prob, atEdge: isEdge } of found.concat(atEdge)) {
     if (isEdge && prob < edgeMin) continue;
     const [x, y, w, h] = region.box;
@@ -50,11 +52,13 @@ export function edgeThreshold(card) {
   return card?.slide_rule?.candidate_threshold ?? C.model.threshold;
 }
 
+/** fields._boxes_meet: whether two boxes overlap or touch. */
+const meet = (a, b) => a[0] <= b[0] + b[2] && b[0] <= a[0] + a[2] && a[1] <= b[1] + b[3] && b[1] <= a[1] + a[3];
+
 /** fields.join_split_candidates: touching whole cells that both score at or above ``threshold`` and together make
  * one round cell (joinedRegion) become one cell, classified again (``classify(region)``); the whole cells in reading
  * order. ``whole``: [{region, prob, ...}] as classified. */
 async function joinSplitCandidates(whole, threshold, diameter, classify) {
-  const meet = (a, b) => a[0] <= b[0] + b[2] && b[0] <= a[0] + a[2] && a[1] <= b[1] + b[3] && b[1] <= a[1] + a[3];
   const parts = whole.map((entry, i) => ({ region: entry.region, members: [i] })).filter((_, i) => whole[i].prob >= threshold);
   for (;;) {
     let pair = null;
@@ -75,6 +79,26 @@ async function joinSplitCandidates(whole, threshold, diameter, classify) {
   const gone = new Set(merged.flatMap((p) => p.members));
   const entries = whole.filter((_, i) => !gone.has(i));
   for (const p of merged) entries.push(await classify(p.region));
+  const before = readingOrder(diameter);
+  return entries.sort((e, f) => before(e.region.box, f.region.box));
+}
+
+/** fields.refit_candidates: each whole cell scoring at or above ``threshold`` grown to its own colour
+ * (refitOutline) is classified again; the whole cells in reading order. ``whole``/``edge``: [{region, prob, ...}]. */
+async function refitCandidates(img, whole, edge, threshold, diameter, classify) {
+  const pad = pyRound(C.segment.REFIT_PAD * diameter);
+  const regions = whole.map((e) => e.region).concat(edge.map((e) => e.region));
+  const entries = [];
+  let refitted = false;
+  for (const entry of whole) {
+    const [x, y, w, h] = entry.region.box;
+    const reach = [x - pad, y - pad, w + 2 * pad, h + 2 * pad];
+    const refit = entry.prob < threshold ? null
+      : refitOutline(img, entry.region, regions.filter((r) => r !== entry.region && meet(reach, r.box)), diameter);
+    entries.push(refit ? await classify(refit) : entry);
+    refitted ||= refit != null;
+  }
+  if (!refitted) return whole;
   const before = readingOrder(diameter);
   return entries.sort((e, f) => before(e.region.box, f.region.box));
 }

@@ -890,6 +890,122 @@ export function joinedRegion(a, b, diameter) {
   };
 }
 
+/** cv2.resize(mask, (tw, th), INTER_NEAREST) of a 0/1 Uint8Array w x h. */
+function resizeNearest(mask, w, h, tw, th) {
+  const c = cv();
+  return withMats((k) => {
+    const out = k(new c.Mat());
+    c.resize(k(toMat(mask, h, w, c.CV_8U)), out, new c.Size(tw, th), 0, 0, c.INTER_NEAREST);
+    return out.data.slice();
+  });
+}
+
+/** cv2.erode(mask, disk(radius)) of a 0/1 Uint8Array w x h. */
+function erodeDisk(mask, w, h, radius) {
+  const c = cv();
+  return withMats((k) => {
+    const out = k(new c.Mat());
+    c.erode(k(toMat(mask, h, w, c.CV_8U)), out, k(disk(radius)));
+    return out.data.slice();
+  });
+}
+
+/** segment._parts_touching: the connected parts of ``mask`` that hold a pixel of ``core`` (0/1 arrays, w x h). */
+function partsTouching(mask, core, w, h, connectivity) {
+  const { count, labels } = components(mask, w, h, connectivity);
+  const keep = new Uint8Array(count);
+  for (let i = 0; i < labels.length; i++) if (core[i] && mask[i]) keep[labels[i]] = 1;
+  keep[0] = 0;
+  return labels.map((l) => keep[l]);
+}
+
+/** segment.refit_outline: ``cell`` (full scale) grown into the pixels around it that have its own colour rather
+ * than its ``neighbours``' or the glass's (REFIT_PAD), when it stays one round cell; else null. */
+export function refitOutline(img, cell, neighbours, diameter) {
+  const c = cv();
+  const pad = pyRound(S.REFIT_PAD * diameter);
+  const [x, y, w, h] = cell.box;
+  const x0 = Math.max(0, x - pad); const y0 = Math.max(0, y - pad);
+  const x1 = Math.min(img.width, x + w + pad); const y1 = Math.min(img.height, y + h + pad);
+  const ww = x1 - x0; const wh = y1 - y0;
+  const own = new Uint8Array(ww * wh);
+  for (let yy = 0; yy < h; yy++) for (let xx = 0; xx < w; xx++) own[(y - y0 + yy) * ww + x - x0 + xx] = cell.mask[yy * w + xx];
+  const others = new Uint8Array(ww * wh);
+  for (const other of neighbours) {
+    const [ox, oy, ow, oh] = other.box;
+    for (let yy = Math.max(oy, y0); yy < Math.min(oy + oh, y1); yy++) {
+      for (let xx = Math.max(ox, x0); xx < Math.min(ox + ow, x1); xx++) {
+        if (other.mask[(yy - oy) * ow + xx - ox]) others[(yy - y0) * ww + xx - x0] = 1;
+      }
+    }
+  }
+  const scale = workScale(diameter);
+  const d = diameter * scale;
+  const crop = new Uint8Array(ww * wh * 3);
+  for (let yy = 0; yy < wh; yy++) crop.set(img.data.subarray(3 * ((y0 + yy) * img.width + x0), 3 * ((y0 + yy) * img.width + x1)), 3 * yy * ww);
+  const small = resizeRgb({ width: ww, height: wh, data: crop }, scale);
+  const { width: sw, height: sh } = small;
+  const ownSmall = resizeNearest(own, ww, wh, sw, sh);
+  const othersSmall = resizeNearest(others, ww, wh, sw, sh).map((v, i) => v & (1 - ownSmall[i]));
+  const core = erodeDisk(ownSmall, sw, sh, S.REFIT_CORE * d);
+  const neighbourCore = erodeDisk(othersSmall, sw, sh, S.REFIT_NEIGHBOUR_CORE * d);
+  const beyond = distanceMap(ownSmall.map((v) => 1 - v), sw, sh);
+  const glass = ownSmall.map((v, i) => (!v && !othersSmall[i] && beyond[i] > S.REFIT_OPEN * d ? 1 : 0));
+  const colour = withMats((k) => {
+    const blurred = k(new c.Mat());
+    c.GaussianBlur(k(toMat(Float32Array.from(small.data), sh, sw, c.CV_32FC3)), blurred, new c.Size(0, 0), S.REFIT_BLUR * d);
+    return blurred.data32F.map((v) => -Math.log1p(v));
+  });
+  const n = sw * sh;
+  const likelihoods = [core, neighbourCore, glass].map((pixels) => {
+    const count = countOn(pixels);
+    if (count < S.REFIT_MIN_PIXELS) return null;
+    const mean = [0, 0, 0]; const variance = [0, 0, 0];
+    for (let i = 0; i < n; i++) if (pixels[i]) for (let ch = 0; ch < 3; ch++) mean[ch] += colour[3 * i + ch];
+    for (let ch = 0; ch < 3; ch++) mean[ch] /= count;
+    for (let i = 0; i < n; i++) if (pixels[i]) for (let ch = 0; ch < 3; ch++) variance[ch] += (colour[3 * i + ch] - mean[ch]) ** 2;
+    for (let ch = 0; ch < 3; ch++) variance[ch] = variance[ch] / count + S.REFIT_MIN_VARIANCE;
+    const out = new Float64Array(n);
+    for (let i = 0; i < n; i++) {
+      let sum = 0;
+      for (let ch = 0; ch < 3; ch++) sum += (colour[3 * i + ch] - mean[ch]) ** 2 / variance[ch] + Math.log(variance[ch]);
+      out[i] = -0.5 * sum;
+    }
+    return out;
+  });
+  if (!likelihoods[0]) return null;
+  const reach = S.REFIT_REACH * d;
+  let grown = new Uint8Array(n);
+  for (let i = 0; i < n; i++) {
+    const mine = likelihoods[0][i];
+    const nearestOwn = (!likelihoods[1] || mine >= likelihoods[1][i]) && (!likelihoods[2] || mine >= likelihoods[2][i]);
+    grown[i] = (nearestOwn && beyond[i] <= reach && !neighbourCore[i]) || core[i] ? 1 : 0;
+  }
+  grown = partsTouching(grown, core, sw, sh, 4);
+  grown = fillHoles(grown, sw, sh, S.HOLE_AREA * Math.PI * d * d / 4.0).map((v, i) => v & (1 - neighbourCore[i]));
+  grown = partsTouching(clean(grown, sw, sh, S.REFIT_OPEN * d), core, sw, sh, 8);
+  const added = toFullScale(0, 0, sw, sh, grown, scale, ww, wh);
+  const union = own.slice();
+  const [ax, ay, aw, ah] = added.box;
+  for (let yy = 0; yy < ah; yy++) for (let xx = 0; xx < aw; xx++) if (added.mask[yy * aw + xx]) union[(ay + yy) * ww + ax + xx] = 1;
+  const area = countOn(union);
+  if (area <= cell.area || area > S.ENLARGED_AREA * Math.PI * diameter * diameter / 4.0) return null;
+  if (components(union, ww, wh, 8).count !== 2 || solidity(union, ww, wh) < S.ONE_CELL_SOLIDITY) return null;
+  let minX = ww; let maxX = -1; let minY = wh; let maxY = -1;
+  for (let yy = 0; yy < wh; yy++) for (let xx = 0; xx < ww; xx++) if (union[yy * ww + xx]) {
+    if (xx < minX) minX = xx; if (xx > maxX) maxX = xx; if (yy < minY) minY = yy; if (yy > maxY) maxY = yy;
+  }
+  const bw = maxX - minX + 1; const bh = maxY - minY + 1;
+  const mask = new Uint8Array(bw * bh);
+  let sx = 0; let sy = 0;
+  for (let yy = 0; yy < bh; yy++) for (let xx = 0; xx < bw; xx++) {
+    if (union[(yy + minY) * ww + xx + minX]) { mask[yy * bw + xx] = 1; sx += xx; sy += yy; }
+  }
+  const box = [x0 + minX, y0 + minY, bw, bh];
+  const touches = box[0] <= 0 || box[1] <= 0 || box[0] + bw >= img.width || box[1] + bh >= img.height;
+  return { box, mask, area, centre: [box[0] + sx / area, box[1] + sy / area], touchesBorder: touches };
+}
+
 /** segment.cut_cell: the cell on black in its tight box, {width, height, data RGB}. */
 export function cutCell(img, cell) {
   const [x, y, w, h] = cell.box;
