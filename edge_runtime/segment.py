@@ -434,6 +434,8 @@ def refit_outline(rgb: np.ndarray, cell: CellRegion, neighbours: List[CellRegion
     grown = _parts_touching(grown, core, 4)
     grown = fill_holes(grown, HOLE_AREA * math.pi * d * d / 4.0) & (neighbour_core == 0)
     grown = _parts_touching(clean(grown, REFIT_OPEN * d), core, 8)
+    if not grown.any():
+        return None
     added = _to_full_scale(0, 0, grown, scale, x1 - x0, y1 - y0)
     ax, ay, aw, ah = added.box
     union = own.astype(bool)

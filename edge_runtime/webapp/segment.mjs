@@ -984,6 +984,7 @@ export function refitOutline(img, cell, neighbours, diameter) {
   grown = partsTouching(grown, core, sw, sh, 4);
   grown = fillHoles(grown, sw, sh, S.HOLE_AREA * Math.PI * d * d / 4.0).map((v, i) => v & (1 - neighbourCore[i]));
   grown = partsTouching(clean(grown, sw, sh, S.REFIT_OPEN * d), core, sw, sh, 8);
+  if (!countOn(grown)) return null;
   const added = toFullScale(0, 0, sw, sh, grown, scale, ww, wh);
   const union = own.slice();
   const [ax, ay, aw, ah] = added.box;
