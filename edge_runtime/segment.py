@@ -419,17 +419,9 @@ def refit_outline(rgb: np.ndarray, cell: CellRegion, neighbours: List[CellRegion
     beyond = cv2.distanceTransform(1 - own_small, cv2.DIST_L2, 5)
     glass = (own_small == 0) & (others_small == 0) & (beyond > REFIT_OPEN * d)
     colour = -np.log1p(cv2.GaussianBlur(small.astype(np.float32), (0, 0), REFIT_BLUR * d))
-    likelihoods = []
-    for pixels in (core > 0, neighbour_core > 0, glass):
-        if np.count_nonzero(pixels) < REFIT_MIN_PIXELS:
-            likelihoods.append(np.full(core.shape, -np.inf, np.float32))
-            continue
-        values = colour[pixels]
-        mean, variance = values.mean(axis=0), values.var(axis=0) + REFIT_MIN_VARIANCE
-        likelihoods.append(-0.5 * (((colour - mean) ** 2 / variance) + np.log(variance)).sum(axis=2))
-    if np.isinf(likelihoods[0]).all():
+    nearest_own = _nearest_own_colour(colour, core > 0, neighbour_core > 0, glass)
+    if nearest_own is None:
         return None
-    nearest_own = likelihoods[0] >= np.maximum(likelihoods[1], likelihoods[2])
     grown = (nearest_own & (beyond <= REFIT_REACH * d) & (neighbour_core == 0)) | (core > 0)
     grown = _parts_touching(grown, core, 4)
     grown = fill_holes(grown, HOLE_AREA * math.pi * d * d / 4.0) & (neighbour_core == 0)
@@ -451,6 +443,24 @@ def refit_outline(rgb: np.ndarray, cell: CellRegion, neighbours: List[CellRegion
     box = (x0 + bx, y0 + by, bw, bh)
     touches = box[0] <= 0 or box[1] <= 0 or box[0] + bw >= full_w or box[1] + bh >= full_h
     return CellRegion(box, mask, area, (box[0] + float(xs.mean()), box[1] + float(ys.mean())), touches)
+
+
+def _nearest_own_colour(colour: np.ndarray, own: np.ndarray, neighbours: np.ndarray,
+                        glass: np.ndarray) -> Optional[np.ndarray]:
+    """The pixels of ``colour`` (HxWx3) more likely under the Gaussian model (per-channel mean and variance) of the
+    ``own`` pixels than under the neighbours' or the glass's (a class with under REFIT_MIN_PIXELS pixels has no
+    model); None when ``own`` has too few pixels for one."""
+    likelihoods = []
+    for pixels in (own, neighbours, glass):
+        if np.count_nonzero(pixels) < REFIT_MIN_PIXELS:
+            likelihoods.append(np.full(own.shape, -np.inf, np.float32))
+            continue
+        values = colour[pixels]
+        mean, variance = values.mean(axis=0), values.var(axis=0) + REFIT_MIN_VARIANCE
+        likelihoods.append(-0.5 * (((colour - mean) ** 2 / variance) + np.log(variance)).sum(axis=2))
+    if np.isinf(likelihoods[0]).all():
+        return None
+    return likelihoods[0] >= np.maximum(likelihoods[1], likelihoods[2])
 
 
 def _parts_touching(mask: np.ndarray, core: np.ndarray, connectivity: int) -> np.ndarray:
