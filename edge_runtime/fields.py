@@ -264,13 +264,14 @@ def refit_candidates(classifier, rgb: np.ndarray, regions: List[CellRegion], cut
     whole: each whole cell scoring at or above ``threshold`` grown to its own colour (:func:`segment.refit_outline`)
     is classified again. Same inputs and returns as :func:`join_split_candidates`."""
     refits = []
+    pad = int(round(REFIT_PAD * diameter))
+    everyone = regions + cut
     for i, region in enumerate(regions):
         if probs[i] < threshold:
             continue
         x, y, w, h = region.box
-        pad = int(round(REFIT_PAD * diameter))
         reach = (x - pad, y - pad, w + 2 * pad, h + 2 * pad)
-        neighbours = [other for other in regions + cut if other is not region and _boxes_meet(reach, other.box)]
+        neighbours = [other for other in everyone if other is not region and _boxes_meet(reach, other.box)]
         refit = refit_outline(rgb, region, neighbours, diameter)
         if refit is not None:
             refits.append((refit, [i]))

@@ -437,12 +437,7 @@ def refit_outline(rgb: np.ndarray, cell: CellRegion, neighbours: List[CellRegion
         return None
     if cv2.connectedComponents(union.view(np.uint8), connectivity=8)[0] != 2 or solidity(union) < ONE_CELL_SOLIDITY:
         return None
-    bx, by, bw, bh = cv2.boundingRect(union.view(np.uint8))
-    mask = union[by:by + bh, bx:bx + bw]
-    ys, xs = np.nonzero(mask)
-    box = (x0 + bx, y0 + by, bw, bh)
-    touches = box[0] <= 0 or box[1] <= 0 or box[0] + bw >= full_w or box[1] + bh >= full_h
-    return CellRegion(box, mask, area, (box[0] + float(xs.mean()), box[1] + float(ys.mean())), touches)
+    return _tight_region(x0, y0, union, full_w, full_h)
 
 
 def _nearest_own_colour(colour: np.ndarray, own: np.ndarray, neighbours: np.ndarray,
@@ -979,13 +974,18 @@ def _to_full_scale(x0: int, y0: int, window: np.ndarray, scale: float, full_w: i
         mask = cv2.resize(window, (w, h), interpolation=cv2.INTER_LINEAR) >= 0.5
     else:
         mask = window.astype(bool)
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
+    if not mask.any():
         mask = np.ones((h, w), bool)
-        ys, xs = np.nonzero(mask)
+    return _tight_region(fx0, fy0, mask, full_w, full_h)
+
+
+def _tight_region(x0: int, y0: int, window: np.ndarray, full_w: int, full_h: int) -> CellRegion:
+    """The cell of a bool ``window`` (not empty) at (x0, y0) of an image ``full_w`` x ``full_h``: its box
+    tightened to the mask, its area and centroid, whether it touches the image edge."""
+    ys, xs = np.nonzero(window)
     mx0, mx1, my0, my1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
-    mask = mask[my0:my1, mx0:mx1]
-    bx, by = fx0 + int(mx0), fy0 + int(my0)
+    mask = window[my0:my1, mx0:mx1]
+    bx, by = x0 + int(mx0), y0 + int(my0)
     area = int(mask.sum())
     cy, cx = (float(v.mean()) for v in np.nonzero(mask))
     touches = bx <= 0 or by <= 0 or bx + mask.shape[1] >= full_w or by + mask.shape[0] >= full_h

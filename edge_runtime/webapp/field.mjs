@@ -89,16 +89,14 @@ async function refitCandidates(img, whole, edge, threshold, diameter, classify) 
   const pad = pyRound(C.segment.REFIT_PAD * diameter);
   const regions = whole.map((e) => e.region).concat(edge.map((e) => e.region));
   const entries = [];
-  let refitted = false;
   for (const entry of whole) {
     const [x, y, w, h] = entry.region.box;
     const reach = [x - pad, y - pad, w + 2 * pad, h + 2 * pad];
     const refit = entry.prob < threshold ? null
       : refitOutline(img, entry.region, regions.filter((r) => r !== entry.region && meet(reach, r.box)), diameter);
     entries.push(refit ? await classify(refit) : entry);
-    refitted ||= refit != null;
   }
-  if (!refitted) return whole;
+  if (entries.every((e, i) => e === whole[i])) return whole;
   const before = readingOrder(diameter);
   return entries.sort((e, f) => before(e.region.box, f.region.box));
 }

@@ -783,20 +783,36 @@ function toFullScale(x0, y0, bw0, bh0, window, scale, fullW, fullH) {
   } else {
     mask = window;
   }
+  if (!countOn(mask)) mask = new Uint8Array(mw * mh).fill(1);
+  return tightRegion(fx0, fy0, mask, mw, mh, fullW, fullH);
+}
+
+/** segment._tight_region: the cell of a 0/1 ``window`` (ww x wh, not empty) at (x0, y0) of a fullW x fullH image,
+ * its box tightened to the mask: {box, mask, area, centre, touchesBorder}. */
+function tightRegion(x0, y0, window, ww, wh, fullW, fullH) {
   let minX = Infinity; let maxX = -1; let minY = Infinity; let maxY = -1;
-  for (let yy = 0; yy < mh; yy++) for (let xx = 0; xx < mw; xx++) if (mask[yy * mw + xx]) {
+  for (let yy = 0; yy < wh; yy++) for (let xx = 0; xx < ww; xx++) if (window[yy * ww + xx]) {
     if (xx < minX) minX = xx; if (xx > maxX) maxX = xx; if (yy < minY) minY = yy; if (yy > maxY) maxY = yy;
   }
-  if (maxX < 0) { mask = new Uint8Array(mw * mh).fill(1); minX = 0; minY = 0; maxX = mw - 1; maxY = mh - 1; }
   const tw = maxX - minX + 1; const th = maxY - minY + 1;
   const tight = new Uint8Array(tw * th);
   let area = 0; let sx = 0; let sy = 0;
   for (let yy = 0; yy < th; yy++) for (let xx = 0; xx < tw; xx++) {
-    if (mask[(yy + minY) * mw + xx + minX]) { tight[yy * tw + xx] = 1; area++; sx += xx; sy += yy; }
+    if (window[(yy + minY) * ww + xx + minX]) { tight[yy * tw + xx] = 1; area++; sx += xx; sy += yy; }
   }
-  const bx = fx0 + minX; const by = fy0 + minY;
+  const bx = x0 + minX; const by = y0 + minY;
   const touches = bx <= 0 || by <= 0 || bx + tw >= fullW || by + th >= fullH;
   return { box: [bx, by, tw, th], mask: tight, area, centre: [bx + sx / area, by + sy / area], touchesBorder: touches };
+}
+
+/** Set to 1 the pixels of ``window`` (ww x wh at (x0, y0) of the image) that ``cell``'s mask covers, clipped. */
+function pasteMask(window, ww, wh, x0, y0, cell) {
+  const [x, y, w, h] = cell.box;
+  for (let yy = Math.max(y, y0); yy < Math.min(y + h, y0 + wh); yy++) {
+    for (let xx = Math.max(x, x0); xx < Math.min(x + w, x0 + ww); xx++) {
+      if (cell.mask[(yy - y) * w + xx - x]) window[(yy - y0) * ww + xx - x0] = 1;
+    }
+  }
 }
 
 export function workScale(diameter) { return Math.min(1.0, S.WORK_DIAMETER / diameter); }
@@ -873,12 +889,7 @@ export function joinedRegion(a, b, diameter) {
   const y1 = Math.max(a.box[1] + a.box[3], b.box[1] + b.box[3]);
   const ww = x1 - x0; const wh = y1 - y0;
   const union = new Uint8Array(ww * wh);
-  for (const cell of [a, b]) {
-    const [x, y, w, h] = cell.box;
-    for (let yy = 0; yy < h; yy++) for (let xx = 0; xx < w; xx++) {
-      if (cell.mask[yy * w + xx]) union[(y - y0 + yy) * ww + x - x0 + xx] = 1;
-    }
-  }
+  for (const cell of [a, b]) pasteMask(union, ww, wh, x0, y0, cell);
   const area = countOn(union);
   if (area > S.ENLARGED_AREA * Math.PI * diameter * diameter / 4.0) return null;
   if (components(union, ww, wh, 8).count !== 2 || solidity(union, ww, wh) < S.ONE_CELL_SOLIDITY) return null;
@@ -929,16 +940,9 @@ export function refitOutline(img, cell, neighbours, diameter) {
   const x1 = Math.min(img.width, x + w + pad); const y1 = Math.min(img.height, y + h + pad);
   const ww = x1 - x0; const wh = y1 - y0;
   const own = new Uint8Array(ww * wh);
-  for (let yy = 0; yy < h; yy++) for (let xx = 0; xx < w; xx++) own[(y - y0 + yy) * ww + x - x0 + xx] = cell.mask[yy * w + xx];
+  pasteMask(own, ww, wh, x0, y0, cell);
   const others = new Uint8Array(ww * wh);
-  for (const other of neighbours) {
-    const [ox, oy, ow, oh] = other.box;
-    for (let yy = Math.max(oy, y0); yy < Math.min(oy + oh, y1); yy++) {
-      for (let xx = Math.max(ox, x0); xx < Math.min(ox + ow, x1); xx++) {
-        if (other.mask[(yy - oy) * ow + xx - ox]) others[(yy - y0) * ww + xx - x0] = 1;
-      }
-    }
-  }
+  for (const other of neighbours) pasteMask(others, ww, wh, x0, y0, other);
   const scale = workScale(diameter);
   const d = diameter * scale;
   const crop = new Uint8Array(ww * wh * 3);
@@ -987,24 +991,11 @@ export function refitOutline(img, cell, neighbours, diameter) {
   if (!countOn(grown)) return null;
   const added = toFullScale(0, 0, sw, sh, grown, scale, ww, wh);
   const union = own.slice();
-  const [ax, ay, aw, ah] = added.box;
-  for (let yy = 0; yy < ah; yy++) for (let xx = 0; xx < aw; xx++) if (added.mask[yy * aw + xx]) union[(ay + yy) * ww + ax + xx] = 1;
+  pasteMask(union, ww, wh, 0, 0, added);
   const area = countOn(union);
   if (area <= cell.area || area > S.ENLARGED_AREA * Math.PI * diameter * diameter / 4.0) return null;
   if (components(union, ww, wh, 8).count !== 2 || solidity(union, ww, wh) < S.ONE_CELL_SOLIDITY) return null;
-  let minX = ww; let maxX = -1; let minY = wh; let maxY = -1;
-  for (let yy = 0; yy < wh; yy++) for (let xx = 0; xx < ww; xx++) if (union[yy * ww + xx]) {
-    if (xx < minX) minX = xx; if (xx > maxX) maxX = xx; if (yy < minY) minY = yy; if (yy > maxY) maxY = yy;
-  }
-  const bw = maxX - minX + 1; const bh = maxY - minY + 1;
-  const mask = new Uint8Array(bw * bh);
-  let sx = 0; let sy = 0;
-  for (let yy = 0; yy < bh; yy++) for (let xx = 0; xx < bw; xx++) {
-    if (union[(yy + minY) * ww + xx + minX]) { mask[yy * bw + xx] = 1; sx += xx; sy += yy; }
-  }
-  const box = [x0 + minX, y0 + minY, bw, bh];
-  const touches = box[0] <= 0 || box[1] <= 0 || box[0] + bw >= img.width || box[1] + bh >= img.height;
-  return { box, mask, area, centre: [box[0] + sx / area, box[1] + sy / area], touchesBorder: touches };
+  return tightRegion(x0, y0, union, ww, wh, img.width, img.height);
 }
 
 /** segment.cut_cell: the cell on black in its tight box, {width, height, data RGB}. */
